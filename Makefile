@@ -1,0 +1,27 @@
+# Two commands do all the set-up on a fresh machine:  make demo   and   make test
+# Both create or refresh the virtual environment (idempotent) from the exact pins in constraints.txt.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.dsc-installed
+PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
+
+.PHONY: venv demo test bench clean
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt assets-requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) -e '.[test]'
+	$(PIP) --no-deps -r assets-requirements.txt
+	touch $(STAMP)
+
+demo: venv
+	$(VENV)/bin/dsc demo
+
+test: venv
+	$(PY) -m pytest
+
+bench: venv
+	$(VENV)/bin/dsc bench decode --json bench-decode.json
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

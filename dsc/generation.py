@@ -1,0 +1,94 @@
+"""A plain greedy decode loop with a static or dynamic HF cache, timed per step.
+
+``model.generate`` hides per-step timing and adds overhead; benchmarks, the demo and the tests drive the model
+through this loop instead (gpt-fast style: prefill once, then one forward per new token).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+def text_ids(tokenizer, length: int, split: str = "evaluation") -> torch.Tensor:
+    """``length`` token ids of real essay text (repeated if the split is shorter), int64 ``[length]``."""
+    from dsc.assets import essay_text
+
+    ids = tokenizer(essay_text(split), return_tensors="pt").input_ids[0]
+    if ids.numel() < length:
+        ids = ids.repeat(length // ids.numel() + 1)
+    return ids[:length].clone()
+
+
+def make_cache(model, kind: str, max_len: int):
+    """A fresh HF cache: ``"static"`` (preallocated ``max_len`` positions) or ``"dynamic"`` (grows by cat)."""
+    from transformers import DynamicCache, StaticCache
+
+    if kind == "static":
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    if kind == "dynamic":
+        return DynamicCache(config=model.config)
+    raise ValueError(f"cache kind must be 'static' or 'dynamic', got {kind!r}")
+
+
+@dataclass
+class DecodeResult:
+    tokens: torch.Tensor                 # [B, steps] generated ids (greedy)
+    logits: list[torch.Tensor]           # per step [B, vocab] (only when keep_logits)
+    prefill_s: float
+    step_s: list[float] = field(default_factory=list)
+
+    @property
+    def median_step_s(self) -> float:
+        s = sorted(self.step_s)
+        return s[len(s) // 2] if s else float("nan")
+
+
+@torch.no_grad()
+def greedy_decode(model, input_ids: torch.Tensor, steps: int, *, forward=None, cache: str = "static",
+                  attention_mask: torch.Tensor | None = None, keep_logits: bool = False,
+                  progress: bool = False) -> DecodeResult:
+    """Prefill ``input_ids`` ``[B, L]`` then decode ``steps`` tokens greedily with ``forward`` (default: the model).
+
+    ``attention_mask`` (``[B, L]``, 0 = padding) supports left-padded batches; it is extended by one per step.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] <= 0 or input_ids.shape[1] <= 0:
+        raise ValueError(f"input_ids must be [batch > 0, length > 0], got shape {tuple(input_ids.shape)}")
+    if steps <= 0:
+        raise ValueError(f"steps must be positive, got {steps}")
+    forward = forward or model
+    B, L = input_ids.shape
+    kv = make_cache(model, cache, L + steps)
+    mask = attention_mask
+    pos = torch.arange(L)
+
+    def run(ids, cache_position, mask):
+        kwargs = {"attention_mask": mask} if mask is not None else {}
+        if mask is not None:
+            # Left padding: positions count real tokens only, as generate() does.
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+        return forward(input_ids=ids, cache=kv, cache_position=cache_position, use_cache=True, **kwargs).logits
+
+    t0 = time.perf_counter()
+    logits = run(input_ids, pos, mask)[:, -1]
+    prefill_s = time.perf_counter() - t0
+    out = DecodeResult(tokens=torch.empty(B, steps, dtype=torch.long), logits=[], prefill_s=prefill_s)
+    it = range(steps)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="decode", unit="tok", leave=False)
+    for i in it:
+        nxt = logits.argmax(-1)
+        out.tokens[:, i] = nxt
+        if keep_logits:
+            out.logits.append(logits.float().clone())
+        if i == steps - 1:
+            break
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        t0 = time.perf_counter()
+        logits = run(nxt[:, None], torch.tensor([L + i]), mask)[:, -1]
+        out.step_s.append(time.perf_counter() - t0)
+    return out
