@@ -14,6 +14,8 @@ COMMANDS = [
     (("bench", "decode"), "dsc.bench.decode", "end-to-end decode throughput and per-step latency"),
     (("bench", "attention"), "dsc.bench.attention", "decode attention op: dense SDPA vs Double Sparsity"),
     (("eval", "ppl"), "dsc.evaluation.ppl", "perplexity on the evaluation essays"),
+    (("eval", "retrieval"), "dsc.evaluation.retrieval", "passkey and line retrieval under each policy"),
+    (("eval", "sweep"), "dsc.evaluation.sweep", "perplexity vs budget per policy, retrieval vs length; plot"),
 ]
 
 
