@@ -61,11 +61,11 @@ def test_cli_demo(capsys):
 
 def test_cli_bench_decode(capsys, tmp_path):
     path = tmp_path / "b.json"
-    assert main(["bench", "decode", "--contexts", "32", "--batch", "1,2", "--compile", "eager,inductor",
+    # One inductor configuration: each compile costs about a minute on 2 cores.
+    assert main(["bench", "decode", "--contexts", "32", "--batch", "2", "--compile", "eager,inductor",
                  "--steps", "2", "--warmup", "1", "--json", str(path)]) == 0
     res = json.loads(path.read_text())
-    assert {(r["batch"], r["compile"]) for r in res["results"]} == {(1, "eager"), (2, "eager"), (1, "inductor"),
-                                                                    (2, "inductor")}
+    assert [(r["batch"], r["compile"]) for r in res["results"]] == [(2, "eager"), (2, "inductor")]
     assert all(r["tok_per_s"] > 0 for r in res["results"])
     assert res["machine"]["cores"] >= 1
 
