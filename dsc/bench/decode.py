@@ -1,4 +1,8 @@
-"""``dsc bench decode``: end-to-end decode throughput and per-step latency, static cache.
+"""``dsc bench decode``: end-to-end decode throughput and per-step latency, static cache, per policy.
+
+Policies: ``dense`` (the model as it is) and ``dsparse`` (the ``dsparse`` backend with a calibrated channel config;
+with ``--compile eager`` its rewritten graph runs without inductor). ``--quant int8`` applies torchao int8
+weight-only quantization first: smaller weights make the KV cache a larger share of the bytes read.
 
 Every configuration is prefilled with real essay text at the given context length, then decoded greedily; the
 figure is the median per-step latency over the timed steps (after warm-up steps), and tokens/s = batch / latency.
@@ -20,26 +24,50 @@ def add_arguments(p):
     p.add_argument("--batch", default="1,4", help="batch sizes, e.g. 1,4")
     p.add_argument("--dtype", default="float32", help="model dtypes, e.g. float32,bfloat16")
     p.add_argument("--compile", default="eager,inductor", help=f"compilers among {','.join(COMPILERS)}")
+    p.add_argument("--policy", default="dense", help="attention policies among dense,dsparse")
+    p.add_argument("--budget", default="1/16", help="dsparse token budget: a fraction (1/16) or a token count")
+    p.add_argument("--channels", default=None, metavar="CFG.json",
+                   help="dsparse channel config (default: the cached calibration of the embedded model)")
+    p.add_argument("--quant", default="none", help="weight quantization among none,int8 (torchao)")
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per configuration")
     p.add_argument("--warmup", type=int, default=3, help="untimed decode steps before timing")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
 
-def bench_one(model, tok, context: int, batch: int, compiler: str, steps: int, warmup: int) -> dict:
+def compiled_forward(model, compiler: str, policy: str = "dense", ds_options: dict | None = None):
+    """``model.forward`` as the benchmark runs it: eager, inductor, or the dsparse backend."""
     import torch
 
+    if policy == "dsparse":
+        opts = dict(ds_options or {}, inner="inductor" if compiler == "inductor" else "eager")
+        return torch.compile(model.forward, backend="dsparse", options=opts, dynamic=False)
+    if compiler == "inductor":
+        return torch.compile(model.forward, backend="inductor", dynamic=False)
+    return model.forward
+
+
+def quantize_int8(model):
+    """torchao int8 weight-only quantization of every Linear, in place."""
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        raise ValueError("--quant int8 needs torchao: pip install -c constraints.txt -e '.[quant]'") from None
+    quantize_(model, Int8WeightOnlyConfig())
+    return model
+
+
+def bench_one(model, tok, context: int, batch: int, compiler: str, steps: int, warmup: int,
+              policy: str = "dense", ds_options: dict | None = None) -> dict:
     from dsc.generation import greedy_decode, text_ids
 
     ids = text_ids(tok, context).expand(batch, -1).contiguous()
-    forward = model.forward
-    if compiler == "inductor":
-        forward = torch.compile(model.forward, backend="inductor", dynamic=False)
+    forward = compiled_forward(model, compiler, policy, ds_options)
     t0 = time.perf_counter()
     r = greedy_decode(model, ids, steps + warmup + 1, forward=forward, cache="static")
     wall = time.perf_counter() - t0
     timed = r.step_s[warmup:]
     lat = sorted(timed)[len(timed) // 2]
-    return {"context": context, "batch": batch, "compile": compiler, "ms_per_step": lat * 1e3,
+    return {"policy": policy, "context": context, "batch": batch, "compile": compiler, "ms_per_step": lat * 1e3,
             "tok_per_s": batch / lat, "prefill_s": r.prefill_s, "wall_s": wall,
             "steps": len(timed)}
 
@@ -54,6 +82,12 @@ def run(args) -> int:
     batches = parse_list(args.batch, int, "batch size")
     dtypes = parse_list(args.dtype, str, "dtype")
     compilers = parse_list(args.compile, str, "compiler")
+    policies = parse_list(args.policy, str, "policy")
+    quants = parse_list(args.quant, str, "quantization")
+    for name, values, allowed in (("--policy", policies, POLICIES), ("--quant", quants, QUANTS)):
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise ValueError(f"{name} values must be among {allowed}, got {bad}")
     for b in batches:
         if b <= 0:
             raise ValueError(f"--batch values must be positive, got {b}")
@@ -64,25 +98,61 @@ def run(args) -> int:
         raise ValueError("--steps must be positive and --warmup non-negative")
 
     rows = []
-    configs = [(d, c, b, x) for d in dtypes for c in contexts for b in batches for x in compilers]
+    configs = [(d, q, c, b, x, p) for d in dtypes for q in quants for c in contexts for b in batches
+               for x in compilers for p in policies]
     bar = tqdm(configs, desc="bench decode", unit="cfg")
-    model = None
-    for dtype, ctx, batch, compiler in bar:
-        if model is None or model.dtype != getattr(torch, dtype):
+    loaded = None
+    ds_options = None
+    for dtype, quant, ctx, batch, compiler, policy in bar:
+        if loaded != (dtype, quant):
             model, tok = load_model(args.model, dtype=dtype)
+            if quant == "int8":
+                quantize_int8(model)
+            loaded = (dtype, quant)
+        if policy == "dsparse" and ds_options is None:
+            ds_options = dsparse_options(args, model, tok)
         check_context(model, ctx + args.steps + args.warmup + 1, "context + decode steps")
-        bar.set_postfix_str(f"{dtype} ctx={ctx} b={batch} {compiler}")
+        bar.set_postfix_str(f"{dtype} {quant} ctx={ctx} b={batch} {compiler} {policy}")
         torch._dynamo.reset()
-        row = bench_one(model, tok, ctx, batch, compiler, args.steps, args.warmup)
-        row["dtype"] = dtype
+        row = bench_one(model, tok, ctx, batch, compiler, args.steps, args.warmup, policy, ds_options)
+        row.update(dtype=dtype, quant=quant)
         rows.append(row)
         tqdm.write(format_table([row], _COLUMNS).splitlines()[-1])
-    print(format_table(rows, _COLUMNS))
+    add_speedups(rows)
+    print(format_table(rows, _COLUMNS + [("speedup", "vs dense")]))
     info = machine_info()
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     write_json(args.json, {"machine": info, "results": rows, "steps": args.steps, "warmup": args.warmup})
     return 0
 
 
-_COLUMNS = [("dtype", "dtype"), ("context", "context"), ("batch", "batch"), ("compile", "compile"),
+def add_speedups(rows: list[dict]) -> None:
+    """``speedup`` = dense ms/step / this row's ms/step, for rows whose dense twin ran in the same process."""
+    def key(r):
+        return (r["dtype"], r["quant"], r["context"], r["batch"], r["compile"])
+
+    dense = {key(r): r["ms_per_step"] for r in rows if r["policy"] == "dense"}
+    for r in rows:
+        if key(r) in dense:
+            r["speedup"] = dense[key(r)] / r["ms_per_step"]
+
+
+def dsparse_options(args, model, tok) -> dict:
+    """Backend options for ``--policy dsparse``: the channel config and the budget from the command line."""
+    from dsc.bench.common import parse_list
+    from dsc.calibration.config import ChannelConfig
+
+    if args.channels:
+        cfg = ChannelConfig.load(args.channels)
+    else:
+        from dsc.calibration.default import default_config
+
+        cfg = default_config(args.model, model=model, tokenizer=tok)
+    budget = parse_list(args.budget, float, "budget")[0]
+    return {"channels": cfg, "budget": int(budget) if budget >= 1 else budget}
+
+
+POLICIES = ("dense", "dsparse")
+QUANTS = ("none", "int8")
+_COLUMNS = [("policy", "policy"), ("quant", "quant"), ("dtype", "dtype"), ("context", "context"), ("batch", "batch"), ("compile", "compile"),
             ("tok_per_s", "tok/s"), ("ms_per_step", "ms/step"), ("prefill_s", "prefill s")]
