@@ -1,0 +1,192 @@
+"""``dsc bench attention``: one decode-attention step, dense SDPA vs the Double Sparsity op, in the same run.
+
+Dense is ``F.scaled_dot_product_attention(q, k, v, enable_gqa=True)`` on the HF-layout cache (no repeated KV);
+Double Sparsity is ``torch.ops.dsc.ds_decode`` (label scores -> top-k -> sparse attention; CPU path on CPU, Triton
+on CUDA). Each row prints the measured speedup beside the byte-count limit of ALGORITHM.md sec. 1: per (token, KV
+head) dense reads ``2*D*e`` bytes and Double Sparsity ``r*b/8 + (k/S)*2*D*e`` (+ 8 bytes of fp32 scale/zero when
+the labels are quantized).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+FORMATS = {"16": 16, "native": 16, "8": 8, "int8": 8, "4": 4, "int4": 4}
+FORMAT_NAME = {16: "native", 8: "int8", 4: "int4"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lengths", default="4K,16K,32K,64K", help="cache lengths S (K = 1024), comma-separated")
+    p.add_argument("--batch", default="1,4", help="batch sizes, comma-separated")
+    p.add_argument("--shapes", default="9x3x64,32x32x128,32x8x128",
+                   help="head shapes HqxHkvxD: SmolLM2 (9x3x64), Llama-7B MHA (32x32x128), 4:1 GQA (32x8x128)")
+    p.add_argument("--budgets", default="1/8,1/16", help="token budgets as fractions of S (k = S * budget)")
+    p.add_argument("--formats", default="native,int8,int4", help="label formats: native (key dtype), int8, int4")
+    p.add_argument("--label-channels", default="D/4",
+                   help="label channels r per KV head: an int, or D/n (default D/4: 1/16 of key bytes at int4)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="K/V/q dtype (default float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--per-head", action="store_true", help="select per query head instead of per KV group")
+    p.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="wall: elapsed time; cpu: process CPU time (steadier on a shared machine; use --threads 1)")
+    p.add_argument("--flush-mb", type=float, default=None,
+                   help="write this many MB before each timed call so K/V start cold, as in a real decode step "
+                        "where other layers ran in between (default 64 on CPU, 0 on CUDA)")
+    p.add_argument("--max-gb", type=float, default=6.0, help="skip configurations whose K/V cache exceeds this")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _shapes(text: str) -> list[tuple[int, int, int]]:
+    out = []
+    for part in text.split(","):
+        try:
+            hq, hkv, d = (int(x) for x in part.lower().strip().split("x"))
+        except ValueError:
+            raise ValueError(f"--shapes: cannot read {part!r}; expected HqxHkvxD, e.g. 32x8x128") from None
+        if hkv < 1 or hq % hkv or d < 1:
+            raise ValueError(f"--shapes: {part!r} needs Hq a multiple of Hkv and D >= 1")
+        out.append((hq, hkv, d))
+    return out
+
+
+def label_channels(spec: str, d: int) -> int:
+    """``"D/4"`` or ``"16"`` -> r for head_dim ``d`` (at least 1, at most D)."""
+    spec = spec.strip().upper()
+    try:
+        r = d // int(spec[2:]) if spec.startswith("D/") else int(spec)
+    except ValueError:
+        raise ValueError(f"--label-channels: cannot read {spec!r}; use an int or D/n") from None
+    if not 1 <= r <= d:
+        raise ValueError(f"--label-channels: {spec} gives r={r} for head_dim {d}; need 1 <= r <= D")
+    return r
+
+
+def byte_limit(d: int, e: int, r: int, bits: int, frac: float) -> tuple[float, float, float]:
+    """(dense bytes, DS bytes, limit = dense / DS) per (token, KV head); ``bits == 16`` means the key dtype."""
+    dense = 2 * d * e
+    labels = r * e if bits == 16 else r * bits / 8 + 8  # + fp32 scale and zero per token
+    ds = labels + frac * 2 * d * e
+    return dense, ds, dense / ds
+
+
+def _timer(device, clock: str, flush_mb: float):
+    import torch
+
+    junk = torch.empty(int(flush_mb * 2**18), dtype=torch.float32, device=device) if flush_mb > 0 else None
+    now = time.process_time if clock == "cpu" else time.perf_counter
+
+    def run(fn, repeats: int, warmup: int) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            if junk is not None:
+                junk.fill_(1.0)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = now()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(now() - t0)
+        return statistics.median(times) * 1e3
+
+    return run
+
+
+def run(args) -> int:
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    import dsc.kernels  # noqa: F401  (registers torch.ops.dsc)
+    from dsc.bench.common import format_table, machine_info, parse_list, write_json
+    from dsc.kernels import alloc_labels
+
+    lengths = parse_list(args.lengths, int, "length")
+    batches = parse_list(args.batch, int, "batch size")
+    budgets = parse_list(args.budgets, float, "budget")
+    shapes = _shapes(args.shapes)
+    formats = []
+    for f in args.formats.split(","):
+        if f.strip().lower() not in FORMATS:
+            raise ValueError(f"--formats: unknown label format {f!r}; use native, int8 or int4")
+        formats.append(FORMATS[f.strip().lower()])
+    for f in budgets:
+        if not 0 < f <= 1:
+            raise ValueError(f"--budgets: {f} is not a fraction in (0, 1]")
+    if args.repeats < 1 or args.warmup < 0:
+        raise ValueError("--repeats must be >= 1 and --warmup >= 0")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    e = torch.finfo(dtype).bits // 8
+    flush = args.flush_mb if args.flush_mb is not None else (64.0 if device.type == "cpu" else 0.0)
+    timer = _timer(device, args.clock, flush)
+    group = not args.per_head
+
+    configs = [(sh, b, s) for sh in shapes for b in batches for s in lengths]
+    total = len(configs) * (1 + len(formats) * len(budgets))
+    bar = tqdm(total=total, disable=args.no_progress, desc="bench attention", unit="run")
+    rows, skipped = [], []
+    for (hq, hkv, d), b, s in configs:
+        kv_gb = 2 * b * hkv * s * d * e / 2**30
+        if kv_gb > args.max_gb:
+            skipped.append(f"{hq}x{hkv}x{d} B{b} S{s} ({kv_gb:.1f} GB K/V > --max-gb {args.max_gb})")
+            bar.update(1 + len(formats) * len(budgets))
+            continue
+        r = label_channels(args.label_channels, d)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        q = torch.randn(b, hq, 1, d, generator=gen).to(device, dtype)
+        k = torch.randn(b, hkv, s, d, generator=gen).to(device, dtype)
+        v = torch.randn(b, hkv, s, d, generator=gen).to(device, dtype)
+        sm = d ** -0.5
+        with torch.no_grad():
+            dense_ms = timer(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True, scale=sm),
+                             args.repeats, args.warmup)
+        bar.update(1)
+        channels = torch.stack([torch.randperm(d, generator=gen)[:r] for _ in range(hkv)]).to(device)
+        for bits in formats:
+            labels = alloc_labels(b, hkv, s, r, bits, dtype, device)
+            torch.ops.dsc.label_write(k, channels, torch.arange(s, device=device), *labels, bits)
+            for frac in budgets:
+                budget = max(1, math.ceil(frac * s))
+                with torch.no_grad():
+                    ds_ms = timer(lambda: torch.ops.dsc.ds_decode(q, k, v, channels, *labels, bits, None, None, None,
+                                                                  budget, 0.0, 0, 0, group, sm),
+                                  args.repeats, args.warmup)
+                _, _, limit = byte_limit(d, e, r, bits, budget / s)
+                speedup = dense_ms / ds_ms
+                rows.append({"shape": f"{hq}x{hkv}x{d}", "batch": b, "length": s, "labels": FORMAT_NAME[bits],
+                             "r": r, "budget": f"1/{round(1 / frac)}" if frac < 1 else "1", "k": budget,
+                             "dense_ms": dense_ms, "ds_ms": ds_ms, "speedup": speedup, "limit": limit,
+                             "of_limit": speedup / limit})
+                bar.update(1)
+            del labels
+        del q, k, v
+    bar.close()
+
+    info = machine_info()
+    print(f"\ndecode attention, one step (Lq = 1), {dtype} on {device} ({info['cpu'] if device.type == 'cpu' else info['gpu']}"
+          f", {torch.get_num_threads()} threads); {args.clock} clock, median of {args.repeats} after {args.warmup} "
+          f"warm-up, {flush:g} MB cache flush before each call; "
+          f"{'group' if group else 'per-head'} selection; r = {args.label_channels} label channels")
+    cols = [("shape", "HqxHkvxD"), ("batch", "B"), ("length", "S"), ("labels", "labels"), ("r", "r"),
+            ("budget", "budget"), ("k", "k"), ("dense_ms", "dense ms"), ("ds_ms", "DS ms"),
+            ("speedup", "speedup"), ("limit", "byte limit"), ("of_limit", "of limit")]
+    shown = [{**row, "of_limit": f"{100 * row['of_limit']:.0f}%"} for row in rows]
+    print(format_table(shown, cols))
+    for line in skipped:
+        print(f"skipped: {line}")
+    write_json(args.json, {"machine": info, "device": str(device), "dtype": str(dtype), "group": group,
+                           "repeats": args.repeats, "clock": args.clock, "flush_mb": flush,
+                           "label_channels": args.label_channels, "rows": rows, "skipped": skipped})
+    return 0

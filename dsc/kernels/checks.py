@@ -1,0 +1,235 @@
+"""Argument validation shared by every implementation of the ``dsc::`` ops.
+
+Each check raises ``ValueError`` naming the offending argument and saying how to fix it. Checks that would need the
+tensor's *values* (channel ids, positions in range) run only on CPU tensors: on a GPU they would force a host
+synchronisation, which the decode path must never do.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+BITS = (4, 8, 16)
+
+
+def _fail(name: str, msg: str) -> None:
+    raise ValueError(f"{name}: {msg}")
+
+
+def _rank(name: str, t: torch.Tensor, rank: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        _fail(name, f"expected a tensor {layout}, got {type(t).__name__}")
+    if t.dim() != rank:
+        _fail(name, f"expected rank {rank} {layout}, got shape {tuple(t.shape)}")
+
+
+def _has_values(t: torch.Tensor) -> bool:
+    """True when reading ``t``'s values is free: a real CPU tensor (not fake, not on an accelerator)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type == "cpu" and t.numel() > 0 and not is_fake(t)
+
+
+def _same_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            _fail(name, f"is on {t.device} but {ref_name} is on {ref.device}; move both to one device")
+
+
+def label_width(r: int, bits: int) -> int:
+    """Last dimension of the label ``data`` tensor for ``r`` channels at ``bits`` bits (4-bit packs two per byte)."""
+    return (r + 1) // 2 if bits == 4 else r
+
+
+def check_bits(bits: int) -> None:
+    if bits not in BITS:
+        _fail("bits", f"must be one of {BITS} (16 = native key dtype, 8/4 = quantized), got {bits!r}")
+
+
+def check_channels(channels: torch.Tensor, hkv: int, d: int) -> int:
+    """Validate ``channels [Hkv, r]`` (int64 ids in ``[0, D)``); return ``r``."""
+    _rank("channels", channels, 2, "[Hkv, r] of int64 channel ids")
+    if channels.dtype != torch.int64:
+        _fail("channels", f"must be int64, got {channels.dtype}; use channels.long()")
+    if channels.shape[0] != hkv:
+        _fail("channels", f"has {channels.shape[0]} rows for {hkv} KV heads; need one row per KV head")
+    r = channels.shape[1]
+    if r < 1 or r > d:
+        _fail("channels", f"selects {r} channels per head; need 1 <= r <= head_dim ({d})")
+    if _has_values(channels) and (
+            int(channels.min()) < 0 or int(channels.max()) >= d):
+        _fail("channels", f"ids must lie in [0, {d}) (head_dim {d}); got range "
+                          f"[{int(channels.min())}, {int(channels.max())}]")
+    return r
+
+
+def check_labels(data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                 b: int, hkv: int, r: int) -> int:
+    """Validate the label cache against ``B``, ``Hkv``, ``r``; return its length ``S``."""
+    check_bits(bits)
+    _rank("data", data, 4, "[B, Hkv, S, r] label cache")
+    width = label_width(r, bits)
+    if data.shape[0] != b or data.shape[1] != hkv or data.shape[3] != width:
+        _fail("data", f"has shape {tuple(data.shape)}; expected [{b}, {hkv}, S, {width}] for r={r} at {bits} bits")
+    s = data.shape[2]
+    if bits == 16:
+        if not data.dtype.is_floating_point:
+            _fail("data", f"16-bit (native) labels must be a float dtype, got {data.dtype}")
+    else:
+        if data.dtype != torch.uint8:
+            _fail("data", f"{bits}-bit labels must be uint8 codes, got {data.dtype}")
+        for name, t in (("scale", scale), ("zero", zero)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (b, hkv, s) or t.dtype != torch.float32:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else t
+                _fail(name, f"quantized labels need a float32 [{b}, {hkv}, {s}] tensor, got "
+                            f"{shape} {getattr(t, 'dtype', '')}")
+    _same_device("data", data, scale=scale, zero=zero)
+    return s
+
+
+def check_positions(positions: torch.Tensor, b: int, t: int, s: int) -> None:
+    if not isinstance(positions, torch.Tensor) or positions.dtype != torch.int64:
+        _fail("positions", "must be an int64 tensor [T] or [B, T]")
+    if tuple(positions.shape) not in ((t,), (b, t)):
+        _fail("positions", f"has shape {tuple(positions.shape)}; expected [{t}] or [{b}, {t}] (T = keys.shape[2])")
+    if _has_values(positions) and (
+            int(positions.min()) < 0 or int(positions.max()) >= s):
+        _fail("positions", f"must lie in [0, {s}) (the label cache length); got "
+                           f"[{int(positions.min())}, {int(positions.max())}]")
+
+
+def check_label_write(keys, channels, positions, data, scale, zero, bits) -> None:
+    _rank("keys", keys, 4, "[B, Hkv, T, D]")
+    if not keys.dtype.is_floating_point:
+        _fail("keys", f"must be a float tensor, got {keys.dtype}")
+    b, hkv, t, d = keys.shape
+    r = check_channels(channels, hkv, d)
+    s = check_labels(data, scale, zero, bits, b, hkv, r)
+    check_positions(positions, b, t, s)
+    _same_device("keys", keys, channels=channels, positions=positions, data=data)
+
+
+def check_mask(name: str, m: torch.Tensor | None, shape: tuple, dtype_kind: str) -> None:
+    if m is None:
+        return
+    if not isinstance(m, torch.Tensor):
+        _fail(name, f"must be a tensor or None, got {type(m).__name__}")
+    if dtype_kind == "bool" and m.dtype != torch.bool:
+        _fail(name, f"must be a bool mask (True = may attend), got {m.dtype}")
+    if dtype_kind == "float" and not m.dtype.is_floating_point:
+        _fail(name, f"must be a float additive mask, got {m.dtype}")
+    try:
+        ok = m.dim() <= 4 and tuple(torch.broadcast_shapes(m.shape, shape)) == tuple(shape)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        _fail(name, f"shape {tuple(m.shape)} does not broadcast to [B, Hq, Lq, S] = {list(shape)}")
+
+
+def check_lengths(lengths: torch.Tensor | None, b: int) -> None:
+    if lengths is None:
+        return
+    if not isinstance(lengths, torch.Tensor) or lengths.dtype != torch.int64 or tuple(lengths.shape) != (b,):
+        _fail("lengths", f"must be an int64 tensor [B] = [{b}] (valid positions per sequence), got "
+                         f"{getattr(lengths, 'dtype', type(lengths).__name__)} {tuple(getattr(lengths, 'shape', ()))}")
+
+
+def check_query(q: torch.Tensor, hkv: int, d: int | None = None) -> tuple[int, int, int, int]:
+    _rank("q", q, 4, "[B, Hq, Lq, D]")
+    if not q.dtype.is_floating_point:
+        _fail("q", f"must be a float tensor, got {q.dtype}")
+    b, hq, lq, dq = q.shape
+    if d is not None and dq != d:
+        _fail("q", f"head_dim {dq} differs from the keys' head_dim {d}")
+    if hkv < 1 or hq % hkv:
+        _fail("q", f"has {hq} heads, not a multiple of the {hkv} KV heads (GQA needs Hq = G * Hkv)")
+    return b, hq, lq, dq
+
+
+def check_label_scores(q, channels, data, scale, zero, bits, valid, lengths) -> tuple[int, int]:
+    """Return ``(Hkv, S)``."""
+    _rank("channels", channels, 2, "[Hkv, r] of int64 channel ids")
+    _rank("data", data, 4, "[B, Hkv, S, r] label cache")
+    hkv = data.shape[1]
+    b, hq, lq, d = check_query(q, hkv)
+    r = check_channels(channels, hkv, d)
+    s = check_labels(data, scale, zero, bits, b, hkv, r)
+    check_mask("valid", valid, (b, hq, lq, s), "bool")
+    check_lengths(lengths, b)
+    _same_device("q", q, channels=channels, data=data, valid=valid, lengths=lengths)
+    return hkv, s
+
+
+def topk_width(s: int, budget: int, frac: float):
+    """Slots per row: ``min(budget, S)`` when ``frac == 0``, else ``min(S, max(1, ceil(frac * S)))``."""
+    if frac == 0:
+        return torch.sym_min(budget, s) if not isinstance(s, int) else min(budget, s)
+    if isinstance(s, int):
+        return min(s, max(1, math.ceil(frac * s)))
+    return torch.sym_min(s, torch.sym_max(1, math.ceil(frac * s)))
+
+
+def check_select(scores, budget, frac, sink, recent) -> None:
+    _rank("scores", scores, 4, "[B, Hsel, Lq, S]")
+    if not scores.dtype.is_floating_point:
+        _fail("scores", f"must be float scores, got {scores.dtype}")
+    check_budget(budget, frac, sink, recent)
+
+
+def check_budget(budget, frac, sink, recent) -> None:
+    if isinstance(frac, bool) or not (isinstance(frac, (int, float)) and 0.0 <= frac <= 1.0):
+        _fail("frac", f"must be a fraction in [0, 1] (0 = use the absolute budget), got {frac!r}")
+    if frac == 0 and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+        _fail("budget", f"must be a positive number of tokens when frac == 0, got {budget!r}")
+    if not isinstance(sink, int) or sink < 0:
+        _fail("sink", f"must be an int >= 0 (forced first tokens), got {sink!r}")
+    if not isinstance(recent, int) or recent < 0:
+        _fail("recent", f"must be an int >= 0 (forced last tokens), got {recent!r}")
+
+
+def check_kv(q, k, v) -> tuple[int, int]:
+    """Validate ``k, v [B, Hkv, S, D]`` against ``q``; return ``(Hkv, S)``."""
+    _rank("k", k, 4, "[B, Hkv, S, D] (HF layout, not repeated to Hq heads)")
+    _rank("v", v, 4, "[B, Hkv, S, D] (HF layout, not repeated to Hq heads)")
+    if k.shape != v.shape:
+        _fail("v", f"shape {tuple(v.shape)} differs from k's {tuple(k.shape)}")
+    b, hkv, s, d = k.shape
+    bq, hq, lq, dq = check_query(q, hkv, d)
+    if bq != b:
+        _fail("k", f"batch {b} differs from q's batch {bq}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        _fail("k", f"dtypes k={k.dtype}, v={v.dtype} must match q={q.dtype}")
+    _same_device("q", q, k=k, v=v)
+    return hkv, s
+
+
+def check_sparse_attention(q, k, v, idx, sm_scale, bias) -> None:
+    hkv, s = check_kv(q, k, v)
+    b, hq, lq, _ = q.shape
+    _rank("idx", idx, 4, "[B, Hsel, Lq, K] int64 positions (-1 = unused slot)")
+    if idx.dtype != torch.int64:
+        _fail("idx", f"must be int64, got {idx.dtype}")
+    if idx.shape[0] != b or idx.shape[1] not in (hkv, hq) or idx.shape[2] != lq:
+        _fail("idx", f"has shape {tuple(idx.shape)}; expected [{b}, Hsel, {lq}, K] with Hsel = {hkv} (per KV "
+                     f"group) or {hq} (per query head)")
+    if _has_values(idx) and (int(idx.min()) < -1 or int(idx.max()) >= s):
+        _fail("idx", f"positions must lie in [-1, {s}) (-1 marks an unused slot)")
+    if not isinstance(sm_scale, (int, float)) or not sm_scale > 0:
+        _fail("sm_scale", f"must be a positive float (usually 1/sqrt(head_dim)), got {sm_scale!r}")
+    check_mask("bias", bias, (b, hq, lq, s), "float")
+    _same_device("q", q, idx=idx, bias=bias)
+
+
+def check_ds_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink, recent,
+                    sm_scale) -> None:
+    check_kv(q, k, v)
+    hkv, s = check_label_scores(q, channels, data, scale, zero, bits, valid, lengths)
+    if s != k.shape[2]:
+        _fail("data", f"label cache length {s} differs from the K/V cache length {k.shape[2]}")
+    b, hq, lq, _ = q.shape
+    check_mask("bias", bias, (b, hq, lq, s), "float")
+    _same_device("q", q, bias=bias)
+    check_budget(budget, frac, sink, recent)
+    if not isinstance(sm_scale, (int, float)) or not sm_scale > 0:
+        _fail("sm_scale", f"must be a positive float (usually 1/sqrt(head_dim)), got {sm_scale!r}")

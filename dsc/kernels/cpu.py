@@ -1,0 +1,227 @@
+"""Fast CPU path of the ``dsc::`` ops.
+
+What it reads: the label cache (``r`` channels per token, maybe 8/4-bit codes) and, after top-k, only the selected
+K/V rows (gathered by index from the HF-layout cache; never a repeated-KV copy, never the whole cache).
+
+- Scores use the identity ``q . label = scale * (q . code) + zero * sum(q)``; in group mode the G query heads are
+  summed *before* the dot product (``sum_g q_g . l = (sum_g q_g) . l``), so group scoring costs one query per KV
+  head. Codes are converted to fp32 one cache-sized chunk of tokens at a time (no fp32 copy of the label cache).
+- Top-k is ``torch.topk``; forced sink/recent positions are boosted to ``+inf`` in the (owned) score buffer.
+- Attention over the selected rows is CPU SDPA (flash kernel, fp32 accumulation) over the gathered rows.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from . import checks
+from .reference import label_write as _ref_label_write
+from .reference import quantize
+from .topk import topk_inplace as _topk_inplace
+
+# fp32 elements of converted label codes per scoring chunk (16 MB: about half an L3; fewer, larger chunks also
+# mean fewer OpenMP regions, which matters on an oversubscribed machine).
+CHUNK_ELEMENTS = int(os.environ.get("DSC_CPU_CHUNK", 1 << 22))
+NEG_INF = float("-inf")
+_local = threading.local()
+
+
+def _scratch(name: str, shape, dtype, device) -> torch.Tensor:
+    """A reused per-thread buffer for a decode-step temporary (gathered rows, scores).
+
+    Fresh multi-MB allocations are mmapped and page-faulted on every call (glibc serves blocks > 32 MB only by
+    mmap), which cost more than the gather itself; reusing the buffer keeps the step allocation-free.
+    """
+    store = _local.__dict__.setdefault("buffers", {})
+    n = 1
+    for x in shape:
+        n *= x
+    buf = store.get(name)
+    if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
+        buf = torch.empty(max(n, 1), dtype=dtype, device=device)
+        store[name] = buf
+    return buf[:n].view(shape)
+
+
+# ----------------------------------------------------------------------------------------------- label write
+def label_write(keys, channels, positions, data, scale, zero, bits: int) -> None:
+    """Gather + quantize the new keys' channels (T new tokens only) and scatter them into the cache."""
+    checks.check_label_write(keys, channels, positions, data, scale, zero, bits)
+    b, hkv, t, _ = keys.shape
+    r = channels.shape[1]
+    if t == 1 and positions.dim() == 1:  # the decode step: a narrow slice write, no advanced indexing
+        lab = keys[:, :, 0].gather(-1, channels[None].expand(b, hkv, r))  # [B, Hkv, r]
+        p = int(positions[0])  # a CPU tensor: reading it costs nothing
+        if bits == 16:
+            data.select(2, p).copy_(lab)
+            return
+        codes, sc, zp = quantize(lab, bits)
+        data.select(2, p).copy_(codes)
+        scale.select(2, p).copy_(sc)
+        zero.select(2, p).copy_(zp)
+        return
+    _ref_label_write(keys, channels, positions, data, scale, zero, bits)
+
+
+# ----------------------------------------------------------------------------------------------- scores
+def _query_channels(q, channels, group: bool):
+    """Queries' label channels as fp32 ``[B, Hkv, M, r]``; M = Lq (group: summed over G) or G * Lq."""
+    b, hq, lq, d = q.shape
+    hkv, r = channels.shape
+    g = hq // hkv
+    qc = q.reshape(b, hkv, g, lq, d).gather(-1, channels[None, :, None, None, :].expand(b, hkv, g, lq, r)).float()
+    if group:
+        return qc.sum(2)
+    return qc.reshape(b, hkv, g * lq, r)
+
+
+def _chunk_tokens(rows: int, r: int) -> int:
+    """Tokens per scoring chunk: keeps the chunk's fp32 codes (rows * tokens * r) around 16 MB."""
+    return max(256, CHUNK_ELEMENTS // max(1, rows * r))
+
+
+def _scores(qc, data, scale, zero, bits: int):
+    """``[B, Hkv, M, S]`` fp32 = q . label, by the score identity ``scale * (q . code) + zero * sum(q)``.
+
+    Codes are converted to fp32 one cache-sized chunk of tokens at a time (never a full fp32 copy of the labels);
+    4-bit codes are split into low/high nibbles and dotted with the even/odd query channels, so nothing is
+    re-interleaved.
+    """
+    b, hkv, m, r = qc.shape
+    s = data.shape[2]
+    if bits == 16 and data.dtype == torch.float32:
+        return qc @ data.transpose(-1, -2)
+    if bits == 4:  # low nibbles hold the even channels, high nibbles the odd ones
+        qe, qo = qc[..., 0::2], qc[..., 1::2]
+        if qo.shape[-1] < qe.shape[-1]:  # odd r: the last high nibble is padding (0)
+            qo = torch.cat([qo, qo.new_zeros(b, hkv, m, 1)], -1)
+    if bits != 16:
+        qsum = qc.sum(-1, keepdim=True)  # [B, Hkv, M, 1]
+    step = _chunk_tokens(b * hkv, r)
+    out = None if step >= s else torch.empty(b, hkv, m, s, dtype=torch.float32)
+    for s0 in range(0, s, step):
+        s1 = min(s, s0 + step)
+        chunk = data[:, :, s0:s1]
+        if bits == 4:
+            dot = qe @ (chunk & 15).float().transpose(-1, -2)
+            dot.add_(qo @ (chunk >> 4).float().transpose(-1, -2))
+        else:
+            dot = qc @ chunk.float().transpose(-1, -2)
+        if bits != 16:
+            dot.mul_(scale[:, :, None, s0:s1]).addcmul_(zero[:, :, None, s0:s1], qsum)
+        if out is None:
+            return dot
+        out[..., s0:s1] = dot
+    return out
+
+
+def _masked_scores(q, channels, data, scale, zero, bits, valid, lengths, group: bool):
+    """Scores ``[B, Hsel, Lq, S]`` with invalid positions at ``-inf`` (a fresh buffer the caller owns)."""
+    b, hq, lq, _ = q.shape
+    hkv, r = channels.shape
+    g = hq // hkv
+    s = data.shape[2]
+    qc = _query_channels(q, channels, group)
+    sc = _scores(qc, data, scale, zero, bits)
+    if lengths is not None:
+        sc.masked_fill_(torch.arange(s) >= lengths[:, None, None, None], NEG_INF)
+    if group:
+        sc = sc.view(b, hkv, lq, s)
+    else:  # [B, Hkv, G*Lq, S] is already [B, Hq, Lq, S] in memory
+        sc = sc.view(b, hq, lq, s)
+    if valid is not None:
+        vm = valid
+        if group and valid.dim() >= 3 and valid.shape[-3] != 1:
+            vm = valid.expand(b, hq, lq, s).view(b, hkv, g, lq, s).all(2)
+        sc.masked_fill_(~vm, NEG_INF)
+    return sc
+
+
+def label_scores(q, channels, data, scale, zero, bits: int, valid=None, lengths=None, group: bool = True):
+    checks.check_label_scores(q, channels, data, scale, zero, bits, valid, lengths)
+    return _masked_scores(q, channels, data, scale, zero, bits, valid, lengths, group).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------- top-k
+def select_topk(scores, budget: int, frac: float = 0.0, sink: int = 0, recent: int = 0):
+    checks.check_select(scores, budget, frac, sink, recent)
+    idx, used = _topk_inplace(scores.float().clone(), budget, frac, sink, recent)
+    return torch.where(used, idx, -1).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------- attention
+def _gather_rows(x, idx, scratch: str | None = None):
+    """Rows ``x[b, h, idx[b, h, ...]]`` of ``x [B, Hkv, S, D]`` for ``idx [B, Hkv, N]`` -> ``[B, Hkv, N, D]``."""
+    b, hkv, s, d = x.shape
+    n = idx.shape[-1]
+    if x.is_contiguous():
+        base = (torch.arange(b * hkv, device=x.device) * s).view(b, hkv, 1)
+        flat = (idx + base).view(-1)
+        if scratch is None:
+            return x.view(-1, d).index_select(0, flat).view(b, hkv, n, d)
+        out = _scratch(scratch, (b * hkv * n, d), x.dtype, x.device)
+        return torch.index_select(x.view(-1, d), 0, flat, out=out).view(b, hkv, n, d)
+    bi = torch.arange(b, device=x.device).view(b, 1, 1)
+    hi = torch.arange(hkv, device=x.device).view(1, hkv, 1)
+    return x[bi, hi, idx]
+
+
+def _attend(q, k, v, idx, used, sm_scale: float, bias):
+    """Attention over the selected rows; ``idx``/``used`` ``[B, Hsel, Lq, K]`` (``used`` False = skip slot)."""
+    b, hq, lq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    hsel, kk = idx.shape[1], idx.shape[-1]
+    ii = idx.clamp(min=0)
+    if hsel == hkv:  # one row set per (KV head, query position), shared by the G heads of the group
+        rows = ii.reshape(b, hkv, lq * kk)
+        kg = _gather_rows(k, rows, "k").view(b, hkv * lq, kk, d)
+        vg = _gather_rows(v, rows, "v").view(b, hkv * lq, kk, d)
+        qq = q.reshape(b, hkv, g, lq, d).transpose(2, 3).reshape(b, hkv * lq, g, d)
+        mask = used.view(b, hkv * lq, 1, kk)
+        if bias is not None:
+            bsel = bias.expand(b, hq, lq, bias.shape[-1]).view(b, hkv, g, lq, -1).gather(
+                -1, ii[:, :, None].expand(b, hkv, g, lq, kk))
+            mask = bsel.transpose(2, 3).reshape(b, hkv * lq, g, kk).float().masked_fill(~mask, NEG_INF)
+    else:  # per query head: head h reads KV head h // G with its own rows
+        rows = ii.reshape(b, hkv, g * lq * kk)
+        kg = _gather_rows(k, rows, "k").view(b, hq * lq, kk, d)
+        vg = _gather_rows(v, rows, "v").view(b, hq * lq, kk, d)
+        qq = q.reshape(b, hq * lq, 1, d)
+        mask = used.view(b, hq * lq, 1, kk)
+        if bias is not None:
+            bsel = bias.expand(b, hq, lq, bias.shape[-1]).gather(-1, ii)
+            mask = bsel.reshape(b, hq * lq, 1, kk).float().masked_fill(~mask, NEG_INF)
+    if mask.dtype != torch.bool:
+        mask = mask.to(q.dtype) if q.dtype != torch.float32 else mask
+    out = F.scaled_dot_product_attention(qq, kg, vg, attn_mask=mask, scale=sm_scale)
+    empty = ~used.any(-1)  # rows with no slot: 0 by contract (SDPA would give NaN)
+    if hsel == hkv:
+        out = out.view(b, hkv, lq, g, d).transpose(2, 3).reshape(b, hq, lq, d)
+        empty = empty[:, :, None].expand(b, hkv, g, lq).reshape(b, hq, lq)
+    else:
+        out = out.view(b, hq, lq, d)
+    out = out.masked_fill(empty[..., None], 0)
+    if bias is not None:
+        out = torch.nan_to_num(out, nan=0.0)  # every selected slot masked by bias = -inf
+    return out.contiguous()
+
+
+def sparse_attention(q, k, v, idx, sm_scale: float, bias=None):
+    checks.check_sparse_attention(q, k, v, idx, sm_scale, bias)
+    return _attend(q, k, v, idx, idx >= 0, float(sm_scale), bias)
+
+
+def ds_decode(q, k, v, channels, data, scale, zero, bits: int, valid=None, bias=None, lengths=None,
+              budget: int = 64, frac: float = 0.0, sink: int = 0, recent: int = 0, group: bool = True,
+              sm_scale: float | None = None):
+    if sm_scale is None:
+        sm_scale = q.shape[-1] ** -0.5
+    checks.check_ds_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink,
+                           recent, sm_scale)
+    sc = _masked_scores(q, channels, data, scale, zero, bits, valid, lengths, group)
+    idx, used = _topk_inplace(sc, budget, frac, sink, recent)
+    return _attend(q, k, v, idx, used, float(sm_scale), bias)

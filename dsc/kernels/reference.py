@@ -1,0 +1,174 @@
+"""Plain-torch oracles of the ``dsc::`` ops, written for clarity, not speed (they repeat K/V and read everything).
+
+They define the semantics of DESIGN.md "Label cache" / "Ops"; the CPU and Triton paths are tested against them.
+Quantisation rounds half up (``floor(x + 0.5)``) so every implementation can reproduce it bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import checks
+
+
+# ----------------------------------------------------------------------------------------------- label cache
+def quantize(lab: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 labels ``[..., r]`` -> (uint8 codes ``[..., width]``, scale ``[...]``, zero ``[...]``)."""
+    levels = (1 << bits) - 1
+    lab = lab.float()
+    lo = lab.amin(-1)
+    hi = lab.amax(-1)
+    scale = (hi - lo) / levels
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.floor((lab - lo[..., None]) / safe[..., None] + 0.5).clamp_(0, levels)
+    codes = torch.where(scale[..., None] > 0, codes, torch.zeros_like(codes)).to(torch.uint8)
+    if bits == 4:
+        codes = pack4(codes)
+    return codes, scale, lo
+
+
+def pack4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes ``[..., r]`` (< 16) -> ``[..., ceil(r/2)]``: channel 2j in the low nibble, 2j+1 in the high."""
+    if codes.shape[-1] % 2:
+        codes = torch.cat([codes, torch.zeros_like(codes[..., :1])], -1)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack4(data: torch.Tensor, r: int) -> torch.Tensor:
+    """Inverse of :func:`pack4`, keeping the first ``r`` channels."""
+    both = torch.stack([data & 15, data >> 4], -1)
+    return both.flatten(-2)[..., :r]
+
+
+def codes_of(data: torch.Tensor, bits: int, r: int) -> torch.Tensor:
+    """Unpacked integer codes ``[..., r]`` of quantized labels."""
+    return unpack4(data, r) if bits == 4 else data
+
+
+def dequantize(data, scale, zero, bits: int, r: int) -> torch.Tensor:
+    """Label cache -> fp32 labels ``[B, Hkv, S, r]``."""
+    if bits == 16:
+        return data.float()
+    return codes_of(data, bits, r).float() * scale[..., None] + zero[..., None]
+
+
+def label_write(keys, channels, positions, data, scale, zero, bits: int) -> None:
+    """Gather each KV head's ``r`` channels of ``keys`` and store them (quantized if ``bits < 16``) at ``positions``."""
+    checks.check_label_write(keys, channels, positions, data, scale, zero, bits)
+    b, hkv, t, d = keys.shape
+    r = channels.shape[1]
+    lab = keys.gather(-1, channels[None, :, None, :].expand(b, hkv, t, r))  # [B, Hkv, T, r]
+    pos = positions.expand(b, t) if positions.dim() == 1 else positions
+    bi = torch.arange(b, device=keys.device)[:, None, None]
+    hi = torch.arange(hkv, device=keys.device)[None, :, None]
+    pi = pos[:, None, :]
+    if bits == 16:
+        data[bi, hi, pi] = lab.to(data.dtype)
+        return
+    codes, sc, zp = quantize(lab, bits)
+    data[bi, hi, pi] = codes
+    scale[bi, hi, pi] = sc
+    zero[bi, hi, pi] = zp
+
+
+# ----------------------------------------------------------------------------------------------- masks
+def valid_mask(valid, lengths, b: int, hq: int, lq: int, s: int, device) -> torch.Tensor:
+    """Bool ``[B, Hq, Lq, S]``: ``valid`` (broadcast) and position < ``lengths[b]``."""
+    m = torch.ones(b, hq, lq, s, dtype=torch.bool, device=device)
+    if valid is not None:
+        m = m & valid
+    if lengths is not None:
+        m = m & (torch.arange(s, device=device) < lengths[:, None, None, None])
+    return m
+
+
+# ----------------------------------------------------------------------------------------------- ops
+def label_scores(q, channels, data, scale, zero, bits: int, valid=None, lengths=None, group: bool = True):
+    """Approximate ``q . k`` from the labels, fp32 ``[B, Hsel, Lq, S]``; invalid positions ``-inf``."""
+    hkv, s = checks.check_label_scores(q, channels, data, scale, zero, bits, valid, lengths)
+    b, hq, lq, _ = q.shape
+    g = hq // hkv
+    r = channels.shape[1]
+    ch = channels.repeat_interleave(g, 0)  # [Hq, r]
+    qc = q.float().gather(-1, ch[None, :, None, :].expand(b, hq, lq, r))
+    lab = dequantize(data, scale, zero, bits, r).repeat_interleave(g, 1)  # [B, Hq, S, r]
+    sc = qc @ lab.transpose(-1, -2)  # [B, Hq, Lq, S]
+    m = valid_mask(valid, lengths, b, hq, lq, s, q.device)
+    if group:
+        sc = sc.view(b, hkv, g, lq, s).sum(2)
+        m = m.view(b, hkv, g, lq, s).all(2)
+    return sc.masked_fill(~m, float("-inf")).contiguous()
+
+
+def select_topk(scores, budget: int, frac: float = 0.0, sink: int = 0, recent: int = 0):
+    """Top-k positions per row (``-inf`` = invalid) with forced sink/recent positions; unused slots ``-1``.
+
+    Each row keeps ``min(K, n_valid)`` slots (``ceil(frac * n_valid)`` when ``frac > 0``). Forced positions fit
+    inside that: ``min(sink, keep)`` first valid positions, then ``min(recent, keep - sinks)`` last ones.
+    """
+    checks.check_select(scores, budget, frac, sink, recent)
+    s = scores.shape[-1]
+    kk = checks.topk_width(s, budget, frac)
+    ok = scores > float("-inf")
+    nvalid = ok.sum(-1)
+    keep = nvalid.clamp(max=kk) if frac == 0 else torch.ceil(nvalid.double() * frac).long().clamp(max=kk)
+    n_sink = keep.clamp(max=sink)
+    n_recent = (keep - n_sink).clamp(max=recent)
+    upto = ok.cumsum(-1)  # valid positions at or before p
+    after = nvalid[..., None] - upto + ok.long()  # valid positions at or after p
+    forced = ok & ((upto <= n_sink[..., None]) | (after <= n_recent[..., None]))
+    key = scores.float().masked_fill(forced, float("inf"))
+    idx = key.topk(kk, dim=-1).indices
+    slot = torch.arange(kk, device=scores.device)
+    return torch.where(slot < keep[..., None], idx, torch.full_like(idx, -1)).contiguous()
+
+
+def sparse_attention(q, k, v, idx, sm_scale: float, bias=None):
+    """Exact attention of each query over its selected rows only (fp32 softmax); rows with no slot give 0."""
+    checks.check_sparse_attention(q, k, v, idx, sm_scale, bias)
+    b, hq, lq, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = hq // hkv
+    if idx.shape[1] != hq:
+        idx = idx.repeat_interleave(g, 1)
+    kk = idx.shape[-1]
+    used = idx >= 0
+    ii = idx.clamp(min=0)
+    kf = k.float().repeat_interleave(g, 1)  # oracle only: the fast paths never repeat K/V
+    vf = v.float().repeat_interleave(g, 1)
+    gather = ii.reshape(b, hq, lq * kk, 1).expand(b, hq, lq * kk, d)
+    kg = kf.gather(2, gather).view(b, hq, lq, kk, d)
+    vg = vf.gather(2, gather).view(b, hq, lq, kk, d)
+    logits = torch.einsum("bhld,bhlkd->bhlk", q.float(), kg) * sm_scale
+    if bias is not None:
+        logits = logits + bias.float().expand(b, hq, lq, s).gather(-1, ii)
+    logits = logits.masked_fill(~used, float("-inf"))
+    m = logits.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(logits - m)
+    den = p.sum(-1, keepdim=True)
+    out = torch.einsum("bhlk,bhlkd->bhld", p, vg) / torch.where(den > 0, den, torch.ones_like(den))
+    return out.to(q.dtype).contiguous()
+
+
+def ds_decode(q, k, v, channels, data, scale, zero, bits: int, valid=None, bias=None, lengths=None,
+              budget: int = 64, frac: float = 0.0, sink: int = 0, recent: int = 0, group: bool = True,
+              sm_scale: float | None = None):
+    """Label scores -> top-k -> exact attention over the selected rows."""
+    if sm_scale is None:
+        sm_scale = q.shape[-1] ** -0.5
+    checks.check_ds_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink,
+                           recent, sm_scale)
+    sc = label_scores(q, channels, data, scale, zero, bits, valid, lengths, group)
+    idx = select_topk(sc, budget, frac, sink, recent)
+    return sparse_attention(q, k, v, idx, sm_scale, bias)
+
+
+def alloc_labels(b: int, hkv: int, s: int, r: int, bits: int, dtype=torch.float32, device="cpu"):
+    """An empty label cache ``(data, scale, zero)`` for ``r`` channels at ``bits`` bits (``dtype`` if 16)."""
+    checks.check_bits(bits)
+    if bits == 16:
+        empty = torch.empty(0, dtype=torch.float32, device=device)
+        return torch.zeros(b, hkv, s, r, dtype=dtype, device=device), empty, empty.clone()
+    data = torch.zeros(b, hkv, s, checks.label_width(r, bits), dtype=torch.uint8, device=device)
+    return (data, torch.zeros(b, hkv, s, dtype=torch.float32, device=device),
+            torch.zeros(b, hkv, s, dtype=torch.float32, device=device))

@@ -1,0 +1,236 @@
+"""Triton kernels of Double Sparsity decoding (launchers in :mod:`.triton_ops`).
+
+Every load is upcast to fp32 at once (the interpreter's bf16 arithmetic is wrong, and fp32 accumulation is the
+contract anyway). Grids are (rows, blocks-of-S) or (rows, splits): no power-of-two length limits, all lengths are
+masked, nothing reads a value back to the host.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def label_write_kernel(keys, ch, pos, data, scale, zero,
+                       T, R, HKV,
+                       sk0, sk1, sk2, sk3, sp0, sp1, sd0, sd1, sd2, sd3, ss0, ss1, ss2,
+                       BITS: tl.constexpr, BLOCK_T: tl.constexpr, C_PAD: tl.constexpr):
+    """One program per (batch * KV head, block of T new tokens): gather r channels, quantize, pack, store."""
+    pid = tl.program_id(0)
+    b = (pid // HKV).to(tl.int64)  # int64 offsets: batch strides of long caches overflow int32
+    h = pid % HKV
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tm = t < T
+    p = tl.load(pos + b * sp0 + t * sp1, mask=tm, other=0)
+    krow = keys + b * sk0 + h * sk1 + t[:, None] * sk2
+    drow = data + b * sd0 + h * sd1 + p[:, None] * sd2
+    j = tl.arange(0, C_PAD)
+    if BITS == 16:
+        cm = j < R
+        c = tl.load(ch + h * R + j, mask=cm, other=0)
+        m2 = tm[:, None] & cm[None, :]
+        x = tl.load(krow + c[None, :] * sk3, mask=m2, other=0.0).to(tl.float32)
+        tl.store(drow + j[None, :] * sd3, x.to(data.dtype.element_ty), mask=m2)
+    else:
+        levels = (1 << BITS) - 1
+        if BITS == 8:
+            ce = j
+        else:
+            ce = 2 * j
+        me = ce < R
+        c = tl.load(ch + h * R + ce, mask=me, other=0)
+        xe = tl.load(krow + c[None, :] * sk3, mask=tm[:, None] & me[None, :], other=0.0).to(tl.float32)
+        lo = tl.min(tl.where(me[None, :], xe, float("inf")), axis=1)
+        hi = tl.max(tl.where(me[None, :], xe, float("-inf")), axis=1)
+        if BITS == 4:
+            co = 2 * j + 1
+            mo = co < R
+            c2 = tl.load(ch + h * R + co, mask=mo, other=0)
+            xo = tl.load(krow + c2[None, :] * sk3, mask=tm[:, None] & mo[None, :], other=0.0).to(tl.float32)
+            lo = tl.minimum(lo, tl.min(tl.where(mo[None, :], xo, float("inf")), axis=1))
+            hi = tl.maximum(hi, tl.max(tl.where(mo[None, :], xo, float("-inf")), axis=1))
+        sc = (hi - lo) / levels
+        pos_sc = sc > 0
+        safe = tl.where(pos_sc, sc, 1.0)
+        qe = tl.floor((xe - lo[:, None]) / safe[:, None] + 0.5)
+        qe = tl.where(pos_sc[:, None], tl.minimum(tl.maximum(qe, 0.0), levels), 0.0).to(tl.int32)
+        if BITS == 4:
+            qo = tl.floor((xo - lo[:, None]) / safe[:, None] + 0.5)
+            qo = tl.where(pos_sc[:, None] & mo[None, :], tl.minimum(tl.maximum(qo, 0.0), levels), 0.0)
+            byte = qe | (qo.to(tl.int32) << 4)
+            wm = j < (R + 1) // 2
+        else:
+            byte = qe
+            wm = me
+        tl.store(drow + j[None, :] * sd3, byte.to(tl.uint8), mask=tm[:, None] & wm[None, :])
+        so = b * ss0 + h * ss1 + p * ss2
+        tl.store(scale + so, sc, mask=tm)
+        tl.store(zero + so, lo, mask=tm)
+
+
+@triton.jit
+def label_scores_kernel(q, ch, data, scale, zero, valid, lengths, out,
+                        HSEL, LQ, S, R, G,
+                        sq0, sq1, sq2, sq3, sd0, sd1, sd2, sd3, ss0, ss1, ss2,
+                        sv0, sv1, sv2, sv3, so0, so1, so2, so3,
+                        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_VALID: tl.constexpr,
+                        HAS_LEN: tl.constexpr, BLOCK_S: tl.constexpr, C_PAD: tl.constexpr):
+    """One program per (batch * selection head * query position, block of S): fp32 label scores, masked."""
+    pid = tl.program_id(0)
+    b = (pid // (HSEL * LQ)).to(tl.int64)
+    hs = (pid // LQ) % HSEL
+    lq = pid % LQ
+    if GROUP:
+        kvh = hs
+        h0 = hs * G
+        nh = G
+    else:
+        kvh = hs // G
+        h0 = hs
+        nh = 1
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    sm = s < S
+    j = tl.arange(0, C_PAD)
+    if BITS == 4:
+        ce = 2 * j
+    else:
+        ce = j
+    me = ce < R
+    c = tl.load(ch + kvh * R + ce, mask=me, other=0)
+    if BITS == 4:
+        co = 2 * j + 1
+        mo = co < R
+        c2 = tl.load(ch + kvh * R + co, mask=mo, other=0)
+    ok = sm
+    qe = tl.zeros([C_PAD], dtype=tl.float32)
+    qo = tl.zeros([C_PAD], dtype=tl.float32)
+    for g in range(nh):  # group mode: sum the G heads' query channels (one dot product per KV head)
+        qrow = q + b * sq0 + (h0 + g) * sq1 + lq * sq2
+        qe += tl.load(qrow + c * sq3, mask=me, other=0.0).to(tl.float32)
+        if BITS == 4:
+            qo += tl.load(qrow + c2 * sq3, mask=mo, other=0.0).to(tl.float32)
+        if HAS_VALID:
+            vv = tl.load(valid + b * sv0 + (h0 + g) * sv1 + lq * sv2 + s * sv3, mask=sm, other=0)
+            ok = ok & (vv != 0)
+    drow = data + b * sd0 + kvh * sd1 + s[:, None] * sd2
+    if BITS == 16:
+        lab = tl.load(drow + j[None, :] * sd3, mask=sm[:, None] & me[None, :], other=0.0).to(tl.float32)
+        score = tl.sum(lab * qe[None, :], axis=1)
+    else:
+        if BITS == 8:
+            code = tl.load(drow + j[None, :] * sd3, mask=sm[:, None] & me[None, :], other=0).to(tl.float32)
+            dot = tl.sum(code * qe[None, :], axis=1)
+            qsum = tl.sum(qe, axis=0)
+        else:
+            wm = j < (R + 1) // 2
+            byte = tl.load(drow + j[None, :] * sd3, mask=sm[:, None] & wm[None, :], other=0).to(tl.int32)
+            lo = (byte & 15).to(tl.float32)
+            hi = ((byte >> 4) & 15).to(tl.float32)
+            dot = tl.sum(lo * qe[None, :], axis=1) + tl.sum(hi * qo[None, :], axis=1)
+            qsum = tl.sum(qe, axis=0) + tl.sum(qo, axis=0)
+        srow = b * ss0 + kvh * ss1 + s * ss2
+        sc = tl.load(scale + srow, mask=sm, other=0.0)
+        zp = tl.load(zero + srow, mask=sm, other=0.0)
+        score = sc * dot + zp * qsum
+    if HAS_LEN:
+        ok = ok & (s < tl.load(lengths + b))
+    score = tl.where(ok, score, float("-inf"))
+    tl.store(out + b * so0 + hs * so1 + lq * so2 + s * so3, score, mask=sm)
+
+
+@triton.jit
+def sparse_attn_split_kernel(q, k, v, idx, bias, o_part, lse_part,
+                             HQ, HSEL, LQ, KK, D, G, NSPLIT, CHUNK, sm_scale,
+                             sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3,
+                             si0, si1, si2, si3, sb0, sb1, sb2, sb3,
+                             GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, NATIVE_DOT: tl.constexpr,
+                             Q_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Flash-decoding split: one program per (batch * selection head * query position, split of the K slots).
+
+    The query rows of a program are the G heads of a KV group (group mode) or one head; each selected K/V row is
+    gathered once by index and used for all of them. Writes the split's normalised output and log-sum-exp.
+    """
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pid // (HSEL * LQ)).to(tl.int64)
+    hs = (pid // LQ) % HSEL
+    lq = pid % LQ
+    if GROUP:
+        kvh = hs
+        h0 = hs * G
+        nrows = G
+    else:
+        kvh = hs // G
+        h0 = hs
+        nrows = 1
+    rows = tl.arange(0, Q_PAD)
+    rm = rows < nrows
+    heads = h0 + rows
+    d = tl.arange(0, D_PAD)
+    dm = d < D
+    qb = tl.load(q + b * sq0 + heads[:, None] * sq1 + lq * sq2 + d[None, :] * sq3,
+                 mask=rm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    m_i = tl.full([Q_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([Q_PAD], dtype=tl.float32)
+    acc = tl.zeros([Q_PAD, D_PAD], dtype=tl.float32)
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, KK)
+    irow = idx + b * si0 + hs * si1 + lq * si2
+    for off in range(start, end, BLOCK_N):
+        n = off + tl.arange(0, BLOCK_N)
+        ix = tl.load(irow + n * si3, mask=n < end, other=-1)
+        ok = ix >= 0
+        ixs = tl.where(ok, ix, 0)
+        m2 = ok[:, None] & dm[None, :]
+        kb = tl.load(k + b * sk0 + kvh * sk1 + ixs[:, None] * sk2 + d[None, :] * sk3, mask=m2, other=0.0)
+        vb = tl.load(v + b * sv0 + kvh * sv1 + ixs[:, None] * sv2 + d[None, :] * sv3, mask=m2, other=0.0)
+        if NATIVE_DOT:  # GPU with fp16/bf16 inputs: tensor-core dot, fp32 accumulation
+            s = tl.dot(qb.to(kb.dtype), tl.trans(kb))
+        else:
+            s = tl.dot(qb, tl.trans(kb.to(tl.float32)), input_precision="ieee")
+        s = s * sm_scale
+        if HAS_BIAS:
+            s += tl.load(bias + b * sb0 + heads[:, None] * sb1 + lq * sb2 + ixs[None, :] * sb3,
+                         mask=rm[:, None] & ok[None, :], other=0.0).to(tl.float32)
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        if NATIVE_DOT:
+            pv = tl.dot(p.to(vb.dtype), vb)
+        else:
+            pv = tl.dot(p, vb.to(tl.float32), input_precision="ieee")
+        acc = acc * alpha[:, None] + pv
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    # partials laid out [B, Hq, Lq, NSPLIT, D] / [B, Hq, Lq, NSPLIT] (contiguous), by real query head
+    prow = ((b * HQ + heads) * LQ + lq) * NSPLIT + split
+    tl.store(o_part + prow[:, None] * D + d[None, :], o, mask=rm[:, None] & dm[None, :])
+    tl.store(lse_part + prow, lse, mask=rm)
+
+
+@triton.jit
+def merge_kernel(o_part, lse_part, out, HQ, LQ, NSPLIT, D,
+                 so0, so1, so2, so3,
+                 S_PAD: tl.constexpr, D_PAD: tl.constexpr):
+    """Combine the splits of one (batch, query head, position) by their log-sum-exp; no slot at all -> 0."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // (HQ * LQ)
+    h = (pid // LQ) % HQ
+    lq = pid % LQ
+    sp = tl.arange(0, S_PAD)
+    spm = sp < NSPLIT
+    d = tl.arange(0, D_PAD)
+    dm = d < D
+    lse = tl.load(lse_part + pid * NSPLIT + sp, mask=spm, other=float("-inf"))
+    mx = tl.max(lse, axis=0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp(lse - mx)
+    o = tl.load(o_part + (pid * NSPLIT + sp[:, None]) * D + d[None, :], mask=spm[:, None] & dm[None, :], other=0.0)
+    tot = tl.sum(w, axis=0)
+    res = tl.sum(o * w[:, None], axis=0) / tl.where(tot > 0, tot, 1.0)
+    tl.store(out + b * so0 + h * so1 + lq * so2 + d * so3, res.to(out.dtype.element_ty), mask=dm)

@@ -1,0 +1,135 @@
+"""Launchers of the Triton kernels, one per ``dsc::`` op (used for CUDA tensors; tests run them on CPU tensors
+under ``TRITON_INTERPRET=1``).
+
+Launch geometry depends only on shapes, never on tensor values, so the decode path has no host synchronisation.
+Block sizes default to GPU-friendly values; the interpreter (slow per program) gets bigger blocks.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from . import checks
+from . import triton_kernels as tk
+from .topk import topk_inplace
+
+NUM_SMS_DEFAULT = 132  # H100 SXM; only sizes the split count (more programs than SMs keeps the GPU busy)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pow2(n: int, least: int = 1) -> int:
+    return max(least, triton.next_power_of_2(max(1, int(n))))
+
+
+def _strides4(t: torch.Tensor | None, shape) -> tuple[int, int, int, int]:
+    """Strides of ``t`` broadcast to ``shape`` (0 on broadcast dims), or zeros when absent."""
+    if t is None:
+        return (0, 0, 0, 0)
+    return tuple(t.expand(shape).stride())
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return NUM_SMS_DEFAULT
+
+
+# ----------------------------------------------------------------------------------------------- label write
+def label_write(keys, channels, positions, data, scale, zero, bits: int, block_t: int | None = None) -> None:
+    checks.check_label_write(keys, channels, positions, data, scale, zero, bits)
+    b, hkv, t, _ = keys.shape
+    r = channels.shape[1]
+    ch = channels.contiguous()
+    sp0, sp1 = (0, positions.stride(0)) if positions.dim() == 1 else positions.stride()
+    block_t = block_t or (_pow2(t) if _interpreting() else min(64, _pow2(t)))
+    cpad = _pow2(checks.label_width(r, bits) if bits == 4 else r)
+    ss = (scale.stride() if bits != 16 else (0, 0, 0))
+    grid = (b * hkv, triton.cdiv(t, block_t))
+    tk.label_write_kernel[grid](keys, ch, positions, data, scale, zero, t, r, hkv, *keys.stride(), sp0, sp1,
+                                *data.stride(), *ss, BITS=bits, BLOCK_T=block_t, C_PAD=cpad)
+
+
+# ----------------------------------------------------------------------------------------------- scores
+def label_scores(q, channels, data, scale, zero, bits: int, valid=None, lengths=None, group: bool = True,
+                 block_s: int | None = None):
+    hkv, s = checks.check_label_scores(q, channels, data, scale, zero, bits, valid, lengths)
+    b, hq, lq, _ = q.shape
+    g = hq // hkv
+    r = channels.shape[1]
+    hsel = hkv if group else hq
+    out = torch.empty(b, hsel, lq, s, dtype=torch.float32, device=q.device)
+    if s == 0:
+        return out
+    ch = channels.contiguous()
+    vmask = valid.expand(b, hq, lq, s).view(torch.uint8) if valid is not None else None
+    block_s = block_s or (min(_pow2(s), 1024) if _interpreting() else 128)
+    cpad = _pow2(checks.label_width(r, bits) if bits == 4 else r)
+    ss = (scale.stride() if bits != 16 else (0, 0, 0))
+    grid = (b * hsel * lq, triton.cdiv(s, block_s))
+    tk.label_scores_kernel[grid](
+        q, ch, data, scale, zero, vmask if vmask is not None else out, lengths if lengths is not None else out, out,
+        hsel, lq, s, r, g, *q.stride(), *data.stride(), *ss, *_strides4(vmask, (b, hq, lq, s)), *out.stride(),
+        BITS=bits, GROUP=group, HAS_VALID=valid is not None, HAS_LEN=lengths is not None, BLOCK_S=block_s,
+        C_PAD=cpad)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- top-k
+def select_topk(scores, budget: int, frac: float = 0.0, sink: int = 0, recent: int = 0):
+    checks.check_select(scores, budget, frac, sink, recent)
+    idx, used = topk_inplace(scores.float().clone(), budget, frac, sink, recent)
+    return torch.where(used, idx, -1).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------- attention
+def _splits(rows: int, kk: int, block_n: int, device) -> int:
+    """Split count: enough programs for ~4 waves of the GPU, but at least one block of slots per split."""
+    if _interpreting():
+        return min(2, triton.cdiv(kk, block_n))
+    return max(1, min(triton.cdiv(kk, block_n), triton.cdiv(4 * _num_sms(device), rows)))
+
+
+def sparse_attention(q, k, v, idx, sm_scale: float, bias=None, block_n: int | None = None,
+                     nsplit: int | None = None):
+    checks.check_sparse_attention(q, k, v, idx, sm_scale, bias)
+    b, hq, lq, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = hq // hkv
+    hsel, kk = idx.shape[1], idx.shape[3]
+    group = hsel == hkv and g > 1
+    if hsel == hkv and g == 1:
+        group = False
+    out = torch.empty(b, hq, lq, d, dtype=q.dtype, device=q.device)
+    block_n = block_n or (_pow2(min(kk, 256), 16) if _interpreting() else 64)
+    nsplit = nsplit or _splits(b * hsel * lq, kk, block_n, q.device)
+    chunk = triton.cdiv(triton.cdiv(max(kk, 1), nsplit), block_n) * block_n
+    o_part = torch.empty(b, hq, lq, nsplit, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, hq, lq, nsplit, dtype=torch.float32, device=q.device)
+    native = q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and not _interpreting()
+    tk.sparse_attn_split_kernel[(b * hsel * lq, nsplit)](
+        q, k, v, idx, bias if bias is not None else q, o_part, lse,
+        hq, hsel, lq, kk, d, g, nsplit, chunk, float(sm_scale),
+        *q.stride(), *k.stride(), *v.stride(), *idx.stride(), *_strides4(bias, (b, hq, lq, s)),
+        GROUP=group, HAS_BIAS=bias is not None, NATIVE_DOT=native,
+        Q_PAD=_pow2(g if group else 1, 16), D_PAD=_pow2(d, 16), BLOCK_N=block_n)
+    tk.merge_kernel[(b * hq * lq,)](o_part, lse, out, hq, lq, nsplit, d, *out.stride(),
+                                   S_PAD=_pow2(nsplit), D_PAD=_pow2(d, 16))
+    return out
+
+
+def ds_decode(q, k, v, channels, data, scale, zero, bits: int, valid=None, bias=None, lengths=None,
+              budget: int = 64, frac: float = 0.0, sink: int = 0, recent: int = 0, group: bool = True,
+              sm_scale: float | None = None):
+    if sm_scale is None:
+        sm_scale = q.shape[-1] ** -0.5
+    checks.check_ds_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink,
+                           recent, sm_scale)
+    sc = label_scores(q, channels, data, scale, zero, bits, valid, lengths, group)
+    idx, used = topk_inplace(sc, budget, frac, sink, recent)
+    idx = torch.where(used, idx, -1)
+    return sparse_attention(q, k, v, idx, sm_scale, bias)

@@ -1,0 +1,324 @@
+"""Double Sparsity ops: the reference and the fast CPU path against their contracts (DESIGN.md "Ops")."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import dsc.kernels  # noqa: F401  (registers torch.ops.dsc)
+from dsc.kernels import cpu as C
+from dsc.kernels import reference as R
+from dsc.kernels.testing import assert_valid_selection, dense_attention, make_case
+
+HEAD_DIMS = [32, 64, 80, 96, 128, 256]
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@st.composite
+def cases(draw, max_s=2048, dtypes=(torch.float32, torch.float16, torch.bfloat16)):
+    g = draw(st.sampled_from([1, 2, 3, 4, 8]))
+    hkv = draw(st.integers(1, 2))
+    b = draw(st.integers(1, 4 if g * hkv <= 4 else 2))
+    d = draw(st.sampled_from(HEAD_DIMS))
+    s = draw(st.integers(1, max_s).filter(lambda n: n & (n - 1) != 0 or n == 1))
+    p = dict(seed=draw(st.integers(0, 2**31 - 1)), b=b, hkv=hkv, g=g, lq=draw(st.integers(1, 4)), s=s, d=d,
+             r=draw(st.integers(1, d // 2)), bits=draw(st.sampled_from([16, 8, 4])),
+             dtype=draw(st.sampled_from(dtypes)), valid=draw(st.sampled_from(["none", "shared", "per_head"])),
+             bias=draw(st.booleans()), lengths=draw(st.booleans()))
+    sel = dict(budget=draw(st.integers(1, s + 8)), frac=draw(st.sampled_from([0.0, 0.0, 1 / 16, 0.3])),
+               sink=draw(st.integers(0, 3)), recent=draw(st.integers(0, 8)), group=draw(st.booleans()))
+    return p, sel
+
+
+# ----------------------------------------------------------------------------------------------- label cache
+@given(st.integers(0, 10**6), st.sampled_from([8, 4]), st.integers(1, 40), st.sampled_from([torch.float32,
+                                                                                           torch.bfloat16]))
+def test_quantized_labels_within_half_step(seed, bits, r, dtype):
+    c = make_case(seed, 2, 2, 1, 1, 37, 64, min(r, 64), bits, dtype)
+    exact = c.k.float().gather(-1, c.channels[None, :, None, :].expand(2, 2, 37, c.channels.shape[1]))
+    back = R.dequantize(c.data, c.scale, c.zero, bits, c.channels.shape[1])
+    step = c.scale[..., None]
+    assert ((back - exact).abs() <= step / 2 + 1e-5 * exact.abs().amax()).all()
+    assert torch.equal(c.zero, exact.amin(-1))
+    assert torch.allclose(c.scale * ((1 << bits) - 1), exact.amax(-1) - exact.amin(-1), rtol=1e-6, atol=1e-6)
+
+
+def test_constant_labels_have_zero_scale_and_codes():
+    k = torch.ones(1, 1, 3, 8)
+    ch = torch.tensor([[0, 2, 5]])
+    for bits in (8, 4):
+        data, sc, zp = R.alloc_labels(1, 1, 3, 3, bits)
+        torch.ops.dsc.label_write(k, ch, torch.arange(3), data, sc, zp, bits)
+        assert (sc == 0).all() and (zp == 1).all() and (data == 0).all()
+
+
+def test_pack4_layout():
+    codes = torch.tensor([[1, 2, 3, 4, 5]], dtype=torch.uint8)
+    assert R.pack4(codes).tolist() == [[0x21, 0x43, 0x05]]
+    assert torch.equal(R.unpack4(R.pack4(codes), 5), codes)
+
+
+@given(st.integers(0, 10**6), st.sampled_from([16, 8, 4]), st.booleans())
+def test_cpu_label_write_matches_reference_at_positions(seed, bits, batched_positions):
+    gen = torch.Generator().manual_seed(seed)
+    b, hkv, s, d, r, t = 2, 3, 29, 32, 9, 1 + seed % 5
+    keys = torch.randn(b, hkv, t, d, generator=gen)
+    ch = torch.stack([torch.randperm(d, generator=gen)[:r] for _ in range(hkv)])
+    if batched_positions:
+        pos = torch.stack([torch.randperm(s, generator=gen)[:t] for _ in range(b)])
+    else:
+        pos = torch.randperm(s, generator=gen)[:t]
+    ref = R.alloc_labels(b, hkv, s, r, bits)
+    got = R.alloc_labels(b, hkv, s, r, bits)
+    R.label_write(keys, ch, pos, *ref, bits)
+    torch.ops.dsc.label_write(keys, ch, pos, *got, bits)
+    for x, y in zip(ref, got):
+        assert torch.equal(x, y)
+
+
+# ----------------------------------------------------------------------------------------------- properties
+@given(cases())
+def test_cpu_path_matches_reference(case):
+    p, sel = case
+    c = make_case(**p)
+    tol = TOL[p["dtype"]]
+    group = sel["group"]
+    ref_sc = R.label_scores(c.q, *c.labels, c.valid, c.lengths, group)
+    got_sc = C.label_scores(c.q, *c.labels, c.valid, c.lengths, group)
+    assert torch.equal(torch.isinf(ref_sc), torch.isinf(got_sc))
+    fin = torch.isfinite(ref_sc)
+    assert torch.allclose(ref_sc[fin], got_sc[fin], rtol=1e-4, atol=1e-4 * (1 + ref_sc[fin].abs().max().item()))
+    args = (sel["budget"], sel["frac"], sel["sink"], sel["recent"])
+    idx = C.select_topk(ref_sc, *args)
+    assert_valid_selection(ref_sc, idx, *args)
+    ref_o = R.sparse_attention(c.q, c.k, c.v, idx, p["d"] ** -0.5, c.bias)
+    got_o = C.sparse_attention(c.q, c.k, c.v, idx, p["d"] ** -0.5, c.bias)
+    assert got_o.dtype == c.q.dtype and got_o.shape == c.q.shape
+    assert torch.allclose(ref_o.float(), got_o.float(), atol=tol, rtol=tol)
+    # the composed op == attention over a correct selection made from its own scores
+    out = torch.ops.dsc.ds_decode(c.q, c.k, c.v, *c.labels, c.valid, c.bias, c.lengths, *args, group, None)
+    again = R.sparse_attention(c.q, c.k, c.v, R.select_topk(got_sc, *args), p["d"] ** -0.5, c.bias)
+    assert torch.allclose(out.float(), again.float(), atol=tol, rtol=tol)
+
+
+@given(cases(max_s=600))
+def test_budget_covering_all_valid_rows_equals_dense_sdpa(case):
+    p, sel = case
+    if sel["group"] and p["valid"] == "per_head":
+        p["valid"] = "shared"  # group mode selects a group's common valid set; per-head masks need per-head mode
+    c = make_case(**p)
+    budget = p["s"] + sel["budget"]
+    dense = dense_attention(c.q, c.k, c.v, c.valid, c.lengths, c.bias)
+    tol = TOL[p["dtype"]]
+    for impl in (R, C):
+        out = impl.ds_decode(c.q, c.k, c.v, *c.labels, c.valid, c.bias, c.lengths, budget, 0.0, sel["sink"],
+                             sel["recent"], sel["group"], None)
+        assert torch.allclose(out.float(), dense.float(), atol=tol, rtol=tol), impl.__name__
+
+
+@given(cases(max_s=300, dtypes=(torch.float32,)))
+def test_selected_indices_are_never_masked(case):
+    p, sel = case
+    c = make_case(**p)
+    args = (sel["budget"], sel["frac"], sel["sink"], sel["recent"])
+    group = sel["group"]
+    sc = torch.ops.dsc.label_scores(c.q, *c.labels, c.valid, c.lengths, group)
+    idx = torch.ops.dsc.select_topk(sc, *args)
+    assert_valid_selection(sc, idx, *args)
+    b, hq, lq, s = c.q.shape[0], c.q.shape[1], c.q.shape[2], c.k.shape[2]
+    m = R.valid_mask(c.valid, c.lengths, b, hq, lq, s, c.q.device)
+    if group:
+        m = m.view(b, sc.shape[1], -1, lq, s).all(2)
+    used = idx >= 0
+    assert m.gather(-1, idx.clamp(min=0))[used].all()
+
+
+@given(cases(max_s=500, dtypes=(torch.float32,)))
+def test_quantized_score_error_within_step_bound(case):
+    p, sel = case
+    if p["bits"] == 16:
+        p["bits"] = 4
+    c = make_case(**p)
+    exact_c = make_case(**{**p, "bits": 16})
+    group = sel["group"]
+    got = C.label_scores(c.q, *c.labels, None, None, group)
+    exact = R.label_scores(exact_c.q, *exact_c.labels, None, None, group)
+    b, hq, lq, d = c.q.shape
+    hkv, r = c.channels.shape
+    qc = c.q.view(b, hkv, hq // hkv, lq, d).gather(-1, c.channels[None, :, None, None, :].expand(
+        b, hkv, hq // hkv, lq, r)).abs().sum(-1)  # [B, Hkv, G, Lq]: sum_c |q_c|
+    if group:
+        bound = qc.sum(2)[..., None] * c.scale[:, :, None, :] / 2
+    else:
+        bound = (qc[..., None] * c.scale[:, :, None, None, :] / 2).reshape(b, hq, lq, -1)
+    assert ((got - exact).abs() <= bound * (1 + 1e-4) + 1e-4).all()
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_sink_and_recent_forced_inside_budget(group):
+    c = make_case(3, 1, 2, 2, 1, 50, 32, 8, 16, lengths=True)
+    c.lengths[:] = 40
+    sc = C.label_scores(c.q, *c.labels, None, c.lengths, group)
+    idx = C.select_topk(sc, 10, 0.0, 4, 3)
+    for row in idx.reshape(-1, 10).tolist():
+        assert {0, 1, 2, 3, 37, 38, 39} <= set(row) and max(row) < 40
+    idx = C.select_topk(sc, 5, 0.0, 4, 3)  # sinks take priority when forced positions exceed the budget
+    assert all(set(row) == {0, 1, 2, 3, 39} for row in idx.reshape(-1, 5).tolist())
+
+
+def test_frac_budget_counts_valid_positions():
+    sc = torch.randn(1, 1, 1, 100)
+    sc[..., 30:] = float("-inf")
+    idx = torch.ops.dsc.select_topk(sc, 1, 0.1, 0, 0)
+    assert idx.shape[-1] == 10 and int((idx >= 0).sum()) == 3
+
+
+def test_empty_rows_give_zero_output():
+    c = make_case(1, 1, 1, 2, 1, 20, 32, 4, 16)
+    idx = torch.full((1, 1, 1, 5), -1)
+    for impl in (R, C):
+        assert torch.equal(impl.sparse_attention(c.q, c.k, c.v, idx, 0.2), torch.zeros_like(c.q))
+
+
+def test_hf_layout_strides():
+    """HF hands SDPA a transposed (non-contiguous) q and may hand sliced K/V; results must not depend on strides."""
+    c = make_case(8, 2, 2, 3, 2, 90, 64, 16, 4, valid="shared", lengths=True)
+    q = c.q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, Hq, Lq, D] view of a [B, Lq, Hq, D] buffer
+    big_k = torch.zeros(2, 2, 120, 64)
+    big_v = torch.zeros(2, 2, 120, 64)
+    big_k[:, :, :90] = c.k
+    big_v[:, :, :90] = c.v
+    k, v = big_k[:, :, :90], big_v[:, :, :90]  # a static cache's prefix: not contiguous
+    assert not q.is_contiguous() and not k.is_contiguous()
+    for group in (True, False):
+        args = (c.channels, c.data, c.scale, c.zero, 4, c.valid, None, c.lengths, 12, 0.0, 1, 2, group, None)
+        assert torch.allclose(torch.ops.dsc.ds_decode(q, k, v, *args), R.ds_decode(c.q, c.k, c.v, *args),
+                              atol=1e-5)
+
+
+def test_cpu_gather_does_not_repeat_or_copy_the_cache():
+    """The CPU path gathers rows by index: an element of K/V outside the selection can be NaN without effect."""
+    c = make_case(5, 1, 2, 4, 1, 300, 64, 16, 8)
+    idx = torch.ops.dsc.select_topk(C.label_scores(c.q, *c.labels, None, None, True), 20)
+    k, v = c.k.clone(), c.v.clone()
+    chosen = torch.zeros(1, 2, 300, dtype=torch.bool).scatter_(-1, idx[:, :, 0], True)
+    k[~chosen] = float("nan")
+    v[~chosen] = float("nan")
+    out = torch.ops.dsc.ds_decode(c.q, k, v, *c.labels, None, None, None, 20, 0.0, 0, 0, True, None)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out, R.sparse_attention(c.q, c.k, c.v, idx, 64 ** -0.5), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- chunked scoring
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_chunked_cpu_scores_match_reference(bits, monkeypatch):
+    monkeypatch.setattr(C, "CHUNK_ELEMENTS", 1)  # 256-token chunks: several full ones and a partial last one
+    c = make_case(0, 2, 2, 3, 2, 1000, 64, 13, bits, torch.bfloat16, lengths=True)
+    for group in (True, False):
+        ref = R.label_scores(c.q, *c.labels, None, c.lengths, group)
+        got = C.label_scores(c.q, *c.labels, None, c.lengths, group)
+        assert torch.equal(torch.isinf(ref), torch.isinf(got))
+        fin = torch.isfinite(ref)
+        assert torch.allclose(ref[fin], got[fin], rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- op plumbing
+def _op_samples():
+    c = make_case(7, 2, 2, 2, 2, 33, 32, 5, 4, valid="shared", bias=True, lengths=True)
+    sc = R.label_scores(c.q, *c.labels, c.valid, c.lengths, True)
+    idx = R.select_topk(sc, 6, 0.0, 1, 1)
+    keys = torch.randn(2, 2, 3, 32)
+    fresh = R.alloc_labels(2, 2, 33, 5, 4)
+    return {
+        "label_write": (keys, c.channels, torch.tensor([4, 9, 30]), *fresh, 4),
+        "label_scores": (c.q, *c.labels, c.valid, c.lengths, False),
+        "select_topk": (sc, 6, 0.0, 1, 1),
+        "sparse_attention": (c.q, c.k, c.v, idx, 0.17, c.bias),
+        "ds_decode": (c.q, c.k, c.v, *c.labels, c.valid, c.bias, c.lengths, 6, 0.0, 1, 1, True, 0.17),
+    }
+
+
+@pytest.mark.parametrize("name", ["label_write", "label_scores", "select_topk", "sparse_attention", "ds_decode"])
+def test_opcheck(name):
+    torch.library.opcheck(getattr(torch.ops.dsc, name).default, _op_samples()[name])
+
+
+def test_ops_under_torch_compile_fullgraph():
+    c = make_case(11, 1, 3, 3, 1, 64, 64, 16, 4, lengths=True)
+    data, sc, zp = R.alloc_labels(1, 3, 64, 16, 4)
+
+    def step(k_new, pos, q, k, v, data, sc, zp):
+        torch.ops.dsc.label_write(k_new, c.channels, pos, data, sc, zp, 4)
+        return torch.ops.dsc.ds_decode(q, k, v, c.channels, data, sc, zp, 4, None, None, c.lengths, 8, 0.0, 1, 2,
+                                       True, None)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    out = compiled(c.k, torch.arange(64), c.q, c.k, c.v, data, sc, zp)
+    assert torch.equal(data, c.data) and torch.equal(sc, c.scale)
+    assert torch.allclose(out, step(c.k, torch.arange(64), c.q, c.k, c.v, *R.alloc_labels(1, 3, 64, 16, 4)),
+                          atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def _bad_inputs():
+    c = make_case(2, 1, 2, 2, 1, 16, 32, 4, 8)
+    q, k, v = c.q, c.k, c.v
+    lab = c.labels
+    ch_bad = c.channels.clone()
+    ch_bad[0, 0] = 32
+    yield "q", lambda: torch.ops.dsc.label_scores(q[0], *lab, None, None, True)
+    yield "q", lambda: C.ds_decode(torch.randn(1, 3, 1, 32), k, v, *lab)
+    yield "channels", lambda: C.label_scores(q, ch_bad, *lab[1:])
+    yield "channels", lambda: C.label_scores(q, c.channels[:1], *lab[1:])
+    yield "budget", lambda: torch.ops.dsc.ds_decode(q, k, v, *lab, None, None, None, 0)
+    yield "budget", lambda: C.select_topk(torch.zeros(1, 1, 1, 4), -3)
+    yield "frac", lambda: C.select_topk(torch.zeros(1, 1, 1, 4), 2, 1.5)
+    yield "k", lambda: C.ds_decode(q, k.to("meta"), v, *lab)
+    yield "v", lambda: C.sparse_attention(q, k, v[:, :1], torch.zeros(1, 2, 1, 3, dtype=torch.long), 0.1)
+    yield "bits", lambda: C.label_scores(q, *lab[:-1], 5)
+    yield "data", lambda: C.label_scores(q, c.channels, c.data[:, :, :, :2], c.scale, c.zero, 8)
+    yield "scale", lambda: C.label_scores(q, c.channels, c.data, c.scale[:, :1], c.zero, 8)
+    yield "valid", lambda: C.label_scores(q, *lab, torch.ones(1, 1, 1, 5, dtype=torch.bool))
+    yield "lengths", lambda: C.label_scores(q, *lab, None, torch.tensor([3, 4]))
+    yield "idx", lambda: C.sparse_attention(q, k, v, torch.full((1, 2, 1, 3), 16), 0.1)
+    yield "positions", lambda: C.label_write(k, c.channels, torch.arange(16) + 1, *R.alloc_labels(1, 2, 16, 4, 8),
+                                             8)
+    yield "sm_scale", lambda: C.sparse_attention(q, k, v, torch.zeros(1, 2, 1, 3, dtype=torch.long), -1.0)
+
+
+@pytest.mark.parametrize("name,call", list(_bad_inputs()), ids=[n for n, _ in _bad_inputs()])
+def test_bad_input_raises_value_error_naming_argument(name, call):
+    with pytest.raises(ValueError, match=rf"^{name}:"):
+        call()
+
+
+def test_alloc_labels_shapes():
+    d, s, z = dsc.kernels.alloc_labels(2, 3, 10, 7, 4, torch.bfloat16, "cpu")
+    assert d.shape == (2, 3, 10, 4) and d.dtype == torch.uint8 and s.shape == (2, 3, 10)
+    d, s, z = dsc.kernels.alloc_labels(2, 3, 10, 7, 16, torch.bfloat16, "cpu")
+    assert d.shape == (2, 3, 10, 7) and d.dtype == torch.bfloat16 and s.shape == (0,) and z.shape == (0,)
+
+
+# ----------------------------------------------------------------------------------------------- bench command
+def test_byte_limit_formula():
+    from dsc.bench.attention import byte_limit, label_channels
+
+    assert byte_limit(64, 2, 16, 4, 1 / 16) == (256, 32.0, 8.0)  # 8 B codes + 8 B scale/zero + 16 B of rows
+    assert byte_limit(128, 2, 8, 16, 1 / 16)[2] == 512 / (16 + 32)  # native bf16 labels: r * e bytes
+    assert label_channels("D/4", 128) == 32 and label_channels("12", 64) == 12
+    with pytest.raises(ValueError, match="--label-channels"):
+        label_channels("D/0x", 64)
+
+
+def test_bench_attention_command_runs(tmp_path):
+    import json
+
+    from dsc.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "attention", "--lengths", "300", "--batch", "1", "--shapes", "4x2x32", "--budgets",
+                 "1/4", "--formats", "int4,native", "--repeats", "1", "--warmup", "0", "--no-progress",
+                 "--flush-mb", "0", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["labels"] for r in rows] == ["int4", "native"]
+    assert all(r["k"] == 75 and r["r"] == 8 and r["dense_ms"] > 0 and r["ds_ms"] > 0 for r in rows)
+    assert main(["bench", "attention", "--shapes", "4x3x32", "--repeats", "1"]) == 2  # Hq not a multiple of Hkv

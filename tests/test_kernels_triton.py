@@ -1,0 +1,105 @@
+"""Triton kernels (launched directly on CPU tensors under TRITON_INTERPRET=1) against the reference.
+
+The interpreter is slow, so these use fewer examples and shorter caches than the CPU tests; the shapes still cover
+every head_dim, GQA group size, label format, dtype (bf16 included: catches missing fp32 upcasts) and mask kind.
+"""
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsc.kernels import reference as R
+from dsc.kernels import triton_ops as T
+from dsc.kernels.testing import assert_valid_selection, dense_attention, make_case
+from test_kernels import TOL, cases
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+FEW = settings(max_examples=8)
+
+
+@FEW
+@given(st.integers(0, 10**6), st.sampled_from([16, 8, 4]), st.integers(1, 33),
+       st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), st.booleans())
+def test_triton_label_write_matches_reference(seed, bits, r, dtype, batched):
+    gen = torch.Generator().manual_seed(seed)
+    b, hkv, s, d, t = 2, 2, 40, 64, 1 + seed % 7
+    keys = torch.randn(b, hkv, t, d, generator=gen).to(dtype)
+    ch = torch.stack([torch.randperm(d, generator=gen)[:r] for _ in range(hkv)])
+    pos = (torch.stack([torch.randperm(s, generator=gen)[:t] for _ in range(b)]) if batched
+           else torch.randperm(s, generator=gen)[:t])
+    ref = R.alloc_labels(b, hkv, s, r, bits, dtype)
+    got = R.alloc_labels(b, hkv, s, r, bits, dtype)
+    R.label_write(keys, ch, pos, *ref, bits)
+    T.label_write(keys, ch, pos, *got, bits)
+    for x, y in zip(ref, got):
+        assert torch.equal(x, y)
+
+
+@FEW
+@given(cases(max_s=700))
+def test_triton_matches_reference(case):
+    p, sel = case
+    c = make_case(**p)
+    tol = TOL[p["dtype"]]
+    args = (sel["budget"], sel["frac"], sel["sink"], sel["recent"])
+    ref_sc = R.label_scores(c.q, *c.labels, c.valid, c.lengths, sel["group"])
+    got_sc = T.label_scores(c.q, *c.labels, c.valid, c.lengths, sel["group"])
+    assert torch.equal(torch.isinf(ref_sc), torch.isinf(got_sc))
+    fin = torch.isfinite(ref_sc)
+    assert torch.allclose(ref_sc[fin], got_sc[fin], rtol=1e-4, atol=1e-4 * (1 + ref_sc[fin].abs().max().item()))
+    idx = T.select_topk(got_sc, *args)
+    assert_valid_selection(got_sc, idx, *args)
+    ref_o = R.sparse_attention(c.q, c.k, c.v, idx, p["d"] ** -0.5, c.bias)
+    got_o = T.sparse_attention(c.q, c.k, c.v, idx, p["d"] ** -0.5, c.bias)
+    assert got_o.dtype == c.q.dtype and got_o.shape == c.q.shape
+    assert torch.allclose(ref_o.float(), got_o.float(), atol=tol, rtol=tol)
+    out = T.ds_decode(c.q, c.k, c.v, *c.labels, c.valid, c.bias, c.lengths, *args, sel["group"], None)
+    assert torch.allclose(out.float(), got_o.float(), atol=tol, rtol=tol)
+
+
+@settings(max_examples=5)
+@given(cases(max_s=400))
+def test_triton_budget_covering_all_valid_rows_equals_dense_sdpa(case):
+    p, sel = case
+    if sel["group"] and p["valid"] == "per_head":
+        p["valid"] = "shared"
+    c = make_case(**p)
+    out = T.ds_decode(c.q, c.k, c.v, *c.labels, c.valid, c.bias, c.lengths, p["s"], 0.0, sel["sink"],
+                      sel["recent"], sel["group"], 0.3)
+    dense = dense_attention(c.q, c.k, c.v, c.valid, c.lengths, c.bias, sm_scale=0.3)
+    tol = TOL[p["dtype"]]
+    assert torch.allclose(out.float(), dense.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_split_k_merge(dtype):
+    """Many splits of a few rows each (some splits empty, some slots -1) merge to the reference answer."""
+    c = make_case(9, 2, 2, 4, 2, 333, 96, 24, 8, dtype, valid="shared", lengths=True)
+    sc = R.label_scores(c.q, *c.labels, c.valid, c.lengths, True)
+    idx = R.select_topk(sc, 150, 0.0, 2, 5)
+    ref = R.sparse_attention(c.q, c.k, c.v, idx, 0.1)
+    for nsplit, block_n in ((3, 16), (12, 16)):
+        got = T.sparse_attention(c.q, c.k, c.v, idx, 0.1, None, block_n=block_n, nsplit=nsplit)
+        assert torch.allclose(ref.float(), got.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_triton_scores_many_blocks_and_empty_rows():
+    c = make_case(4, 1, 1, 3, 1, 1000, 32, 8, 4, lengths=True)
+    c.lengths[:] = 0
+    got = T.label_scores(c.q, *c.labels, None, c.lengths, False, block_s=128)
+    assert torch.isneginf(got).all()
+    idx = T.select_topk(got, 10)
+    assert (idx == -1).all()
+    assert torch.equal(T.sparse_attention(c.q, c.k, c.v, idx, 0.1), torch.zeros_like(c.q))
+
+
+def test_triton_hf_layout_strides():
+    c = make_case(8, 1, 2, 3, 2, 90, 64, 16, 8, valid="shared", lengths=True)
+    q = c.q.transpose(1, 2).contiguous().transpose(1, 2)
+    big = torch.zeros(2, 1, 2, 120, 64)
+    big[0, :, :, :90], big[1, :, :, :90] = c.k, c.v
+    k, v = big[0, :, :, :90], big[1, :, :, :90]
+    args = (c.channels, c.data, c.scale, c.zero, 8, c.valid, None, c.lengths, 12, 0.0, 1, 2, False, None)
+    assert torch.allclose(T.ds_decode(q, k, v, *args), R.ds_decode(c.q, c.k, c.v, *args), atol=1e-5)
