@@ -1,0 +1,432 @@
+"""``ChannelConfig``: the calibrated channel ranking of every (layer, KV head), plus the metadata needed to refuse
+applying it to the wrong model. This is the contract between calibration and the backend (DESIGN.md).
+
+Rankings are per **KV head** because labels are stored per KV head: ``rankings[layer]`` is an int64 tensor
+``[num_kv_heads, head_dim]`` holding every channel id once, most important first. Channel ids are in the layout
+of the q/k tensors that reach ``scaled_dot_product_attention`` (post-RoPE), which is what the kernels read.
+
+When ``pair_aware`` is set the ranking orders whole RoPE rotation pairs: positions ``2i`` and ``2i+1`` of each
+row are partners (``j`` and ``j + D/2`` for ``rope_layout="rotate_half"``, ``2j`` and ``2j+1`` for
+``"interleaved"``), so any even ``r`` selects whole pairs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+FORMAT = "dsc.channel_config"
+FORMAT_VERSION = 1
+ROPE_LAYOUTS = ("rotate_half", "interleaved")
+METHODS = ("qk", "q", "k", "imported")
+_META_KEYS = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "rope_layout", "method", "tokens",
+              "fingerprint", "dsc_version", "pair_aware")
+_SHAPE_KEYS = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
+
+
+def _dsc_version() -> str:
+    from dsc import __version__
+
+    return __version__
+
+
+def rope_partner(channel: int, head_dim: int, layout: str) -> int:
+    """The channel that ``channel`` is rotated with by RoPE in ``layout``."""
+    if layout == "rotate_half":
+        half = head_dim // 2
+        return channel + half if channel < half else channel - half
+    if layout == "interleaved":
+        return channel ^ 1
+    raise ValueError(f"rope_layout must be one of {ROPE_LAYOUTS}, got {layout!r}")
+
+
+def rope_pairs(head_dim: int, layout: str) -> torch.Tensor:
+    """int64 ``[head_dim // 2, 2]``: the RoPE rotation pairs of ``layout`` (lower id first), in order."""
+    if head_dim % 2:
+        raise ValueError(f"RoPE pairs need an even head_dim, got {head_dim}")
+    lo = [j for j in range(head_dim) if rope_partner(j, head_dim, layout) > j]
+    return torch.tensor([[j, rope_partner(j, head_dim, layout)] for j in lo], dtype=torch.int64)
+
+
+@dataclass
+class ChannelConfig:
+    """Channel rankings per calibrated layer (int64 ``[num_kv_heads, head_dim]``, most important first) + metadata.
+
+    Construct with :meth:`from_rankings` (validates and fills metadata), :meth:`random` (tests, random models),
+    :func:`dsc.calibrate` (real calibration) or :meth:`load`. Every constructor validates: a config that exists
+    is consistent.
+    """
+
+    rankings: dict[int, torch.Tensor]
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_layout: str | None = "rotate_half"
+    method: str = "qk"
+    tokens: int = 0
+    fingerprint: str | None = None
+    dsc_version: str = field(default_factory=_dsc_version)
+    pair_aware: bool = False
+
+    # --------------------------------------------------------------------------------------------- validation
+    def __post_init__(self) -> None:
+        for key in _SHAPE_KEYS:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ChannelConfig.{key} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"ChannelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                             f"({self.num_kv_heads})")
+        if self.rope_layout is not None and self.rope_layout not in ROPE_LAYOUTS:
+            raise ValueError(f"ChannelConfig.rope_layout must be one of {ROPE_LAYOUTS} or None (unknown), "
+                             f"got {self.rope_layout!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"ChannelConfig.method must be one of {METHODS}, got {self.method!r}")
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 0:
+            raise ValueError(f"ChannelConfig.tokens must be a non-negative int, got {self.tokens!r}")
+        if self.fingerprint is not None and not isinstance(self.fingerprint, str):
+            raise ValueError(f"ChannelConfig.fingerprint must be a str or None, got {self.fingerprint!r}")
+        if not isinstance(self.dsc_version, str):
+            raise ValueError(f"ChannelConfig.dsc_version must be a str, got {self.dsc_version!r}")
+        if not isinstance(self.pair_aware, bool):
+            raise ValueError(f"ChannelConfig.pair_aware must be a bool, got {self.pair_aware!r}")
+        if self.pair_aware and self.rope_layout is None:
+            raise ValueError("a pair_aware ChannelConfig needs a known rope_layout ('rotate_half' or 'interleaved')")
+        if self.pair_aware and self.head_dim % 2:
+            raise ValueError(f"a pair_aware ChannelConfig needs an even head_dim, got {self.head_dim}")
+        if not isinstance(self.rankings, Mapping):
+            raise ValueError(f"ChannelConfig.rankings must be a dict layer -> [num_kv_heads, head_dim] tensor, "
+                             f"got {type(self.rankings).__name__}")
+        if not self.rankings:
+            raise ValueError("ChannelConfig.rankings is empty: a channel config needs at least one layer")
+        checked = {}
+        for layer, ranking in self.rankings.items():
+            layer = self._check_layer_key(layer)
+            checked[layer] = self._check_ranking(layer, ranking)
+        self.rankings = dict(sorted(checked.items()))
+
+    def _check_layer_key(self, layer: Any) -> int:
+        if isinstance(layer, str) and layer.strip().isdigit():
+            layer = int(layer)
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise ValueError(f"ChannelConfig.rankings keys must be int layer numbers, got {layer!r}")
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"ChannelConfig.rankings has layer {layer}, outside 0..{self.num_layers - 1} "
+                             f"(num_layers={self.num_layers})")
+        return layer
+
+    def _check_ranking(self, layer: int, ranking: Any) -> torch.Tensor:
+        where = f"ChannelConfig.rankings[{layer}]"
+        if not isinstance(ranking, torch.Tensor):
+            try:
+                ranking = torch.as_tensor(ranking)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise ValueError(f"{where} is not a rectangular array of channel ids: {e}") from e
+        if ranking.dtype.is_floating_point or ranking.dtype.is_complex or ranking.dtype == torch.bool:
+            raise ValueError(f"{where} must hold integer channel ids, got dtype {ranking.dtype}")
+        want = (self.num_kv_heads, self.head_dim)
+        if tuple(ranking.shape) != want:
+            raise ValueError(f"{where} has shape {tuple(ranking.shape)}, but the config says "
+                             f"[num_kv_heads, head_dim] = {list(want)}")
+        ranking = ranking.detach().to(device="cpu", dtype=torch.int64).contiguous()
+        ids = torch.arange(self.head_dim, dtype=torch.int64)
+        for h in range(self.num_kv_heads):
+            if not torch.equal(torch.sort(ranking[h]).values, ids):
+                raise ValueError(f"{where}[{h}] is not a permutation of the channels 0..{self.head_dim - 1} "
+                                 "(each channel must appear exactly once)")
+        if self.pair_aware:
+            partner = torch.tensor([rope_partner(int(c), self.head_dim, self.rope_layout)
+                                    for c in ranking.flatten()]).view_as(ranking)
+            if not torch.equal(partner[:, 0::2], ranking[:, 1::2]):
+                raise ValueError(f"{where} is marked pair_aware but positions 2i and 2i+1 are not "
+                                 f"{self.rope_layout} RoPE partners; re-rank with pair_aware=True")
+        return ranking
+
+    # ------------------------------------------------------------------------------------------ constructors
+    @classmethod
+    def from_rankings(cls, rankings: Mapping[int, Any], *, num_layers: int | None = None,
+                      num_heads: int | None = None, **metadata: Any) -> "ChannelConfig":
+        """A config from ``{layer: [num_kv_heads, head_dim] channel ids}``; ``num_kv_heads`` and ``head_dim`` come
+        from the arrays, ``num_layers`` defaults to the highest layer + 1 and ``num_heads`` to ``num_kv_heads``
+        (pass the model's values, or use :meth:`for_model`)."""
+        if not isinstance(rankings, Mapping) or not rankings:
+            raise ValueError("rankings must be a non-empty dict layer -> [num_kv_heads, head_dim] channel ids")
+        first = torch.as_tensor(next(iter(rankings.values())))
+        if first.dim() != 2:
+            raise ValueError(f"each ranking must be 2-D [num_kv_heads, head_dim], got shape {tuple(first.shape)}")
+        hkv, d = first.shape
+        layers = [int(k) for k in rankings]
+        unknown = set(metadata) - set(_META_KEYS)
+        if unknown:
+            raise ValueError(f"unknown ChannelConfig fields {sorted(unknown)}; known: {list(_META_KEYS)}")
+        metadata.setdefault("num_kv_heads", int(hkv))
+        metadata.setdefault("head_dim", int(d))
+        return cls(rankings=dict(rankings), num_layers=num_layers if num_layers is not None else max(layers) + 1,
+                   num_heads=num_heads if num_heads is not None else int(hkv), **metadata)
+
+    @classmethod
+    def from_scores(cls, scores: Mapping[int, torch.Tensor], *, pair_aware: bool = False,
+                    rope_layout: str | None = "rotate_half", **metadata: Any) -> "ChannelConfig":
+        """A config ranking each row of ``{layer: [num_kv_heads, head_dim] importance}`` (higher = more important;
+        ties -> lower channel id first). ``pair_aware`` ranks whole RoPE pairs by the sum of their two scores."""
+        rankings = {int(layer): rank_channels(s, pair_aware=pair_aware, rope_layout=rope_layout)
+                    for layer, s in scores.items()}
+        return cls.from_rankings(rankings, pair_aware=pair_aware, rope_layout=rope_layout, **metadata)
+
+    @classmethod
+    def for_model(cls, model_or_config: Any, rankings: Mapping[int, Any], **metadata: Any) -> "ChannelConfig":
+        """:meth:`from_rankings` with the shape metadata (and fingerprint, for a model) taken from the model."""
+        shapes = model_shapes(model_or_config)
+        if isinstance(model_or_config, torch.nn.Module):
+            metadata.setdefault("fingerprint", model_fingerprint(model_or_config))
+        return cls.from_rankings(rankings, **shapes, **metadata)
+
+    @classmethod
+    def random(cls, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int, *, seed: int = 0,
+               layers: list[int] | None = None, pair_aware: bool = False,
+               rope_layout: str | None = "rotate_half") -> "ChannelConfig":
+        """Random rankings (seeded, for tests and randomly initialised models); all layers unless ``layers``."""
+        gen = torch.Generator().manual_seed(seed)
+        scores = {layer: torch.rand(num_kv_heads, head_dim, generator=gen, dtype=torch.float64)
+                  for layer in (range(num_layers) if layers is None else layers)}
+        return cls.from_scores(scores, pair_aware=pair_aware, rope_layout=rope_layout, num_layers=num_layers,
+                               num_heads=num_heads, method="qk", tokens=0)
+
+    # ---------------------------------------------------------------------------------------------- queries
+    @property
+    def layers(self) -> list[int]:
+        """The calibrated layer numbers, ascending."""
+        return list(self.rankings)
+
+    def has_layer(self, layer: int) -> bool:
+        return int(layer) in self.rankings
+
+    def channels(self, layer: int, r: int) -> torch.Tensor:
+        """int64 ``[num_kv_heads, r]``: the top-``r`` channels of each KV head of ``layer``, sorted ascending
+        (order does not change ``q . label``; ascending ids make the label gather read forward). With
+        ``pair_aware`` the set is whole RoPE pairs, so ``r`` must be even."""
+        if not self.has_layer(layer):
+            raise ValueError(f"layer {layer} is not in this channel config (calibrated layers: "
+                             f"{_span(self.layers)}); keep it dense or calibrate it")
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= self.head_dim:
+            raise ValueError(f"r (label channels per head) must be an int in 1..head_dim={self.head_dim}, got {r!r}")
+        if self.pair_aware and r % 2:
+            raise ValueError(f"r={r} is odd but this channel config is pair_aware (whole RoPE pairs); use an even r "
+                             "or a config calibrated with pair_aware=False")
+        return torch.sort(self.rankings[int(layer)][:, :r], dim=1).values
+
+    # ------------------------------------------------------------------------------------------------ checks
+    def check_shapes(self, *, num_layers: int | None = None, num_heads: int | None = None,
+                     num_kv_heads: int | None = None, head_dim: int | None = None, what: str = "the model") -> None:
+        """Raise ValueError naming both sides if any given dimension differs from this config's."""
+        given = {"num_layers": num_layers, "num_heads": num_heads, "num_kv_heads": num_kv_heads,
+                 "head_dim": head_dim}
+        bad = [f"{k}: config {getattr(self, k)} vs {what} {v}" for k, v in given.items()
+               if v is not None and int(v) != getattr(self, k)]
+        if bad:
+            raise ValueError(f"channel config does not match {what} ({'; '.join(bad)}); calibrate this model with "
+                             "`dsc calibrate --model ...` or load the config made for it")
+
+    def check_model(self, model_or_config: Any, *, fingerprint: bool = True) -> None:
+        """Validate against a model (``nn.Module`` with ``.config``), an HF config or a dict of its fields.
+        Shape mismatches raise; a different weight fingerprint only warns (a fine-tune may share rankings)."""
+        self.check_shapes(**model_shapes(model_or_config))
+        if fingerprint and self.fingerprint and isinstance(model_or_config, torch.nn.Module):
+            theirs = model_fingerprint(model_or_config)
+            if theirs != self.fingerprint:
+                warnings.warn(f"channel config was calibrated on a model with fingerprint {self.fingerprint}, "
+                              f"this model's is {theirs}: shapes match, but rankings may not fit these weights",
+                              stacklevel=2)
+
+    # ------------------------------------------------------------------------------------------------- JSON
+    def to_dict(self) -> dict:
+        out = {"format": FORMAT, "format_version": FORMAT_VERSION}
+        out.update({k: getattr(self, k) for k in _META_KEYS})
+        out["rankings"] = {str(layer): r.tolist() for layer, r in self.rankings.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, obj: Any, source: str = "channel config") -> "ChannelConfig":
+        """Strict inverse of :meth:`to_dict`: unknown, missing or mistyped fields raise ValueError."""
+        if not isinstance(obj, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(obj).__name__}")
+        if obj.get("format") != FORMAT:
+            hint = (" (this looks like a reference/SGLang config: use dsc.calibration.interchange.import_reference)"
+                    if any(".self_attn." in str(k) for k in obj) else "")
+            raise ValueError(f"{source}: not a dsc channel config (format {obj.get('format')!r}, "
+                             f"expected {FORMAT!r}){hint}")
+        if obj.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{source}: format_version {obj.get('format_version')!r} is not supported "
+                             f"(this dsc reads {FORMAT_VERSION})")
+        expected = {"format", "format_version", "rankings", *_META_KEYS}
+        missing, unknown = expected - set(obj), set(obj) - expected
+        if missing or unknown:
+            raise ValueError(f"{source}: " + "; ".join(
+                p for p in (f"missing fields {sorted(missing)}" if missing else "",
+                            f"unknown fields {sorted(unknown)}" if unknown else "") if p))
+        rankings = obj["rankings"]
+        if not isinstance(rankings, dict):
+            raise ValueError(f"{source}: 'rankings' must be an object layer -> rows, got {type(rankings).__name__}")
+        for layer, rows in rankings.items():
+            if not (isinstance(rows, list) and all(isinstance(row, list) and all(
+                    isinstance(c, int) and not isinstance(c, bool) for c in row) for row in rows)):
+                raise ValueError(f"{source}: rankings[{layer!r}] must be a list of lists of int channel ids")
+        try:
+            return cls(rankings=dict(rankings), **{k: obj[k] for k in _META_KEYS})
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from e
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write JSON atomically (one line per ranking row, so diffs stay readable)."""
+        path = Path(path)
+        d = self.to_dict()
+        rankings = d.pop("rankings")
+        lines = [f"  {json.dumps(k)}: {json.dumps(v)}," for k, v in d.items()]
+        body = []
+        for layer, rows in rankings.items():
+            inner = ",\n".join(f"    {json.dumps(row, separators=(',', ':'))}" for row in rows)
+            body.append(f"   {json.dumps(layer)}: [\n{inner}\n   ]")
+        text = "{\n" + "\n".join(lines) + '\n  "rankings": {\n' + ",\n".join(body) + "\n  }\n}\n"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a config is an ordinary shareable file
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ChannelConfig":
+        """Read and strictly validate a config written by :meth:`save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"channel config {str(path)!r} does not exist; make one with `dsc calibrate`")
+        text = path.read_text(encoding="utf-8")
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"channel config {str(path)!r} is not valid JSON ({e.msg} at line {e.lineno} column "
+                             f"{e.colno}; truncated or edited?); regenerate it with `dsc calibrate`") from e
+        return cls.from_dict(obj, source=f"channel config {str(path)!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ChannelConfig):
+            return NotImplemented
+        return (all(getattr(self, k) == getattr(other, k) for k in _META_KEYS)
+                and self.rankings.keys() == other.rankings.keys()
+                and all(torch.equal(self.rankings[k], other.rankings[k]) for k in self.rankings))
+
+    def __hash__(self) -> int:  # by content, consistent with __eq__ (options dicts holding a config can hash)
+        return hash((tuple(getattr(self, k) for k in _META_KEYS),
+                     tuple((k, r.numpy().tobytes()) for k, r in self.rankings.items())))
+
+    def __repr__(self) -> str:
+        return (f"ChannelConfig(layers={_span(self.layers)}, num_layers={self.num_layers}, num_heads={self.num_heads},"
+                f" num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, method={self.method!r}, "
+                f"tokens={self.tokens}, pair_aware={self.pair_aware}, rope_layout={self.rope_layout!r})")
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def rank_channels(scores: torch.Tensor, *, pair_aware: bool = False,
+                  rope_layout: str | None = "rotate_half") -> torch.Tensor:
+    """Rank each row of ``scores`` ``[H, D]`` descending (ties -> lower id first) as int64 ``[H, D]``. With
+    ``pair_aware``, whole RoPE pairs are ranked by the sum of their scores, each pair's better channel first."""
+    scores = torch.as_tensor(scores).detach().to("cpu", torch.float64)
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [heads, head_dim], got shape {tuple(scores.shape)}")
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores contain NaN or inf; the calibration statistic overflowed or the model produced NaN")
+    if not pair_aware:
+        return torch.sort(-scores, dim=1, stable=True).indices
+    if rope_layout is None:
+        raise ValueError("pair_aware ranking needs a known rope_layout ('rotate_half' or 'interleaved')")
+    pairs = rope_pairs(scores.shape[1], rope_layout)  # [D/2, 2]
+    pair_scores = scores[:, pairs].sum(-1)  # [H, D/2]
+    order = torch.sort(-pair_scores, dim=1, stable=True).indices  # [H, D/2]
+    chosen = pairs[order]  # [H, D/2, 2]
+    a, b = chosen[..., 0], chosen[..., 1]
+    swap = scores.gather(1, b) > scores.gather(1, a)
+    first, second = torch.where(swap, b, a), torch.where(swap, a, b)
+    return torch.stack([first, second], dim=-1).reshape(scores.shape)
+
+
+def model_shapes(model_or_config: Any) -> dict[str, int]:
+    """``num_layers, num_heads, num_kv_heads, head_dim`` of an HF model, HF config or dict (HF field names)."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    get = (cfg.get if isinstance(cfg, Mapping) else lambda k, d=None: getattr(cfg, k, d))
+    layers, heads = get("num_hidden_layers"), get("num_attention_heads")
+    if layers is None or heads is None:
+        raise ValueError(f"cannot read num_hidden_layers/num_attention_heads from {type(model_or_config).__name__}; "
+                         "pass an HF model or config, or call check_shapes(...) with explicit sizes")
+    kv = get("num_key_value_heads") or heads
+    head_dim = get("head_dim") or get("hidden_size") // heads
+    return {"num_layers": int(layers), "num_heads": int(heads), "num_kv_heads": int(kv), "head_dim": int(head_dim)}
+
+
+def model_fingerprint(model: torch.nn.Module, sample: int = 256) -> str:
+    """A cheap identity of a model's weights: names, shapes and a sample of values of every parameter (rounded to
+    bf16 so fp32 and bf16 loads of one checkpoint agree). Different checkpoints practically never collide."""
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    h.update(str(getattr(cfg, "model_type", type(model).__name__)).encode())
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        flat = p.detach().reshape(-1)
+        n = flat.numel()
+        m = min(sample, n)
+        idx = torch.arange(m, dtype=torch.int64) * (n - 1) // max(m - 1, 1)
+        vals = flat[idx.to(flat.device)].to(torch.bfloat16).to(torch.float32).cpu()
+        h.update(f"{name}:{tuple(p.shape)};".encode())
+        h.update(vals.numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def _span(layers: list[int]) -> str:
+    if not layers:
+        return "none"
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}..{layers[-1]}" if len(layers) > 1 else str(layers[0])
+    return ",".join(map(str, layers))
+
+
+def topk_overlap(a: "ChannelConfig", b: "ChannelConfig", r: int) -> float:
+    """Mean over shared (layer, KV head) of |top-r(a) & top-r(b)| / r: how much two calibrations agree."""
+    shared = [layer for layer in a.layers if b.has_layer(layer)]
+    if not shared:
+        raise ValueError("the two channel configs share no layer")
+    a.check_shapes(num_kv_heads=b.num_kv_heads, head_dim=b.head_dim, what="the other config")
+    total = 0.0
+    for layer in shared:
+        for x, y in zip(a.rankings[layer][:, :r].tolist(), b.rankings[layer][:, :r].tolist()):
+            total += len(set(x) & set(y)) / r
+    return total / (len(shared) * a.num_kv_heads)
+
+
+def pair_share(cfg: "ChannelConfig", r: int, rope_layout: str | None = None) -> float:
+    """Share of top-``r`` channels whose RoPE partner is also in the top-``r`` (over all layers and KV heads)."""
+    layout = rope_layout or cfg.rope_layout
+    if layout is None:
+        raise ValueError("pair_share needs a rope_layout; the config does not know its model's layout")
+    hits = total = 0
+    for layer in cfg.layers:
+        for row in cfg.rankings[layer][:, :r].tolist():
+            s = set(row)
+            hits += sum(rope_partner(c, cfg.head_dim, layout) in s for c in row)
+            total += len(row)
+    return hits / total if total else math.nan
