@@ -1,0 +1,281 @@
+"""Find the SDPA sites of a Dynamo FX graph and decide, per site, whether Double Sparsity can replace it.
+
+Reads each ``scaled_dot_product_attention`` node's arguments, sees through HF's ``repeat_kv`` (unsqueeze/expand +
+reshape, or ``repeat_interleave``) to the KV-native K/V, names the layer from ``nn_module_stack``, and finds the
+cache write feeding K: ``index_copy_`` into a fixed buffer (static caches) or ``torch.cat(past, new)`` along
+positions (dynamic caches). Anything else stays dense, with the reason recorded for :func:`dsc.explain`.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Graph, Node
+
+from dsc.sites import layer_index
+
+SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+
+@dataclass
+class Site:
+    """One SDPA node and what the backend makes of it."""
+
+    index: int
+    node: Node
+    module_path: Optional[str] = None
+    layer: Optional[int] = None
+    action: str = "dense"  # "sparse" or "dense"
+    reason: str = ""
+    cache: Optional[str] = None  # "static" | "dynamic"
+    lq: Any = None
+    s: Any = None
+    heads: tuple = ()  # (Hq, Hkv as read)
+    mask: str = "none"
+    # rewrite inputs (sparse sites only)
+    q: Optional[Node] = None
+    k: Optional[Node] = None
+    v: Optional[Node] = None
+    past_k: Optional[Node] = None
+    new_k: Optional[Node] = None
+    positions: Optional[Node] = None
+    attn_mask: Optional[Node] = None
+    is_causal: bool = False
+    scale: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def becomes(self) -> str:
+        if self.action != "sparse":
+            return "SDPA (unchanged)"
+        if self.lq == 1:
+            return "dsc.site_attention: sparse decode"
+        if isinstance(self.lq, int):
+            return "dsc.site_attention: labels + " + ("dense prefill" if self.extra.get("dense_prefill")
+                                                      else "sparse prefill")
+        return "dsc.site_attention: sparse decode if Lq == 1, else " + (
+            "dense prefill" if self.extra.get("dense_prefill") else "sparse")
+
+
+def sdpa_args(node: Node) -> dict:
+    """The SDPA call's arguments by name, defaults filled."""
+    out = dict(_SDPA_DEFAULTS)
+    for name, a in zip(_SDPA_ARGS, node.args):
+        out[name] = a
+    out.update(node.kwargs)
+    return out
+
+
+def _ev(n: Any):
+    return n.meta.get("example_value", n.meta.get("val")) if isinstance(n, Node) else None
+
+
+def _is_method(n: Any, *names: str) -> bool:
+    return isinstance(n, Node) and n.op == "call_method" and n.target in names
+
+
+def _is_fn(n: Any, *fns) -> bool:
+    return isinstance(n, Node) and n.op == "call_function" and n.target in fns
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Statically the same size (ints, or the same symbol), without adding guards."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return str(a) == str(b)
+
+
+def _compatible(a: Any, b: Any) -> bool:
+    """Could be the same size: equal ints, or at least one symbolic (the kernels check at run time)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return True
+
+
+def _full(s: Any) -> bool:
+    return isinstance(s, slice) and s.start in (None, 0) and s.stop is None and s.step in (None, 1)
+
+
+def see_through_repeat_kv(n: Node) -> tuple[Node, int]:
+    """``(KV-native node, G)`` for ``reshape(expand(x[:, :, None]))`` / ``repeat_interleave(x, G, dim=1)``."""
+    ev = _ev(n)
+    if ev is None or ev.dim() != 4:
+        return n, 1
+    if _is_method(n, "reshape", "view") or _is_fn(n, torch.reshape):
+        e = n.args[0]
+        if _is_method(e, "expand") or _is_fn(e, torch.Tensor.expand):
+            u = e.args[0]
+            x = None
+            if _is_fn(u, operator.getitem) and isinstance(u.args[1], tuple):
+                idx = u.args[1]
+                if len(idx) >= 3 and _full(idx[0]) and _full(idx[1]) and idx[2] is None and all(
+                        _full(i) or i is Ellipsis for i in idx[3:]):
+                    x = u.args[0]
+            elif (_is_method(u, "unsqueeze") or _is_fn(u, torch.unsqueeze)) and u.args[1:] == (2,):
+                x = u.args[0]
+            xe = _ev(x)
+            if xe is not None and xe.dim() == 4 and _same(xe.shape[0], ev.shape[0]) and _same(
+                    xe.shape[2], ev.shape[2]) and _same(xe.shape[3], ev.shape[3]):
+                hkv, hq = xe.shape[1], ev.shape[1]
+                if isinstance(hkv, int) and isinstance(hq, int) and hkv and hq % hkv == 0:
+                    return x, hq // hkv
+    if _is_method(n, "repeat_interleave") or _is_fn(n, torch.repeat_interleave):
+        args = dict(zip(("input", "repeats", "dim"), n.args))
+        args.update(n.kwargs)
+        x = args.get("input")
+        xe = _ev(x)
+        if args.get("dim") in (1, -3) and isinstance(args.get("repeats"), int) and xe is not None and xe.dim() == 4:
+            return x, args["repeats"]
+    return n, 1
+
+
+def _prefix_base(n: Node) -> Node:
+    """The buffer ``n`` is a prefix view of along positions (``buf[:, :, :m]``), else ``n``."""
+    while _is_fn(n, operator.getitem) and isinstance(n.args[1], tuple):
+        idx = n.args[1]
+        if not (len(idx) in (3, 4) and _full(idx[0]) and _full(idx[1]) and isinstance(idx[2], slice)
+                and idx[2].start in (None, 0) and idx[2].step in (None, 1) and all(_full(i) for i in idx[3:])):
+            break
+        n = n.args[0]
+    return n
+
+
+def find_cache_write(k: Node, sdpa: Node, order: dict) -> Optional[dict]:
+    """How the cache K reaching ``sdpa`` was written: ``{"cache": "dynamic", past_k, new_k}`` for
+    ``cat([past, new], dim=-2)``, ``{"cache": "static", new_k, positions}`` for ``buf.index_copy_(2, pos, new)``
+    (``k`` may be a prefix view of ``buf``), else None."""
+    if _is_fn(k, torch.cat, torch.concat, torch.concatenate):
+        tensors = k.args[0] if k.args else k.kwargs.get("tensors")
+        dim = k.args[1] if len(k.args) > 1 else k.kwargs.get("dim", 0)
+        if dim in (2, -2) and isinstance(tensors, (list, tuple)) and len(tensors) == 2:
+            past, new = tensors
+            pe, ne = _ev(past), _ev(new)
+            if ne is not None and ne.dim() == 4 and pe is not None:
+                if pe.dim() == 4:
+                    return {"cache": "dynamic", "past_k": past, "new_k": new}
+                if pe.dim() == 1 and isinstance(pe.shape[0], int) and pe.shape[0] == 0:
+                    return {"cache": "dynamic", "past_k": None, "new_k": new}
+        return None
+    base = _prefix_base(k)
+    writes = [u for u in base.users
+              if (_is_method(u, "index_copy_") or _is_fn(u, torch.Tensor.index_copy_))
+              and u.args[0] is base and len(u.args) >= 4 and u.args[1] in (2, -2) and order[u] < order[sdpa]]
+    if writes:
+        w = max(writes, key=order.__getitem__)
+        pe, ne = _ev(w.args[2]), _ev(w.args[3])
+        if ne is not None and ne.dim() == 4 and pe is not None and pe.dim() in (1, 2):
+            return {"cache": "static", "new_k": w.args[3], "positions": w.args[2]}
+    return None
+
+
+def _module_path(node: Node) -> Optional[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, _ in reversed(list(stack.values())):
+        if layer_index(path) is not None:
+            return path
+    if stack:
+        return list(stack.values())[-1][0]
+    return None
+
+
+def _mask_ok(mask_ev, b, hq, lq, s) -> bool:
+    if mask_ev.dim() > 4:
+        return False
+    shape = (1,) * (4 - mask_ev.dim()) + tuple(mask_ev.shape)
+    return all((isinstance(m, int) and m == 1) or _compatible(m, t) for m, t in zip(shape, (b, hq, lq, s)))
+
+
+def analyze(graph: Graph, *, has_layer: Callable[[int], bool], dense_layers=(), r: int = 16,
+            dense_prefill: bool = True) -> list[Site]:
+    """Every SDPA site of ``graph`` with its decision. Pure: the graph is not changed."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    sites = []
+    for node in graph.nodes:
+        if not (node.op == "call_function" and node.target in SDPA_TARGETS):
+            continue
+        site = Site(index=len(sites), node=node, module_path=_module_path(node))
+        site.layer = layer_index(site.module_path) if site.module_path else None
+        site.extra["dense_prefill"] = dense_prefill
+        sites.append(site)
+        site.reason = _decide(site, sdpa_args(node), order, has_layer, set(dense_layers), r)
+    return sites
+
+
+def _decide(site: Site, a: dict, order: dict, has_layer, dense_layers: set, r: int) -> str:
+    """Fill ``site`` and return why it is sparse or dense (``site.action`` is set to "sparse" on success).
+    Structure first (what the site is), policy last (what the config wants), so the reason is the deepest one."""
+    q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
+    qe, ke, ve = _ev(q), _ev(k), _ev(v)
+    if qe is None or ke is None or ve is None:
+        return "no shape information on the SDPA inputs"
+    if qe.dim() != 4 or ke.dim() != 4 or ve.dim() != 4:
+        return f"inputs are not 4-D [B, H, L, D] (q {qe.dim()}-D, k {ke.dim()}-D)"
+    b, hq, lq, d = qe.shape
+    site.lq = lq
+    kn, g = see_through_repeat_kv(k)
+    vn, gv = see_through_repeat_kv(v)
+    if g != gv:
+        kn, vn, g = k, v, 1
+    kne, vne = _ev(kn), _ev(vn)
+    hkv, s = kne.shape[1], kne.shape[2]
+    site.s, site.heads = s, (hq, hkv)
+    if mask is not None:
+        me = _ev(mask)
+        site.mask = "?" if me is None else "bool" if me.dtype == torch.bool else (
+            "additive" if me.dtype.is_floating_point else str(me.dtype))
+    elif a["is_causal"] is True:
+        site.mask = "causal"
+    w = find_cache_write(kn, site.node, order)
+    site.cache = w["cache"] if w else None
+    if torch.is_grad_enabled() and qe.requires_grad:
+        return "autograd: the inputs require grad (training); the sparse op has no backward"
+    dropout = a["dropout_p"]
+    if not isinstance(dropout, (int, float)):
+        return "dropout_p is not a constant"
+    if dropout > 0:
+        return f"dropout_p={dropout} (training)"
+    is_causal, scale = a["is_causal"], a["scale"]
+    if not isinstance(is_causal, bool):
+        return "is_causal is not a constant"
+    if scale is not None and not isinstance(scale, (int, float)):
+        return "scale is not a constant"
+    # Positions may be distinct symbols for K and V under dynamic shapes (SDPA itself requires them equal).
+    if not (_same(kne.shape[0], b) and _same(kne.shape[3], d) and _same(vne.shape[0], b)
+            and _same(vne.shape[1], hkv) and _same(vne.shape[3], d)):
+        return f"K/V shapes {tuple(kne.shape)} / {tuple(vne.shape)} do not match q {tuple(qe.shape)}"
+    if not (isinstance(hkv, int) and isinstance(hq, int) and hkv and hq % hkv == 0):
+        return f"query heads {hq} are not a multiple of KV heads {hkv}"
+    if mask is not None:
+        me = _ev(mask)
+        if me is None:
+            return "attn_mask is not a tensor"
+        if me.dtype != torch.bool and not me.dtype.is_floating_point:
+            return f"attn_mask dtype {me.dtype} is neither bool nor float"
+        if not _mask_ok(me, b, hq, lq, s):
+            return f"attn_mask shape {tuple(me.shape)} does not broadcast to [B, Hq, Lq, S] = {(b, hq, lq, s)}"
+    if w is None:
+        if _prefix_base(kn).op == "placeholder":
+            return ("K is read from a cache buffer updated in a way not recognised (only index_copy_ and "
+                    "cat(past, new) are, not e.g. a sliding-window roll)")
+        kind = "non-causal (encoder) attention" if not is_causal and mask is None else "attention"
+        return f"{kind} with no KV-cache write feeding K: nothing to decode"
+    if site.layer is None:
+        return f"no decoder layer number in the module path {site.module_path!r}"
+    if site.layer in dense_layers:
+        return f"layer {site.layer} is a configured dense layer"
+    if not has_layer(site.layer):
+        return f"layer {site.layer} is not in the channel config"
+    if isinstance(d, int) and r > d:
+        return f"r={r} label channels exceed head_dim {d}"
+    site.q, site.k, site.v, site.attn_mask = q, kn, vn, mask
+    site.past_k, site.new_k, site.positions = w.get("past_k"), w["new_k"], w.get("positions")
+    site.is_causal = is_causal
+    site.scale = float(scale) if scale is not None else None
+    site.action = "sparse"
+    seen = f", repeat_kv x{g} seen through" if g > 1 else ""
+    return f"{site.cache} cache (layer {site.layer}, {site.mask} mask{seen})"

@@ -1,0 +1,133 @@
+"""``dsc::site_attention``: the op the rewrite puts in place of a decoder's SDPA.
+
+One opaque op per attention site does both halves of Double Sparsity at run time: it keeps the site's label
+cache in sync with the KV cache (:mod:`dsc.passes.store`) and then attends, sparsely (``dsc::ds_decode``) or
+densely (SDPA) by host-side shape facts only: ``Lq > 1`` under the dense prefill policy, or a cache shorter than
+``min_length``. One op rather than a separate label write keeps ordering explicit (it consumes the post-write
+cache value, so inductor can keep the cache update in place) and cannot be dead-code eliminated (its output is
+the attention output), while prefill attention, which inductor lowers to the same aten SDPA kernel anyway, costs
+nothing extra.
+
+Sites are registered by the rewrite in :data:`SITES` (an int id baked into the graph -> :class:`SiteSpec`).
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import dsc.kernels  # noqa: F401  (registers torch.ops.dsc.*)
+
+from . import store
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """What a rewritten site does at run time."""
+
+    label: store.LabelSpec
+    layer: int
+    budget: int
+    frac: float
+    sink: int
+    recent: int
+    group: bool
+    dense_prefill: bool
+    min_length: int
+
+
+SITES: dict[int, SiteSpec] = {}
+_SITE_LOCK = threading.Lock()
+_SPEC_INTERN: dict[tuple, tuple] = {}  # key -> (LabelSpec, the config it came from, kept alive for id())
+
+
+def label_spec(channels_cfg, layer: int, r: int, bits: int, repeat: int = 1) -> store.LabelSpec:
+    """One LabelSpec per (config object, layer, r, bits, repeat): prefill and decode graphs of a model share it,
+    hence share the label caches."""
+    key = (id(channels_cfg), layer, r, bits, repeat)
+    with _SITE_LOCK:
+        hit = _SPEC_INTERN.get(key)
+        if hit is None:
+            ch = channels_cfg.channels(layer, r)
+            if repeat > 1:
+                ch = ch.repeat_interleave(repeat, dim=0)
+            hit = _SPEC_INTERN[key] = (store.LabelSpec(channels=ch.contiguous(), bits=bits), channels_cfg)
+        return hit[0]
+
+
+def register_site(spec: SiteSpec) -> int:
+    with _SITE_LOCK:
+        site = len(SITES)
+        SITES[site] = spec
+        return site
+
+
+def _valid_from_mask(attn_mask: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """(valid bool, additive bias) from an SDPA ``attn_mask``: bool masks select; float masks are added to the
+    logits and their ``-inf``/dtype-min entries are excluded from selection."""
+    if attn_mask is None:
+        return None, None
+    if attn_mask.dtype == torch.bool:
+        return attn_mask, None
+    return attn_mask > torch.finfo(attn_mask.dtype).min / 2, attn_mask
+
+
+def _causal_valid(lq: int, s: int, device) -> Tensor:
+    # torch SDPA's is_causal is top-left aligned: query i sees keys j <= i.
+    return torch.ones(lq, s, dtype=torch.bool, device=device).tril()
+
+
+def _ds_decode(*args):
+    """The sparse kernel (a module-level hook so tests can observe the selection)."""
+    return torch.ops.dsc.ds_decode(*args)
+
+
+@torch.library.custom_op("dsc::site_attention", mutates_args=())
+def site_attention(site: int, q: Tensor, k: Tensor, v: Tensor, past_k: Optional[Tensor], new_k: Tensor,
+                   positions: Optional[Tensor], attn_mask: Optional[Tensor], is_causal: bool, scale: float,
+                   cache: str) -> Tensor:
+    """Keep the site's labels in sync with the K cache, then attend (sparse at decode, dense otherwise).
+
+    ``k``/``v``: KV-native ``[B, Hkv, S, D]`` as SDPA would read them; ``cache == "static"``: ``k`` is (a prefix
+    view of) a fixed buffer that already holds ``new_k`` at ``positions``; ``"dynamic"``: ``k = cat(past_k,
+    new_k)`` along positions (``past_k`` may be empty at the first step).
+    """
+    spec = SITES[site]
+    if cache == "static":
+        entry = store.labels_static(spec.label, k, new_k, positions)
+    else:
+        entry = store.labels_dynamic(spec.label, k, past_k, new_k)
+    b, hq, lq, _ = q.shape
+    s = k.shape[2]
+    hkv = k.shape[1]
+    if (lq > 1 and spec.dense_prefill) or s < spec.min_length or s == 0:
+        store.STATS["dense_calls"] += 1
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                             enable_gqa=hq != hkv)
+        return out.contiguous()
+    valid, bias = _valid_from_mask(attn_mask)
+    if is_causal:
+        valid = _causal_valid(lq, s, q.device)
+    # Group selection drops a position unless every head of the group may see it; with a per-head mask that
+    # would not be exact, so such calls select per query head.
+    group = spec.group and (valid is None or valid.dim() < 3 or valid.shape[-3] == 1)
+    data, sc, zero = entry.view(s, spec.label.bits)
+    store.STATS["sparse_calls"] += 1
+    out = _ds_decode(q, k, v, spec.label.on(q.device), data, sc, zero, spec.label.bits, valid, bias, None,
+                     spec.budget, spec.frac, spec.sink, spec.recent, group, scale)
+    return out.contiguous()
+
+
+@site_attention.register_fake
+def _(site, q, k, v, past_k, new_k, positions, attn_mask, is_causal, scale, cache):
+    b, hq, lq, _ = q.shape
+    return q.new_empty((b, hq, lq, v.shape[-1]))
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,91 @@
+"""Apply the analysis: replace each sparse-capable SDPA node with ``dsc::site_attention``.
+
+Runs on the Dynamo graph, before AOTAutograd: the new op reads the KV-native cache value *after* its in-place
+write (the same FX node the SDPA read), so functionalization keeps the cache update in place, and the dead
+``repeat_kv`` copies are removed. Dense sites are left exactly as they were.
+"""
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule, Node
+
+from dsc.config import DSConfig
+
+from . import ops
+from .analysis import Site, analyze
+
+_VIEWISH = {"reshape", "view", "expand", "unsqueeze", "contiguous", "repeat_interleave", "transpose"}
+
+
+def analyze_module(gm: GraphModule, cfg: DSConfig) -> list[Site]:
+    chans = cfg.channels
+    has_layer = chans.has_layer if chans is not None else (lambda layer: True)
+    return analyze(gm.graph, has_layer=has_layer, dense_layers=cfg.dense_layers, r=cfg.r,
+                   dense_prefill=cfg.prefill == "dense")
+
+
+def _check_config(site: Site, cfg: DSConfig) -> int:
+    """Raise if the channel config is for another model; return how often its KV heads repeat in the graph."""
+    chans = cfg.channels
+    hq, hkv = site.heads
+    d = site.node.args[0].meta["example_value"].shape[-1]
+    if isinstance(d, int) and d != chans.head_dim:
+        chans.check_shapes(head_dim=d, what=f"the attention at {site.module_path}")
+    if hkv == chans.num_kv_heads:
+        return 1
+    if hkv % chans.num_kv_heads == 0:
+        return hkv // chans.num_kv_heads
+    chans.check_shapes(num_kv_heads=hkv, what=f"the attention at {site.module_path}")
+    return 1
+
+
+def _drop_dead(nodes: list) -> None:
+    """Erase the now-unused view/copy chains (repeat_kv) the old SDPA read, and nothing else."""
+    todo = [n for n in nodes if isinstance(n, Node)]
+    while todo:
+        n = todo.pop()
+        if n.graph is None or n.users or n.op not in ("call_method", "call_function"):
+            continue
+        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+        if name not in _VIEWISH and name != "getitem":
+            continue
+        inputs = list(n.all_input_nodes)
+        n.graph.erase_node(n)
+        todo.extend(inputs)
+
+
+def rewrite(gm: GraphModule, cfg: DSConfig) -> list[Site]:
+    """Rewrite ``gm`` in place; return every SDPA site with its decision."""
+    cfg.require_channels()
+    sites = analyze_module(gm, cfg)
+    graph = gm.graph
+    for site in sites:
+        if site.action != "sparse":
+            continue
+        repeat = _check_config(site, cfg)
+        spec = ops.SiteSpec(
+            label=ops.label_spec(cfg.channels, site.layer, cfg.r, cfg.label_bits, repeat),
+            layer=site.layer, budget=cfg.budget_tokens or 1, frac=cfg.budget_frac, sink=cfg.sink,
+            recent=cfg.recent, group=cfg.gqa == "group", dense_prefill=cfg.prefill == "dense",
+            min_length=cfg.min_length)
+        sid = ops.register_site(spec)
+        site.extra["site_id"] = sid
+        old = site.node
+        scale = site.scale
+        if scale is None:
+            scale = ops.default_scale(int(old.args[0].meta["example_value"].shape[-1]))
+        with graph.inserting_before(old):
+            new = graph.call_function(
+                torch.ops.dsc.site_attention.default,
+                (sid, site.q, site.k, site.v, site.past_k, site.new_k, site.positions, site.attn_mask,
+                 site.is_causal, float(scale), site.cache))
+        new.meta.update({k: v for k, v in old.meta.items() if k in ("example_value", "val", "nn_module_stack",
+                                                                  "source_fn_stack", "stack_trace")})
+        old_inputs = list(old.all_input_nodes)
+        old.replace_all_uses_with(new)
+        graph.erase_node(old)
+        site.node = new
+        _drop_dead(old_inputs)
+    graph.lint()
+    gm.recompile()
+    return sites

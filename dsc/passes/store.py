@@ -1,0 +1,197 @@
+"""The label store: label caches that live beside the KV cache, outside the compiled graph.
+
+Why a side store: a pre-grad pass cannot add buffers to a Dynamo graph (AOTAutograd rejects them), so the labels
+are owned by the opaque ``dsc::site_attention`` op (see :mod:`dsc.passes.ops`) and looked up at run time by the
+identity of the K tensor the op receives:
+
+- static caches (``index_copy_`` into a fixed buffer): keyed by the buffer's address, valid while its storage
+  lives (a weakref finalizer drops the labels with the cache). Prefill and decode graphs, and any number of
+  models, caches and batch sizes, find their own entry; a new sequence in a reused cache overwrites positions.
+- dynamic caches (``torch.cat(past, new)`` each step): the entry follows the chain: it is found under the
+  previous step's K (``past``), checked (same address, length and batch), extended with the new tokens and
+  re-keyed under the new K. Anything out of sync (a cache touched outside the compiled graph, cropped, reordered
+  by beam search, copied, or a sliding window) misses, and the labels are rebuilt from ``past`` itself, so a
+  wrong label is never used; :data:`STATS` counts rebuilds so steady-state tests can assert there are none.
+
+All bookkeeping is host-side metadata (addresses, shapes): no device synchronisation.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+import weakref
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+# label_writes (kernel calls), label_builds (whole caches labelled: first sight or rebuild), label_rebuilds
+# (out of sync), sparse_calls, dense_calls (inside rewritten sites), entries_freed
+STATS: Counter = Counter()
+_LOCK = threading.RLock()  # re-entrant: a finalizer may fire while the lock is held
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """What a label is: the channels of one layer under one config, and its format."""
+
+    channels: torch.Tensor  # int64 [Hkv, r] (CPU master copy)
+    bits: int
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        return _channels_on(self, device)
+
+
+_CHANNELS_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _channels_on(spec: LabelSpec, device) -> torch.Tensor:
+    key = (id(spec), str(device))
+    t = _CHANNELS_CACHE.get(key)
+    if t is None:
+        t = _CHANNELS_CACHE[key] = spec.channels.to(device)
+    return t
+
+
+class Entry:
+    """One label cache: ``data``/``scale``/``zero`` with ``capacity`` positions, ``length`` of them written."""
+
+    __slots__ = ("data", "scale", "zero", "capacity", "length", "batch", "key", "__weakref__")
+
+    def __init__(self, spec: LabelSpec, like: torch.Tensor, capacity: int):
+        from dsc.kernels import alloc_labels
+
+        b, hkv = like.shape[0], like.shape[1]
+        r = spec.channels.shape[1]
+        self.data, self.scale, self.zero = alloc_labels(b, hkv, capacity, r, spec.bits, dtype=like.dtype,
+                                                        device=like.device)
+        self.capacity, self.length, self.batch, self.key = capacity, 0, b, None
+
+    def view(self, s: int, bits: int):
+        """The first ``s`` positions, as the kernels want them (``scale``/``zero`` stay ``[0]`` at 16 bits)."""
+        if bits == 16:
+            return self.data[:, :, :s], self.scale, self.zero
+        return self.data[:, :, :s], self.scale[:, :, :s], self.zero[:, :, :s]
+
+    def grow(self, spec: LabelSpec, like: torch.Tensor, capacity: int) -> None:
+        old = (self.data, self.scale, self.zero)
+        fresh = Entry(spec, like, capacity)
+        n = self.length
+        fresh.data[:, :, :n].copy_(old[0][:, :, :n])
+        if spec.bits != 16:
+            fresh.scale[:, :, :n].copy_(old[1][:, :, :n])
+            fresh.zero[:, :, :n].copy_(old[2][:, :, :n])
+        self.data, self.scale, self.zero, self.capacity = fresh.data, fresh.scale, fresh.zero, capacity
+
+
+# (id(spec), address of K's first element) -> Entry
+_ENTRIES: dict[tuple[int, int], Entry] = {}
+
+
+def _key(spec: LabelSpec, t: torch.Tensor) -> tuple[int, int]:
+    return (id(spec), t.data_ptr())
+
+
+def _bind(spec: LabelSpec, t: torch.Tensor, entry: Entry) -> None:
+    """File ``entry`` under ``t``'s address; it is dropped when ``t``'s storage is freed."""
+    key = _key(spec, t)
+    entry.key = key
+    _ENTRIES[key] = entry
+    ref = weakref.ref(entry)
+    weakref.finalize(t.untyped_storage(), _drop, key, ref)
+
+
+def _drop(key, ref) -> None:
+    with _LOCK:
+        if _ENTRIES.get(key) is not None and _ENTRIES.get(key) is ref():
+            del _ENTRIES[key]
+            STATS["entries_freed"] += 1
+
+
+def _write(spec: LabelSpec, entry: Entry, keys: torch.Tensor, positions: torch.Tensor) -> None:
+    torch.ops.dsc.label_write(keys, spec.on(keys.device), positions, entry.data, entry.scale, entry.zero, spec.bits)
+    STATS["label_writes"] += 1
+
+
+def _build(spec: LabelSpec, keys: torch.Tensor, capacity: int) -> Entry:
+    """A fresh entry holding the labels of every position of ``keys`` (a rebuild / first sight)."""
+    entry = Entry(spec, keys, capacity)
+    STATS["label_builds"] += 1
+    s = keys.shape[2]
+    if s:
+        _write(spec, entry, keys, torch.arange(s, device=keys.device))
+    entry.length = s
+    return entry
+
+
+def _static_capacity(k: torch.Tensor) -> int:
+    """The full extent of the static buffer ``k`` is a prefix view of (from its strides), else its length."""
+    s, d = k.shape[2], k.shape[3]
+    if k.stride(3) == 1 and k.stride(2) == d and k.shape[1] > 0 and k.stride(1) % d == 0:
+        return max(s, k.stride(1) // d)
+    return s
+
+
+_MISSES: dict[int, int] = {}  # id(spec) -> consecutive first-sight builds of a static cache
+_MISS_WARN = 4
+
+
+def _note_static_miss(spec: LabelSpec) -> None:
+    n = _MISSES[id(spec)] = _MISSES.get(id(spec), 0) + 1
+    if n == _MISS_WARN:
+        warnings.warn(
+            "dsparse: a static KV cache reaches the attention op at a new address on every step, so its labels are "
+            "rebuilt each time (correct, but slow): the compiled graph copies the cache instead of updating it in "
+            "place (the 'aot_eager' inner compiler does; inductor reinplaces it).", RuntimeWarning, stacklevel=3)
+
+
+def labels_static(spec: LabelSpec, k: torch.Tensor, new_k: torch.Tensor, positions: torch.Tensor) -> Entry:
+    """Labels of a static cache ``k`` (already holding ``new_k`` at ``positions``): write only the new tokens;
+    on first sight of the buffer (or a changed shape) label all of ``k``."""
+    with _LOCK:
+        entry = _ENTRIES.get(_key(spec, k))
+        if entry is None or entry.batch != k.shape[0] or entry.capacity < k.shape[2]:
+            if entry is not None:
+                STATS["label_rebuilds"] += 1
+            _note_static_miss(spec)
+            entry = _build(spec, k, _static_capacity(k))
+            _bind(spec, k, entry)
+            return entry
+        _MISSES[id(spec)] = 0
+        _write(spec, entry, new_k, positions)
+        entry.length = max(entry.length, k.shape[2])
+        return entry
+
+
+def labels_dynamic(spec: LabelSpec, k: torch.Tensor, past_k: torch.Tensor | None, new_k: torch.Tensor) -> Entry:
+    """Labels of ``k = cat(past_k, new_k)``: continue the entry of ``past_k`` (or rebuild it from ``past_k`` when
+    out of sync), append ``new_k`` and re-key the entry under ``k``."""
+    p = 0 if past_k is None or past_k.dim() != 4 else past_k.shape[2]
+    t, s = new_k.shape[2], k.shape[2]
+    if p + t != s:
+        raise ValueError(f"dsparse: dynamic cache step with past length {p} + new {t} != cache length {s}")
+    with _LOCK:
+        entry = None
+        if p:
+            entry = _ENTRIES.get(_key(spec, past_k))
+            if entry is not None and (entry.length != p or entry.batch != k.shape[0]):
+                entry = None
+            if entry is None:
+                STATS["label_rebuilds"] += 1
+                entry = _build(spec, past_k, max(2 * s, 64))
+            else:
+                del _ENTRIES[entry.key]
+        if entry is None:
+            entry = Entry(spec, k, max(2 * s, 64))
+        if entry.capacity < s:
+            entry.grow(spec, k, max(2 * s, 2 * entry.capacity))
+        if t:
+            _write(spec, entry, new_k, torch.arange(p, s, device=k.device))
+        entry.length = s
+        _bind(spec, k, entry)
+        return entry
+
+
+def entry_count() -> int:
+    """Live label caches (tests: they go away with their KV caches)."""
+    return len(_ENTRIES)
