@@ -1,5 +1,6 @@
 """Foundation: embedded assets, the real model, the CLI on tiny settings, the backend entry point."""
 import json
+import re
 import subprocess
 import sys
 
@@ -54,9 +55,14 @@ def test_parse_list_fractions_and_errors():
 
 
 def test_cli_demo(capsys):
-    assert main(["demo", "--max-new-tokens", "4"]) == 0
+    # A prompt shorter than the budget: the sparse op runs, selects every token, and must agree with dense.
+    assert main(["demo", "--prompt", "The capital of France is", "--max-new-tokens", "4", "--budget", "64"]) == 0
     out = capsys.readouterr().out
-    assert "Paris" in out and "tok/s" in out
+    dense = re.search(r"dense +'(.*)'", out).group(1)
+    sparse = re.search(r"dsparse +'(.*)'", out).group(1)
+    assert "Paris" in dense and sparse == dense
+    assert "agreement  4/4" in out and "tok/s" in out
+    assert int(re.search(r"sparse op +(\d+) calls", out).group(1)) == 3 * 28  # 3 decode steps x 28 sparse layers
 
 
 def test_cli_bench_decode(capsys, tmp_path):
