@@ -31,6 +31,8 @@ def add_arguments(p):
     p.add_argument("--quant", default="none", help="weight quantization among none,int8 (torchao)")
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per configuration")
     p.add_argument("--warmup", type=int, default=3, help="untimed decode steps before timing")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = torch's default); 1 is steadier on a loaded machine")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
 
@@ -96,6 +98,10 @@ def run(args) -> int:
             raise ValueError(f"--compile values must be among {COMPILERS}, got {c!r}")
     if args.steps <= 0 or args.warmup < 0:
         raise ValueError("--steps must be positive and --warmup non-negative")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     rows = []
     configs = [(d, q, c, b, x, p) for d in dtypes for q in quants for c in contexts for b in batches
