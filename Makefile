@@ -10,7 +10,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt assets-requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) -e '.[test]'
+	$(PIP) -e '.[test,plot]'
 	$(PIP) --no-deps -r assets-requirements.txt
 	touch $(STAMP)
 

@@ -7,12 +7,11 @@ Dynamo graph that decodes from a KV cache is rewritten into calibrated Double Sp
 """
 from __future__ import annotations
 
-import collections
-
 from dsc.config import DSConfig
 
-# The site reports of the most recent compiles (newest last), for tests and debugging.
-REPORTS: collections.deque = collections.deque(maxlen=64)
+# The site reports of every compile in this process (newest last), for explain, tests and debugging. Never
+# trimmed: callers count new compiles by length, and a report is small (the graph itself is not kept).
+REPORTS: list = []
 
 
 def dsparse(gm, example_inputs, mode=None, options=None):

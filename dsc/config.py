@@ -30,7 +30,8 @@ class DSConfig:
     - ``dense_layers``: layers kept dense (the reference kept 0-1); ``min_length``: caches shorter than this
       attend densely (a host-side shape check; with an absolute budget any row with ``<= budget`` valid tokens is
       exact anyway).
-    - ``gqa``: ``"group"`` (one selection per KV head, fewest bytes) or ``"head"`` (one per query head).
+    - ``gqa``: ``"head"`` (one selection per query head; the default: on SmolLM2 at 2K context and 1/16 budget it
+      costs +2.2% perplexity vs +4.8% for ``"group"``) or ``"group"`` (one per KV head, fewest bytes read).
     - ``sink``/``recent``: first/last valid tokens always selected (inside the budget).
     - ``prefill``: ``"dense"`` (default; labels are still written) or ``"sparse"`` for ``Lq > 1`` steps.
     - ``inner``: the compiler the rewritten graph is handed to (``"eager"``/``"aot_eager"`` for debugging;
@@ -44,7 +45,7 @@ class DSConfig:
     label_bits: int = 16
     dense_layers: tuple[int, ...] = (0, 1)
     min_length: int = 0
-    gqa: str = "group"
+    gqa: str = "head"
     sink: int = 4
     recent: int = 16
     prefill: str = "dense"

@@ -32,6 +32,8 @@ def attention_bytes(cfg, model_cfg, ds, batch: int, length: int) -> tuple[float,
     e = 4  # fp32 cache elements
     per_token_dense = 2 * d * e * hkv * batch
     k = ds.budget if isinstance(ds.budget, int) else math.ceil(ds.budget * length)
+    if ds.gqa == "head":  # each query head of a group may pick its own rows
+        k *= model_cfg.num_attention_heads // hkv
     k = min(k, length)
     label = ds.r * (ds.label_bits / 8 if ds.label_bits != 16 else e) + (8 if ds.label_bits != 16 else 0)
     sparse_layers = sum(1 for i in range(layers) if i not in ds.dense_layers and cfg.has_layer(i))

@@ -98,12 +98,21 @@ def test_cli_bad_input_is_a_clear_error(argv, message, tmp_path, capsys):
 
 
 def test_dsparse_entry_point_resolves_in_a_fresh_interpreter():
+    # No `import dsc`: the string must resolve through the torch_dynamo_backends entry point, and compiling
+    # without a channel config must fail with the message that says how to calibrate.
     code = ("import sys, torch\n"
-            "f = torch.compile(lambda x: x * 2 + 1, backend='dsparse')\n"
-            "assert f(torch.ones(3)).tolist() == [3.0, 3.0, 3.0]\n"
             "from torch._dynamo import list_backends\n"
+            "from torch._dynamo.backends.registry import lookup_backend\n"
+            "assert 'dsc' not in sys.modules\n"
             "assert 'dsparse' in list_backends(exclude_tags=())\n"
-            "print('ok')\n")
+            "fn = lookup_backend('dsparse')\n"
+            "assert fn.__module__ == 'dsc.backend', fn.__module__\n"
+            "f = torch.compile(lambda x: x * 2 + 1, backend='dsparse')\n"
+            "try:\n"
+            "    f(torch.ones(3))\n"
+            "except Exception as e:\n"
+            "    assert 'dsc calibrate' in str(e), e\n"
+            "    print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().endswith("ok")

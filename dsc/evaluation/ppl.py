@@ -1,7 +1,13 @@
-"""``dsc eval ppl``: perplexity on the evaluation essays (never the calibration ones).
+"""``dsc eval ppl``: perplexity on the evaluation essays (never the calibration ones), dense or under a policy.
 
 The evaluation text is tokenized once and cut into consecutive, non-overlapping windows of ``context`` tokens;
 perplexity is ``exp(mean NLL)`` over every predicted token of every window.
+
+Under a sparse policy each window is one forward inside :func:`dsc.evaluation.policies.apply_policy`: every query
+position takes the top-k of its own causal prefix, exactly as it would at a decode step, so the logits equal
+token-by-token sparse decoding (tests/test_evaluation_ppl.py checks this against step-by-step decoding).
+Positions ``< --prefill`` attend densely (a dense prefill), as do prefixes shorter than ``--min-length`` and
+prefixes within the budget.
 """
 from __future__ import annotations
 
@@ -13,7 +19,86 @@ def add_arguments(p):
     p.add_argument("--context", type=int, default=1024, help="window length in tokens")
     p.add_argument("--windows", type=int, default=4, help="number of windows to evaluate (0 = all)")
     p.add_argument("--dtype", default="float32")
+    add_policy_arguments(p)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")
+
+
+def add_policy_arguments(p, many: bool = True):
+    """The policy knobs shared by ``eval ppl``, ``eval retrieval`` and ``eval sweep``."""
+    from dsc.evaluation.policies import POLICIES
+
+    p.add_argument("--policy", default="dense",
+                   help=f"comma-separated policies among {', '.join(POLICIES)} (dense is always measured too)")
+    p.add_argument("--budget", default="1/16",
+                   help="comma-separated budgets: tokens (128; rows with <= 128 keys are exact) or fractions of "
+                        "each row's own valid tokens (1/16, as DSConfig.budget)")
+    p.add_argument("--channels", type=int, default=16, metavar="R",
+                   help="r: label channels per KV head (dsparse) or top-|q| channels (sparq)")
+    p.add_argument("--label-bits", type=int, default=16, choices=(16, 8, 4), help="dsparse label precision")
+    p.add_argument("--gqa", default="head", choices=("group", "head"),
+                   help="one selection per KV group (fewest bytes) or per query head")
+    p.add_argument("--sink", type=int, default=4, help="first valid tokens always selected (inside the budget)")
+    p.add_argument("--recent", type=int, default=16, help="last valid tokens always selected (inside the budget)")
+    p.add_argument("--dense-layers", default="0,1", help="comma-separated layers kept dense ('' = none)")
+    p.add_argument("--min-length", type=int, default=0, help="prefixes shorter than this attend densely")
+    p.add_argument("--page", type=int, default=16, help="quest page size in tokens")
+    p.add_argument("--prefill", type=int, default=0,
+                   help="ppl: positions before this attend densely (a dense prefill of that many tokens)")
+    p.add_argument("--calibration", default=None, metavar="PATH",
+                   help="channel config JSON for dsparse (default: the cached default calibration on the "
+                        "calibration essays)")
+    p.add_argument("--calib-tokens", type=int, default=None, metavar="N",
+                   help="calibration tokens of the default calibration (default: dsc.calibration's default)")
+    p.add_argument("--chunk", type=int, default=256, help="query rows per attention chunk (memory bound)")
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    text = (text or "").strip()
+    if not text:
+        return ()
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--dense-layers must be comma-separated layer numbers, got {text!r}") from None
+
+
+def policies_from_args(args, model, tokenizer) -> list:
+    """One :class:`Policy` per (policy, budget) named on the command line (dense first, once)."""
+    from dsc.evaluation.policies import POLICIES, Policy, parse_budget
+
+    names = [n.strip() for n in str(args.policy).split(",") if n.strip()]
+    bad = [n for n in names if n not in POLICIES]
+    if bad or not names:
+        raise ValueError(f"--policy must list policies among {POLICIES}, got {args.policy!r}")
+    budgets = [parse_budget(b) for b in str(args.budget).split(",") if b.strip()]
+    if not budgets:
+        raise ValueError(f"--budget must list at least one budget, got {args.budget!r}")
+    chans = load_channels(args, model, tokenizer) if "dsparse" in names else None
+    common = dict(r=args.channels, label_bits=args.label_bits, gqa=args.gqa, sink=args.sink, recent=args.recent,
+                  dense_layers=parse_layers(args.dense_layers), min_length=args.min_length, page=args.page)
+    out = [Policy("dense")]
+    for n in names:
+        if n == "dense":
+            continue
+        out += [Policy(n, budget=b, channels=chans, **common) for b in budgets]
+    return out
+
+
+def load_channels(args, model, tokenizer):
+    """The channel config named by ``--calibration``, else the cached default calibration (calibration essays)."""
+    from dsc.calibration import ChannelConfig, default_config
+    from dsc.evaluation.policies import check_model
+
+    if getattr(args, "calibration", None):
+        cfg = ChannelConfig.load(args.calibration)
+    else:
+        from dsc.calibration.default import DEFAULT_TOKENS
+
+        cfg = default_config(model=model, tokenizer=tokenizer, tokens=getattr(args, "calib_tokens", None)
+                             or DEFAULT_TOKENS)
+    nl, hq, hkv, d = check_model(model)
+    cfg.check_shapes(num_layers=nl, num_heads=hq, num_kv_heads=hkv, head_dim=d)
+    return cfg
 
 
 def eval_windows(tokenizer, context: int, windows: int) -> "torch.Tensor":
@@ -29,20 +114,45 @@ def eval_windows(tokenizer, context: int, windows: int) -> "torch.Tensor":
     return ids[: n * context].view(n, context)
 
 
-def perplexity(model, windows, forward=None, progress: bool = True) -> dict:
-    """Mean next-token NLL over ``windows`` ``[n, L]``, one forward per window; returns ppl, nll, tokens."""
+def perplexity(model, windows, forward=None, progress: bool = True, policy=None, prefill: int = 0,
+               chunk: int = 256, desc: str = "perplexity") -> dict:
+    """Mean next-token NLL over ``windows`` ``[n, L]``, one forward per window; returns ppl, nll, tokens.
+
+    With ``policy`` (a :class:`~dsc.evaluation.policies.Policy`) attention follows it; the result also holds
+    ``fetched_frac`` (mean share of each sparse row's valid K/V rows fetched, union over a KV group) and
+    ``bytes_frac`` (bytes read per token and KV head relative to dense, with a 16-bit cache)."""
+    import contextlib
+
     import torch
     from tqdm import tqdm
 
+    from dsc.evaluation.policies import apply_policy, check_model
+
     forward = forward or model
     total, count = 0.0, 0
+    fetched = valid = 0.0
     with torch.no_grad():
-        for w in tqdm(windows, desc="perplexity", unit="win", disable=not progress):
-            logits = forward(input_ids=w[None], use_cache=False).logits[0, :-1].float()
+        for w in tqdm(windows, desc=desc, unit="win", disable=not progress):
+            ctx = apply_policy(model, policy, prefill=prefill, chunk=chunk) if policy is not None \
+                else contextlib.nullcontext()
+            with ctx as mode:
+                logits = forward(input_ids=w[None], use_cache=False).logits[0, :-1].float()
+            if mode is not None:
+                fetched += mode.stats.fetched
+                valid += mode.stats.valid
             nll = torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum")
             total += nll.item()
             count += w.numel() - 1
-    return {"ppl": math.exp(total / count), "nll": total / count, "tokens": count, "windows": len(windows)}
+    res = {"ppl": math.exp(total / count), "nll": total / count, "tokens": count, "windows": len(windows)}
+    if policy is not None:
+        _, hq, hkv, d = check_model(model)
+        frac = fetched / valid if valid else 1.0
+        res.update(policy=policy.name, label=policy.label(), budget=policy.budget, r=policy.r,
+                   label_bits=policy.label_bits, gqa=policy.gqa, sink=policy.sink, recent=policy.recent,
+                   dense_layers=list(policy.dense_layers), min_length=policy.min_length, prefill=prefill,
+                   fetched_frac=frac, bytes_frac=policy.score_bytes(d, hq // hkv) / (4.0 * d) + frac
+                   if policy.name != "dense" else 1.0)
+    return res
 
 
 def run(args) -> int:
@@ -53,9 +163,23 @@ def run(args) -> int:
     check_context(model, args.context, "--context")
     if args.windows < 0:
         raise ValueError(f"--windows must be >= 0, got {args.windows}")
-    res = perplexity(model, eval_windows(tok, args.context, args.windows))
-    res.update(context=args.context, policy="dense")
-    print(f"perplexity {res['ppl']:.3f}  (nll {res['nll']:.4f}, {res['tokens']} tokens, "
-          f"{res['windows']} windows of {args.context}, evaluation essays, dense)")
-    write_json(args.json, res)
+    if args.chunk <= 0:
+        raise ValueError(f"--chunk must be positive, got {args.chunk}")
+    if args.prefill < 0:
+        raise ValueError(f"--prefill must be >= 0, got {args.prefill}")
+    pols = policies_from_args(args, model, tok)
+    wins = eval_windows(tok, args.context, args.windows)
+    results = []
+    for pol in pols:
+        res = perplexity(model, wins, policy=pol, prefill=args.prefill, chunk=args.chunk, desc=pol.label())
+        res.update(context=args.context)
+        results.append(res)
+    dense = results[0]["ppl"]
+    print(f"evaluation essays: {results[0]['windows']} windows of {args.context} tokens, prefill {args.prefill}")
+    print(f"{'policy':<60} {'ppl':>9} {'vs dense':>9} {'fetched':>8} {'bytes':>7}")
+    for res in results:
+        res["rel"] = res["ppl"] / dense - 1
+        print(f"{res['label']:<60} {res['ppl']:9.3f} {100 * res['rel']:+8.2f}% {res['fetched_frac']:8.4f} "
+              f"{res['bytes_frac']:7.4f}")
+    write_json(args.json, results if len(results) > 1 else results[0])
     return 0

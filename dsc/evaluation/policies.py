@@ -1,0 +1,418 @@
+"""Token-selection policies at equal budget, applied to any HF model by intercepting its SDPA calls.
+
+One machinery for every policy: a policy only *scores* the keys of each query's causal prefix; selection
+(``select_topk``: budget, sink/recent forced inside it, never an invalid key) and the exact attention over the
+selected rows are shared, so policies differ only in what they rank by:
+
+- ``dense``: no selection (exact attention);
+- ``dsparse``: Double Sparsity: the calibrated ``r`` channels of each KV head, scored against the label cache
+  (``label_write`` + ``label_scores`` of :mod:`dsc.kernels`, optionally 8/4-bit labels);
+- ``oracle``: exact ``q . K`` scores (the upper bound of any token selection at this budget);
+- ``streaming``: StreamingLLM, the first ``sink`` tokens plus the most recent ones, nothing else;
+- ``quest``: Quest, pages of ``page`` tokens scored by ``sum_c max(q_c min_c, q_c max_c)`` over each page's
+  per-channel key min/max; whole pages are taken in score order (the query's own page uses the min/max of its
+  tokens so far, as it would while decoding);
+- ``sparq``: SparQ (without its mean-value reallocation), per query the top-``r`` channels by ``|q|``, scores
+  from those channels of the full K.
+
+:class:`SparseSDPA` is a ``TorchFunctionMode``: inside it, every SDPA call of the model computes, for each query
+row, the policy's top-k over that row's own valid keys, then exact attention over them. A row attends exactly
+as the same query would at a decode step with that cache, so one full-window forward gives the logits of
+token-by-token sparse decoding (queries at positions ``< prefill`` attend densely, like a dense prefill).
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from dsc.sites import layer_index
+
+POLICIES = ("dense", "dsparse", "oracle", "streaming", "quest", "sparq")
+GQA_MODES = ("group", "head")
+LABEL_BITS = (16, 8, 4)
+ELEM_BYTES = 2  # bytes accounting assumes a 16-bit K/V cache (the serving dtype), whatever the eval dtype
+_SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+
+
+def parse_budget(text) -> int | float:
+    """``"128"`` -> 128 tokens; ``"1/16"`` or ``"0.0625"`` -> a fraction of each row's valid tokens."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = text
+    else:
+        try:
+            value = float(Fraction(str(text).strip()))
+        except (ValueError, ZeroDivisionError) as e:
+            raise ValueError(f"budget {text!r} is not a number: pass tokens (e.g. 128) or a fraction "
+                             "(e.g. 1/16 or 0.0625)") from e
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"budget must be positive (tokens >= 1 or a fraction in (0, 1)), got {text!r}")
+    if value >= 1:
+        if value != int(value):
+            raise ValueError(f"budget {text!r} is >= 1 but not an integer token count")
+        return int(value)
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One attention policy and its knobs (the dsparse fields mirror :class:`dsc.config.DSConfig`).
+
+    ``budget``: tokens per row (int) or a fraction of each row's valid tokens (float in (0, 1)). ``r``: label
+    channels (dsparse) or |q| channels (sparq). ``channels``: a ChannelConfig (dsparse only).
+    """
+
+    name: str = "dense"
+    budget: int | float = 1 / 16
+    r: int = 16
+    label_bits: int = 16
+    gqa: str = "head"
+    sink: int = 4
+    recent: int = 16
+    dense_layers: tuple[int, ...] = (0, 1)
+    min_length: int = 0
+    page: int = 16
+    channels: object = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.name not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.name!r}")
+        object.__setattr__(self, "budget", parse_budget(self.budget))
+        if self.gqa not in GQA_MODES:
+            raise ValueError(f"gqa must be one of {GQA_MODES}, got {self.gqa!r}")
+        if self.label_bits not in LABEL_BITS:
+            raise ValueError(f"label_bits must be one of {LABEL_BITS}, got {self.label_bits!r}")
+        for name in ("r", "page", "sink", "recent", "min_length"):
+            v = getattr(self, name)
+            lo = 1 if name in ("r", "page") else 0
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        object.__setattr__(self, "dense_layers", tuple(sorted({int(x) for x in self.dense_layers})))
+        if self.name == "dsparse" and self.channels is None:
+            raise ValueError("the dsparse policy needs a channel config (channels=ChannelConfig); get one with "
+                             "dsc.calibration.default_config(model=..., tokenizer=...) or `dsc calibrate`")
+
+    # ----------------------------------------------------------------------------------------- budget view
+    @property
+    def budget_tokens(self) -> int:
+        return self.budget if isinstance(self.budget, int) else 0
+
+    @property
+    def budget_frac(self) -> float:
+        return 0.0 if isinstance(self.budget, int) else float(self.budget)
+
+    def label(self) -> str:
+        """A short human-readable name with the knobs that matter for this policy."""
+        if self.name == "dense":
+            return "dense"
+        b = f"{self.budget}" if isinstance(self.budget, int) else f"1/{1 / self.budget:.3g}"
+        parts = [self.name, f"k={b}", self.gqa]
+        if self.name in ("dsparse", "sparq"):
+            parts.append(f"r={self.r}")
+        if self.name == "dsparse" and self.label_bits != 16:
+            parts.append(f"{self.label_bits}bit")
+        parts.append(f"sink={self.sink}" if self.name == "streaming" else f"sink={self.sink},recent={self.recent}")
+        return " ".join(parts)
+
+    def score_bytes(self, head_dim: int, group_size: int) -> float:
+        """Bytes read per (cached token, KV head) to score it, with a 16-bit cache (ALGORITHM.md sec. 1)."""
+        d, e = head_dim, ELEM_BYTES
+        if self.name in ("dense", "streaming"):
+            return 0.0
+        if self.name == "oracle":
+            return float(d * e)
+        if self.name == "quest":
+            return 2.0 * d * e / self.page  # min and max vectors per page
+        if self.name == "sparq":
+            chans = self.r if self.gqa == "group" else min(d, group_size * self.r)
+            return float(chans * e)
+        # dsparse: r labels of b bits (+ fp32 scale and zero per token when quantized)
+        if self.label_bits == 16:
+            return float(self.r * e)
+        return math.ceil(self.r * self.label_bits / 8) + 8.0
+
+    def for_bytes(self, bytes_frac: float, head_dim: int, group_size: int) -> "Policy | None":
+        """This policy with the fractional token budget that makes its bytes read ``bytes_frac`` of dense
+        (group selection assumed: one fetched row per selected token), or None if scoring alone exceeds it."""
+        dense = 2.0 * head_dim * ELEM_BYTES
+        tok = bytes_frac - self.score_bytes(head_dim, group_size) / dense
+        if tok <= 0:
+            return None
+        return replace(self, budget=min(tok, 0.999999))
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+def _kernels():
+    from dsc.kernels import cpu
+
+    return cpu
+
+
+def _group_heads(q: torch.Tensor, hkv: int) -> torch.Tensor:
+    """``[B, Hq, L, D]`` -> ``[B, Hkv, G, L, D]``."""
+    b, hq, l, d = q.shape
+    return q.view(b, hkv, hq // hkv, l, d)
+
+
+def _reduce(scores5: torch.Tensor, group: bool) -> torch.Tensor:
+    """``[B, Hkv, G, L, S]`` per-head scores -> ``[B, Hkv, L, S]`` (group sum) or ``[B, Hq, L, S]``."""
+    if group:
+        return scores5.sum(2)
+    b, hkv, g, l, s = scores5.shape
+    return scores5.reshape(b, hkv * g, l, s)
+
+
+class LayerScorer:
+    """Scores of one SDPA call's keys for chunks of its queries under ``policy`` (fp32, invalid = ``-inf``).
+
+    Built once per call: per-key state (labels, page min/max) is computed once and sliced per chunk."""
+
+    def __init__(self, policy: Policy, layer: int, k: torch.Tensor):
+        self.p, self.layer, self.k = policy, layer, k
+        b, hkv, s, d = k.shape
+        self.group = policy.gqa == "group"
+        if policy.name == "dsparse":
+            cfg = policy.channels
+            self.ch = cfg.channels(layer, policy.r).to(k.device)
+            kern = _kernels()
+            from dsc.kernels import alloc_labels
+
+            self.labels = alloc_labels(b, hkv, s, policy.r, policy.label_bits, dtype=k.dtype, device=k.device)
+            kern.label_write(k, self.ch, torch.arange(s, device=k.device), *self.labels, policy.label_bits)
+        elif policy.name == "quest":
+            pg = policy.page
+            npg = -(-s // pg)
+            pad = npg * pg - s
+            kf = k.float()
+            lo = F.pad(kf, (0, 0, 0, pad), value=float("inf")).view(b, hkv, npg, pg, d)
+            hi = F.pad(kf, (0, 0, 0, pad), value=float("-inf")).view(b, hkv, npg, pg, d)
+            self.run_min = lo.cummin(3).values.view(b, hkv, npg * pg, d)  # min of page so far, per position
+            self.run_max = hi.cummax(3).values.view(b, hkv, npg * pg, d)
+            self.page_min = self.run_min.view(b, hkv, npg, pg, d)[:, :, :, -1]
+            self.page_max = self.run_max.view(b, hkv, npg, pg, d)[:, :, :, -1]
+
+    def scores(self, q: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``q [B, Hq, C, D]`` against keys ``[:S]`` with ``valid [B|1, 1, C, S]`` -> ``[B, Hsel, C, S]``."""
+        p, k = self.p, self.k
+        s = valid.shape[-1]
+        b, hkv = k.shape[0], k.shape[1]
+        hq, c = q.shape[1], q.shape[2]
+        if p.name == "dsparse":
+            data, scale, zero = self.labels
+            if p.label_bits != 16:
+                scale, zero = scale[:, :, :s], zero[:, :, :s]
+            return _kernels().label_scores(q, self.ch, data[:, :, :s], scale, zero, p.label_bits,
+                                           valid.expand(b, 1, c, s), None, self.group)
+        if p.name == "streaming":
+            hsel = hkv if self.group else hq
+            sc = torch.zeros(b, hsel, c, s, dtype=torch.float32, device=q.device)
+        elif p.name == "oracle":
+            qg = _group_heads(q.float(), hkv)
+            sc = _reduce(torch.einsum("bhgcd,bhsd->bhgcs", qg, k[:, :, :s].float()), self.group)
+        elif p.name == "sparq":
+            qg = _group_heads(q.float(), hkv)
+            if self.group:
+                qg = qg.sum(2, keepdim=True)  # the group's summed score is (sum_h q_h) . k
+            top = qg.abs().topk(min(p.r, qg.shape[-1]), dim=-1).indices
+            qm = torch.zeros_like(qg).scatter_(-1, top, qg.gather(-1, top))
+            sc = _reduce(torch.einsum("bhgcd,bhsd->bhgcs", qm, k[:, :, :s].float()), False)
+            if self.group:
+                sc = sc.view(b, hkv, c, s)
+        else:  # quest
+            return self._quest(q, valid)
+        return sc.masked_fill(~valid, float("-inf"))
+
+    def _quest(self, q: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        p, k = self.p, self.k
+        b, hkv, _, d = k.shape
+        s, c, pg = valid.shape[-1], q.shape[2], p.page
+        npg = -(-s // pg)
+        qg = _group_heads(q.float(), hkv)                                   # [B, Hkv, G, C, D]
+        qpos, qneg = qg.clamp(min=0), qg.clamp(max=0)
+        full = (torch.einsum("bhgcd,bhpd->bhgcp", qpos, self.page_max[:, :, :npg])
+                + torch.einsum("bhgcd,bhpd->bhgcp", qneg, self.page_min[:, :, :npg]))
+        # The page holding the row's last valid key is still filling: use its min/max up to that key.
+        pos = torch.arange(s, device=q.device)
+        last = torch.where(valid, pos, -1).amax(-1).clamp(min=0).expand(b, 1, c)[:, 0]   # [B, C]
+        gi = last[:, None, :, None].expand(b, hkv, c, d)
+        cmax, cmin = self.run_max.gather(2, gi), self.run_min.gather(2, gi)            # [B, Hkv, C, D]
+        cur = (qpos * cmax[:, :, None]).sum(-1) + (qneg * cmin[:, :, None]).sum(-1)    # [B, Hkv, G, C]
+        cur_page = (last // pg)[:, None, None, :, None]                                # [B, 1, 1, C, 1]
+        pages = torch.arange(npg, device=q.device)
+        full = torch.where(pages == cur_page, cur[..., None], full)
+        full = full.masked_fill(pages > cur_page, float("-inf"))
+        full = _reduce(full, self.group)                                               # [B, Hsel, C, P]
+        # Rank pages (stable: earlier page first on ties); token key = -(rank * page + offset) takes whole pages
+        # in rank order, and the first tokens of the last page taken.
+        order = full.argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(-1, order, pages.expand_as(order))
+        tok_rank = rank.repeat_interleave(pg, -1)[..., :s]
+        key = -(tok_rank * pg + (pos % pg)).float()
+        return key.masked_fill(~valid, float("-inf"))
+
+
+# ------------------------------------------------------------------------------------------- interception
+@dataclass
+class Stats:
+    """Counters over sparse rows: rows, mean selected rows fetched per KV head (union over the group)."""
+
+    rows: int = 0
+    fetched: float = 0.0   # sum over (row, KV head) of distinct selected positions
+    valid: float = 0.0     # sum over (row, KV head) of valid positions
+
+    def fetched_frac(self) -> float:
+        return self.fetched / self.valid if self.valid else 1.0
+
+
+class SparseSDPA(TorchFunctionMode):
+    """Replaces each SDPA call of a model by per-row ``policy`` selection + exact attention over the selection.
+
+    ``stack`` holds the module paths entered (pushed by forward pre-hooks), so the innermost one names the layer
+    (:func:`dsc.sites.layer_index`). ``prefill``: queries at absolute positions ``< prefill`` attend densely.
+    ``chunk``: query rows handled together (bounds memory: about ``chunk * S * Hq`` floats at a time).
+    """
+
+    def __init__(self, policy: Policy, stack: list[str], prefill: int = 0, chunk: int = 256,
+                 num_kv_heads: int | None = None):
+        super().__init__()
+        self.policy, self.stack, self.prefill, self.chunk = policy, stack, int(prefill), int(chunk)
+        self.num_kv_heads = num_kv_heads
+        self.stats = Stats()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in _SDPA or self.policy.name == "dense":
+            return func(*args, **kwargs)
+        layer = layer_index(self.stack[-1]) if self.stack else None
+        if layer is None or layer in self.policy.dense_layers:
+            return func(*args, **kwargs)
+        if self.policy.name == "dsparse" and not self.policy.channels.has_layer(layer):
+            return func(*args, **kwargs)  # not calibrated: dense, as the backend does
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        a = dict(zip(names, args))
+        a.update(kwargs)
+        if a.get("dropout_p", 0.0):
+            raise ValueError("SparseSDPA evaluates inference only: SDPA was called with dropout_p > 0")
+        if a["key"].shape[2] <= self.prefill:  # every query lies in the dense prefill
+            return func(*args, **kwargs)
+        return self.attend(layer, a["query"], a["key"], a["value"], a.get("attn_mask"), bool(a.get("is_causal")),
+                           a.get("scale"))
+
+    def attend(self, layer, q, k, v, attn_mask, is_causal, scale):
+        b, hq, lq, d = q.shape
+        hkv, s = k.shape[1], k.shape[2]
+        if self.num_kv_heads and hkv == hq != self.num_kv_heads:
+            # HF repeats K/V to the query heads (repeat_kv) when it passes a mask: undo the copy so selection
+            # and labels stay per KV head, as at decode.
+            rep = hq // self.num_kv_heads
+            k, v = k[:, ::rep], v[:, ::rep]
+            hkv = self.num_kv_heads
+        if hq % hkv:
+            raise ValueError(f"layer {layer}: {hq} query heads are not a multiple of {hkv} KV heads")
+        p = self.policy
+        kern = _kernels()
+        sm_scale = scale if scale is not None else d ** -0.5
+        scorer = LayerScorer(p, layer, k)
+        out = torch.empty_like(q)
+        g = hq // hkv
+        pos = torch.arange(s, device=q.device)
+        for a in range(0, lq, self.chunk):
+            e = min(lq, a + self.chunk)
+            rows = torch.arange(a, e, device=q.device)
+            hi = min(s, e) if (is_causal and attn_mask is None) else s
+            valid = torch.ones(1, 1, e - a, hi, dtype=torch.bool, device=q.device)
+            bias = None
+            if is_causal:
+                valid = valid & (pos[:hi] <= rows[:, None])  # torch SDPA's is_causal: top-left aligned
+            if attn_mask is not None:
+                m = attn_mask[..., a:e, :hi] if attn_mask.shape[-2] > 1 else attn_mask[..., :hi]
+                if m.dtype == torch.bool:
+                    valid = valid & m
+                else:
+                    valid = valid & (m > float("-inf"))
+                    bias = m
+                valid = valid if valid.dim() == 4 else valid.view(1, 1, *valid.shape[-2:])
+                if valid.shape[1] != 1:
+                    valid = valid.all(1, keepdim=True)  # a position is valid only if valid for every head
+            bsz = valid.shape[0]
+            sc = scorer.scores(q[:, :, a:e], valid.expand(max(b, bsz), 1, e - a, hi))
+            recent = hi if p.name == "streaming" else p.recent  # streaming: sinks, then the most recent
+            idx = kern.select_topk(sc, p.budget_tokens, p.budget_frac, p.sink, recent)
+            sel = torch.zeros(*idx.shape[:3], hi + 1, dtype=torch.bool, device=q.device)
+            sel.scatter_(-1, torch.where(idx >= 0, idx, hi), True)
+            sel = sel[..., :hi]
+            # Dense rows: positions before the prefill and prefixes shorter than min_length.
+            nvalid = valid.sum(-1, keepdim=True)                     # [B|1, 1, C, 1]
+            absolute = (s - lq + rows)[None, None, :, None]
+            dense_row = (absolute < self.prefill) | (nvalid < p.min_length)
+            sel = torch.where(dense_row, valid, sel)
+            self._count(sel, valid, dense_row, hkv, sel.shape[1] == hkv)
+            if sel.shape[1] == hkv:
+                sel = sel.repeat_interleave(g, 1)
+            mask = sel if bias is None else torch.where(sel, bias, float("-inf")).to(q.dtype)
+            out[:, :, a:e] = F.scaled_dot_product_attention(q[:, :, a:e], k[:, :, :hi], v[:, :, :hi],
+                                                            attn_mask=mask, scale=sm_scale, enable_gqa=True)
+        return out
+
+    def _count(self, sel, valid, dense_row, hkv, grouped):
+        sparse = ~dense_row[..., 0]                                   # [B|1, 1, C]
+        if not bool(sparse.any()):
+            return
+        b, hs, c, s = sel.shape
+        union = sel if grouped else sel.view(b, hkv, hs // hkv, c, s).any(2)
+        fetched = union.sum(-1).float()                               # [B, Hkv, C]
+        nv = valid.sum(-1).float().expand_as(fetched)
+        m = sparse.expand_as(fetched)
+        self.stats.fetched += float(fetched[m].sum())
+        self.stats.valid += float(nv[m].sum())
+        self.stats.rows += int(sparse.sum()) * b // sparse.shape[0]
+
+
+@contextmanager
+def apply_policy(model: torch.nn.Module, policy: Policy, prefill: int = 0, chunk: int = 256):
+    """While active, the model's attention follows ``policy`` (see :class:`SparseSDPA`); yields the mode,
+    whose ``stats`` count the rows fetched. Restores the model (hooks removed) on exit."""
+    check_model(model)
+    stack: list[str] = []
+    handles = []
+
+    def push(name):
+        def hook(mod, args):
+            stack.append(name)
+        return hook
+
+    def pop(mod, args, out):
+        if stack:
+            stack.pop()
+
+    for name, mod in model.named_modules():
+        if layer_index(name) is not None:
+            handles.append(mod.register_forward_pre_hook(push(name)))
+            handles.append(mod.register_forward_hook(pop, always_call=True))
+    cfg = getattr(model, "config", None)
+    mode = SparseSDPA(policy, stack, prefill=prefill, chunk=chunk,
+                      num_kv_heads=getattr(cfg, "num_key_value_heads", None))
+    try:
+        with mode:
+            yield mode
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def check_model(model) -> tuple[int, int, int, int]:
+    """``(num_layers, num_heads, num_kv_heads, head_dim)`` of an HF decoder, and that it uses SDPA attention."""
+    cfg = model.config
+    impl = getattr(cfg, "_attn_implementation", None) or getattr(cfg, "attn_implementation", None)
+    if impl not in (None, "sdpa"):
+        raise ValueError(f"policies intercept scaled_dot_product_attention, but the model uses "
+                         f"attn_implementation={impl!r}; load it with attn_implementation='sdpa'")
+    hq = cfg.num_attention_heads
+    hkv = getattr(cfg, "num_key_value_heads", None) or hq
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
+    return cfg.num_hidden_layers, hq, hkv, d

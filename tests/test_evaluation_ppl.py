@@ -1,0 +1,276 @@
+"""The chunked policy evaluation attends exactly as token-by-token sparse decoding does.
+
+The token-by-token reference here is independent of :mod:`dsc.evaluation.policies`' chunking: an eager decode
+loop (HF DynamicCache) whose SDPA calls at decode steps go through the ``dsc::ds_decode`` op with a label cache
+written one token at a time by ``dsc::label_write`` -- what the dsparse backend does at run time.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from dsc.calibration.config import ChannelConfig
+from dsc.evaluation.policies import POLICIES, Policy, apply_policy, check_model, parse_budget
+from dsc.generation import make_cache, text_ids
+from dsc.sites import layer_index
+
+_SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+
+
+@pytest.fixture(scope="module")
+def cfg(model):
+    nl, hq, hkv, d = check_model(model)
+    return ChannelConfig.random(nl, hq, hkv, d, seed=1)
+
+
+@pytest.fixture(scope="module")
+def ids(tokenizer):
+    return text_ids(tokenizer, 48)[None]
+
+
+class _StepwiseDS(TorchFunctionMode):
+    """Dense prefill (writing labels), then every Lq == 1 SDPA call through ``dsc::ds_decode``."""
+
+    def __init__(self, policy: Policy, stack: list[str]):
+        super().__init__()
+        self.p, self.stack, self.labels = policy, stack, {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in _SDPA:
+            return func(*args, **kwargs)
+        layer = layer_index(self.stack[-1])
+        q, k, v = args[:3]
+        if layer in self.p.dense_layers:
+            return func(*args, **kwargs)
+        b, hkv, s, d = k.shape
+        p = self.p
+        ch = p.channels.channels(layer, p.r)
+        if layer not in self.labels:
+            self.labels[layer] = _alloc(b, hkv, 512, p.r, p.label_bits)
+        data, scale, zero = self.labels[layer]
+        new = torch.arange(s - q.shape[2], s)
+        torch.ops.dsc.label_write(k[:, :, new].contiguous(), ch, new, data, scale, zero, p.label_bits)
+        if q.shape[2] > 1:  # prefill: dense
+            return func(*args, **kwargs)
+        sl = (lambda t: t[:, :, :s]) if p.label_bits != 16 else (lambda t: t)
+        return torch.ops.dsc.ds_decode(
+            q, k, v, ch, data[:, :, :s].contiguous(), sl(scale).contiguous(), sl(zero).contiguous(), p.label_bits,
+            None, None, None, p.budget_tokens, p.budget_frac, p.sink, p.recent, p.gqa == "group", d ** -0.5)
+
+
+def _alloc(b, hkv, s, r, bits):
+    from dsc.kernels import alloc_labels
+
+    return alloc_labels(b, hkv, s, r, bits)
+
+
+@contextmanager
+def _layer_stack(model):
+    stack, handles = [], []
+    for name, mod in model.named_modules():
+        if layer_index(name) is not None:
+            handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: stack.append(n) and None))
+            handles.append(mod.register_forward_hook(lambda m, a, o: stack.pop() and None, always_call=True))
+    try:
+        yield stack
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def _teacher_forced(model, ids, prefill: int, step_ctx):
+    """Logits of positions ``prefill-1 .. L-2`` from a prefill then one forward per token (DynamicCache)."""
+    cache = make_cache(model, "dynamic", ids.shape[1])
+    out = []
+    with step_ctx:
+        lg = model(input_ids=ids[:, :prefill], cache=cache, use_cache=True,
+                   cache_position=torch.arange(prefill)).logits[:, -1]
+        out.append(lg)
+        for t in range(prefill, ids.shape[1] - 1):
+            lg = model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True,
+                       cache_position=torch.tensor([t])).logits[:, -1]
+            out.append(lg)
+    return torch.stack(out, 1)
+
+
+@torch.no_grad()
+def _dense(model, ids, prefill):
+    return model(input_ids=ids, use_cache=False).logits[:, prefill - 1:-1]
+
+
+@torch.no_grad()
+def _chunked(model, ids, policy, prefill, chunk):
+    with apply_policy(model, policy, prefill=prefill, chunk=chunk):
+        return model(input_ids=ids, use_cache=False).logits[:, prefill - 1:-1]
+
+
+@pytest.mark.parametrize("budget,bits,gqa,sink,recent", [(12, 16, "group", 0, 0), ("1/4", 4, "head", 2, 4)])
+def test_chunked_equals_stepwise_ds_decode(model, ids, cfg, budget, bits, gqa, sink, recent):
+    p = Policy("dsparse", budget=budget, r=16, label_bits=bits, gqa=gqa, sink=sink, recent=recent,
+               dense_layers=(0, 1), channels=cfg)
+    prefill = 24
+    chunked = _chunked(model, ids, p, prefill, chunk=10)
+    with _layer_stack(model) as stack:
+        step = _teacher_forced(model, ids, prefill, _StepwiseDS(p, stack))
+    assert (_dense(model, ids, prefill) - step).abs().max() > 1e-2  # the budget binds: sparse != dense
+    torch.testing.assert_close(chunked, step, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", [n for n in POLICIES if n not in ("dense", "dsparse")])
+def test_chunked_equals_own_stepwise(model, ids, cfg, name):
+    """Each baseline: one full-window forward == prefill + decode steps through the same policy (Lq == 1 rows)."""
+    p = Policy(name, budget=16, r=8, gqa="head" if name == "quest" else "group", sink=2, recent=4,
+               dense_layers=(0,), page=4, channels=cfg)
+    prefill = 20
+    chunked = _chunked(model, ids, p, prefill, chunk=16)
+
+    @contextmanager
+    def policy_ctx():
+        with apply_policy(model, p, prefill=prefill):
+            yield
+
+    step = _teacher_forced(model, ids, prefill, policy_ctx())
+    assert (_dense(model, ids, prefill) - step).abs().max() > 1e-2
+    torch.testing.assert_close(chunked, step, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_budget_covering_prefix_is_dense(model, ids, cfg, name):
+    """With a budget >= every prefix, every policy is exact dense attention."""
+    with torch.no_grad():
+        ref = model(input_ids=ids[:, :40], use_cache=False).logits
+        with apply_policy(model, Policy(name, budget=40, channels=cfg, dense_layers=()), chunk=16) as mode:
+            out = model(input_ids=ids[:, :40], use_cache=False).logits
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    if name != "dense":
+        assert mode.stats.fetched_frac() == 1.0 and mode.stats.rows == 30 * 40
+
+
+def test_selection_never_reads_the_future(model, ids, cfg):
+    """Changing later tokens never changes earlier logits under a sparse policy (causal prefix only)."""
+    p = Policy("dsparse", budget="1/4", channels=cfg, label_bits=4)
+    a = ids[:, :48].clone()
+    b = a.clone()
+    b[:, 30:] = torch.flip(b[:, 30:], [1])
+    with torch.no_grad(), apply_policy(model, p, chunk=13):
+        la = model(input_ids=a, use_cache=False).logits
+        lb = model(input_ids=b, use_cache=False).logits
+    torch.testing.assert_close(la[:, :30], lb[:, :30], atol=1e-4, rtol=1e-4)
+
+
+def test_quest_takes_whole_pages():
+    """Quest selects whole pages in score order; the page being filled counts with its tokens so far."""
+    from dsc.evaluation.policies import LayerScorer
+
+    torch.manual_seed(0)
+    k = torch.randn(1, 1, 40, 8)
+    q = torch.randn(1, 1, 1, 8)
+    p = Policy("quest", budget=8, page=4, gqa="head", sink=0, recent=0)
+    valid = torch.ones(1, 1, 1, 38, dtype=torch.bool)
+    sc = LayerScorer(p, 0, k).scores(q, valid)
+    idx = torch.ops.dsc.select_topk(sc, 8, 0.0, 0, 0)[0, 0, 0].sort().values
+    pages = (idx // 4).unique()
+    assert len(pages) == 2 and torch.equal(idx, torch.cat([torch.arange(4) + 4 * pg for pg in pages]))
+    # expected page scores, by brute force over min/max
+    want = []
+    for pg in range(10):
+        kk = k[0, 0, 4 * pg:min(4 * pg + 4, 38)]
+        want.append(torch.maximum(q[0, 0, 0] * kk.min(0).values, q[0, 0, 0] * kk.max(0).values).sum())
+    best = torch.stack(want).topk(2).indices.sort().values
+    assert torch.equal(pages, best)
+
+
+def test_parse_budget_and_errors():
+    assert parse_budget("1/16") == 1 / 16 and parse_budget("128") == 128 and parse_budget(0.25) == 0.25
+    for bad in ("0", "-3", "1.5", "abc"):
+        with pytest.raises(ValueError, match="budget"):
+            parse_budget(bad)
+    with pytest.raises(ValueError, match="policy"):
+        Policy("h2o")
+    with pytest.raises(ValueError, match="channel config"):
+        Policy("dsparse")
+
+
+def test_equal_bytes_budgets():
+    d, g = 64, 3
+    assert Policy("streaming", budget=8).for_bytes(1 / 8, d, g).budget == pytest.approx(1 / 8)
+    assert Policy("oracle", budget=8).for_bytes(1 / 8, d, g) is None  # reading all of K costs 1/2
+    q = Policy("quest", budget=8).for_bytes(1 / 8, d, g)
+    assert q.budget == pytest.approx(1 / 8 - 1 / 16)
+
+
+def test_cli_eval_ppl_policies(tmp_path, cfg):
+    from dsc.cli import main
+
+    path, cal = tmp_path / "p.json", tmp_path / "cfg.json"
+    cfg.save(cal)
+    assert main(["eval", "ppl", "--context", "96", "--windows", "1", "--policy", "dsparse,streaming",
+                 "--budget", "16", "--calibration", str(cal), "--label-bits", "4", "--json", str(path)]) == 0
+    res = json.loads(path.read_text())
+    assert [r["policy"] for r in res] == ["dense", "dsparse", "streaming"]
+    assert all(r["tokens"] == 95 for r in res)
+    assert res[1]["ppl"] != res[0]["ppl"] and res[1]["fetched_frac"] < 1.0
+    assert main(["eval", "ppl", "--policy", "h2o"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", ["dynamic"])
+def test_chunked_equals_compiled_dsparse_backend(model, ids, cfg, cache):
+    """The chunked evaluation == token-by-token decoding through ``torch.compile(backend="dsparse")``."""
+    p = Policy("dsparse", budget=12, r=16, label_bits=4, gqa="group", sink=2, recent=3, dense_layers=(0, 1),
+               channels=cfg)
+    prefill = 24
+    chunked = _chunked(model, ids, p, prefill, chunk=32)
+    opts = {"channels": cfg, "budget": p.budget, "r": p.r, "label_bits": p.label_bits, "gqa": p.gqa,
+            "sink": p.sink, "recent": p.recent, "dense_layers": p.dense_layers, "inner": "eager"}
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="dsparse", options=opts)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=64):
+            step = _teacher_forced(model, ids, prefill, torch.no_grad())
+    finally:
+        del model.forward
+        torch._dynamo.reset()
+    assert (_dense(model, ids, prefill) - step).abs().max() > 1e-2
+    torch.testing.assert_close(chunked, step, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("masking", ["float", "bool"])
+def test_mode_with_explicit_mask_matches_kernels(masking):
+    """SDPA called with an explicit mask (padding + causal, as HF passes with a cache): the selection never takes
+    a masked key, and the result equals select_topk + sparse_attention of dsc.kernels (float bias applied)."""
+    from dsc.evaluation.policies import SparseSDPA
+    from dsc.kernels import reference
+
+    g = torch.Generator().manual_seed(0)
+    b, hq, hkv, lq, s, d = 2, 4, 2, 5, 30, 8
+    q, k, v = (torch.randn(b, h, n, d, generator=g) for h, n in ((hq, lq), (hkv, s), (hkv, s)))
+    valid = torch.ones(b, 1, lq, s, dtype=torch.bool).tril(s - lq)
+    valid[1, :, :, :3] = False  # left padding of the second sequence
+    bias = torch.randn(b, 1, lq, s, generator=g) * 0.1
+    mask = valid if masking == "bool" else torch.where(valid, bias, float("-inf"))
+    p = Policy("oracle", budget=6, gqa="head", sink=1, recent=2, dense_layers=())
+    with SparseSDPA(p, ["model.layers.3.self_attn"], num_kv_heads=hkv):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    sc = torch.einsum("bhld,bhsd->bhls", q, k.repeat_interleave(hq // hkv, 1)).masked_fill(~valid, float("-inf"))
+    idx = reference.select_topk(sc, 6, 0.0, 1, 2)
+    want = reference.sparse_attention(q, k, v, idx, d ** -0.5, None if masking == "bool" else
+                                      bias.expand(b, hq, lq, s).contiguous())
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    with SparseSDPA(replace_budget(p, 64), ["model.layers.3.self_attn"], num_kv_heads=hkv):
+        full = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(full, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+                               atol=1e-5, rtol=1e-5)
+
+
+def replace_budget(p, budget):
+    from dataclasses import replace
+
+    return replace(p, budget=budget)

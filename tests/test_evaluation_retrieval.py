@@ -1,0 +1,86 @@
+"""Retrieval tasks (deterministic cases, policy runs from one prefilled cache) and the sweep command."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import pytest
+
+from dsc.evaluation import retrieval as R
+from dsc.evaluation.policies import Policy
+
+
+def test_cases_are_deterministic_and_well_formed(tokenizer):
+    a = R.passkey_case(tokenizer, 400, 0.25, 7)
+    assert a == R.passkey_case(tokenizer, 400, 0.25, 7)
+    assert a.answer != R.passkey_case(tokenizer, 400, 0.25, 8).answer or \
+        a.context != R.passkey_case(tokenizer, 400, 0.25, 8).context
+    key = a.answer.strip()
+    assert len(key) == 5 and a.context.count(key) == 2
+    n = len(tokenizer(a.context).input_ids)
+    assert 340 <= n <= 400
+    at = a.context.index("The pass key is")
+    assert 0.15 < at / len(a.context) < 0.4  # needle near the requested depth
+    b = R.lines_case(tokenizer, 600, 0.9, 3)
+    assert b == R.lines_case(tokenizer, 600, 0.9, 3)
+    name = b.question.split("line ")[1].split("?")[0]
+    lines = b.context.splitlines()[1:]
+    assert len({ln.split(":")[0] for ln in lines}) == len(lines)  # unique names
+    hit = [i for i, ln in enumerate(lines) if ln.startswith(f"line {name}:")]
+    assert len(hit) == 1 and lines[hit[0]].endswith(f"<{b.answer}>")
+    assert hit[0] / len(lines) > 0.8
+    assert len(tokenizer(b.context).input_ids) <= 600
+
+
+def test_first_number():
+    assert R.first_number(" 12345. ok") == "12345" and R.first_number("none") is None
+
+
+def test_run_case_policies(model, tokenizer):
+    case = R.passkey_case(tokenizer, 160, 0.5, 0)
+    pols = [Policy("dense"), Policy("streaming", budget=512), Policy("streaming", budget=8, sink=2)]
+    rows = R.run_case(model, tokenizer, case, pols, max_new=4)
+    assert [r["policy"] for r in rows] == ["dense", "streaming", "streaming"]
+    dense, full, tiny = rows
+    assert full["logprob"] == pytest.approx(dense["logprob"], abs=1e-3) and full["agree"] == 1.0
+    assert full["output"] == dense["output"]
+    assert abs(tiny["logprob"] - dense["logprob"]) > 1e-2  # the question/answer rows really are sparse
+    summary = R.summarize(rows, by=("policy", "label"))
+    assert {s["label"] for s in summary} == {p.label() for p in pols}
+    assert all(0 <= s["agree"] <= 1 and s["cases"] == 1 for s in summary)
+
+
+def test_cli_retrieval(tmp_path):
+    from dsc.cli import main
+
+    path = tmp_path / "r.json"
+    assert main(["eval", "retrieval", "--task", "lines", "--lengths", "128", "--depths", "0.5", "--samples", "1",
+                 "--policy", "streaming", "--budget", "16", "--max-new", "3", "--json", str(path)]) == 0
+    res = json.loads(path.read_text())
+    assert len(res["cases"]) == 2 and {r["policy"] for r in res["cases"]} == {"dense", "streaming"}
+    assert main(["eval", "retrieval", "--task", "needle"]) == 2
+    assert main(["eval", "retrieval", "--depths", "1.5"]) == 2
+
+
+def test_cli_sweep(tmp_path):
+    from dsc.cli import main
+
+    png = tmp_path / "s.png"
+    assert main(["eval", "sweep", "--plot", str(png), "--context", "64", "--windows", "1", "--budgets", "1/2,1/4",
+                 "--bytes", "1/2", "--policy", "streaming,quest", "--task", "passkey", "--lengths", "128",
+                 "--depths", "0.5", "--max-new", "2"]) == 0
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    data = json.loads(png.with_suffix(".json").read_text())
+    assert {(r["policy"], r["mode"]) for r in data["ppl"]} == {
+        ("streaming", "tokens"), ("streaming", "bytes"), ("quest", "tokens"), ("quest", "bytes")}
+    assert {s["policy"] for s in data["retrieval"]} == {"dense", "streaming", "quest"}
+    rows = list(csv.reader(png.with_suffix(".csv").open()))
+    assert rows[0][0] == "mode" and rows[1][0] == "dense" and len(rows) > 6
+
+
+def test_sweep_without_matplotlib(tmp_path, monkeypatch):
+    from dsc.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["eval", "sweep", "--plot", str(tmp_path / "x.png")]) == 2
