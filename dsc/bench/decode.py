@@ -4,8 +4,9 @@ Policies: ``dense`` (the model as it is) and ``dsparse`` (the ``dsparse`` backen
 with ``--compile eager`` its rewritten graph runs without inductor). ``--quant int8`` applies torchao int8
 weight-only quantization first: smaller weights make the KV cache a larger share of the bytes read.
 
-Every configuration is prefilled with real essay text at the given context length, then decoded greedily; the
-figure is the median per-step latency over the timed steps (after warm-up steps), and tokens/s = batch / latency.
+Every configuration is prefilled with real essay text, then decoded greedily so that the cache ends at the given
+context length (prompt = context - decode steps); the figure is the median per-step latency over the timed steps
+(after warm-up steps), and tokens/s = batch / latency.
 Eager and compiled runs happen in the same process, one after the other, so their ratio is meaningful; absolute
 numbers on a shared 2-core CPU are noisy.
 """
@@ -62,10 +63,11 @@ def bench_one(model, tok, context: int, batch: int, compiler: str, steps: int, w
               policy: str = "dense", ds_options: dict | None = None) -> dict:
     from dsc.generation import greedy_decode, text_ids
 
-    ids = text_ids(tok, context).expand(batch, -1).contiguous()
+    n = steps + warmup + 1
+    ids = text_ids(tok, context - n).expand(batch, -1).contiguous()
     forward = compiled_forward(model, compiler, policy, ds_options)
     t0 = time.perf_counter()
-    r = greedy_decode(model, ids, steps + warmup + 1, forward=forward, cache="static")
+    r = greedy_decode(model, ids, n, forward=forward, cache="static")
     wall = time.perf_counter() - t0
     timed = r.step_s[warmup:]
     lat = sorted(timed)[len(timed) // 2]
@@ -117,7 +119,9 @@ def run(args) -> int:
             loaded = (dtype, quant)
         if policy == "dsparse" and ds_options is None:
             ds_options = dsparse_options(args, model, tok)
-        check_context(model, ctx + args.steps + args.warmup + 1, "context + decode steps")
+        check_context(model, ctx, "context")
+        if ctx <= args.steps + args.warmup + 1:
+            raise ValueError(f"context {ctx} must exceed the decode steps ({args.steps} + {args.warmup} warm-up + 1)")
         bar.set_postfix_str(f"{dtype} {quant} ctx={ctx} b={batch} {compiler} {policy}")
         torch._dynamo.reset()
         row = bench_one(model, tok, ctx, batch, compiler, args.steps, args.warmup, policy, ds_options)

@@ -31,11 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from dsc.config import GQA_MODES, LABEL_BITS, DSConfig
 from dsc.sites import layer_index
 
 POLICIES = ("dense", "dsparse", "oracle", "streaming", "quest", "sparq")
-GQA_MODES = ("group", "head")
-LABEL_BITS = (16, 8, 4)
 ELEM_BYTES = 2  # bytes accounting assumes a 16-bit K/V cache (the serving dtype), whatever the eval dtype
 _SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 
@@ -68,14 +67,15 @@ class Policy:
     """
 
     name: str = "dense"
-    budget: int | float = 1 / 16
-    r: int = 16
-    label_bits: int = 16
-    gqa: str = "head"
-    sink: int = 4
-    recent: int = 16
-    dense_layers: tuple[int, ...] = (0, 1)
-    min_length: int = 0
+    # Defaults are the backend's, so the evaluation measures what `backend="dsparse"` does out of the box.
+    budget: int | float = DSConfig.budget
+    r: int = DSConfig.r
+    label_bits: int = DSConfig.label_bits
+    gqa: str = DSConfig.gqa
+    sink: int = DSConfig.sink
+    recent: int = DSConfig.recent
+    dense_layers: tuple[int, ...] = DSConfig.dense_layers
+    min_length: int = DSConfig.min_length
     page: int = 16
     channels: object = field(default=None, compare=False, repr=False)
 

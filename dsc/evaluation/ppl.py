@@ -25,6 +25,7 @@ def add_arguments(p):
 
 def add_policy_arguments(p, many: bool = True):
     """The policy knobs shared by ``eval ppl``, ``eval retrieval`` and ``eval sweep``."""
+    from dsc.config import GQA_MODES, LABEL_BITS, DSConfig as D
     from dsc.evaluation.policies import POLICIES
 
     p.add_argument("--policy", default="dense",
@@ -32,15 +33,16 @@ def add_policy_arguments(p, many: bool = True):
     p.add_argument("--budget", default="1/16",
                    help="comma-separated budgets: tokens (128; rows with <= 128 keys are exact) or fractions of "
                         "each row's own valid tokens (1/16, as DSConfig.budget)")
-    p.add_argument("--channels", type=int, default=16, metavar="R",
+    p.add_argument("--channels", type=int, default=D.r, metavar="R",
                    help="r: label channels per KV head (dsparse) or top-|q| channels (sparq)")
-    p.add_argument("--label-bits", type=int, default=16, choices=(16, 8, 4), help="dsparse label precision")
-    p.add_argument("--gqa", default="head", choices=("group", "head"),
+    p.add_argument("--label-bits", type=int, default=D.label_bits, choices=LABEL_BITS,
+                   help="dsparse label precision")
+    p.add_argument("--gqa", default=D.gqa, choices=GQA_MODES,
                    help="one selection per KV group (fewest bytes) or per query head")
-    p.add_argument("--sink", type=int, default=4, help="first valid tokens always selected (inside the budget)")
-    p.add_argument("--recent", type=int, default=16, help="last valid tokens always selected (inside the budget)")
-    p.add_argument("--dense-layers", default="0,1", help="comma-separated layers kept dense ('' = none)")
-    p.add_argument("--min-length", type=int, default=0, help="prefixes shorter than this attend densely")
+    p.add_argument("--sink", type=int, default=D.sink, help="first valid tokens always selected (inside the budget)")
+    p.add_argument("--recent", type=int, default=D.recent, help="last valid tokens always selected (inside the budget)")
+    p.add_argument("--dense-layers", default=",".join(map(str, D.dense_layers)), help="comma-separated layers kept dense ('' = none)")
+    p.add_argument("--min-length", type=int, default=D.min_length, help="prefixes shorter than this attend densely")
     p.add_argument("--page", type=int, default=16, help="quest page size in tokens")
     p.add_argument("--prefill", type=int, default=0,
                    help="ppl: positions before this attend densely (a dense prefill of that many tokens)")
