@@ -19,8 +19,24 @@ INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 LABEL_BITS = (16, 8, 4)
 
 
+class BudgetView:
+    """The ``budget`` field (int tokens or a fraction) split the way the kernels take it."""
+
+    budget: float
+
+    @property
+    def budget_tokens(self) -> int:
+        """The absolute budget (0 when the budget is a fraction)."""
+        return self.budget if isinstance(self.budget, int) else 0
+
+    @property
+    def budget_frac(self) -> float:
+        """The fractional budget (0.0 when the budget is absolute)."""
+        return 0.0 if isinstance(self.budget, int) else float(self.budget)
+
+
 @dataclass(frozen=True)
-class DSConfig:
+class DSConfig(BudgetView):
     """Options of the ``dsparse`` backend.
 
     - ``channels``: the calibrated :class:`~dsc.calibration.config.ChannelConfig` (or a path to its JSON).
@@ -85,17 +101,6 @@ class DSConfig:
                 raise ValueError(f"DSConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.inductor_options, dict):
             raise ValueError("DSConfig.inductor_options must be a dict of torch._inductor.config patches")
-
-    # ------------------------------------------------------------------------------------------- budget view
-    @property
-    def budget_tokens(self) -> int:
-        """The absolute budget (0 when the budget is a fraction)."""
-        return self.budget if isinstance(self.budget, int) else 0
-
-    @property
-    def budget_frac(self) -> float:
-        """The fractional budget (0.0 when the budget is absolute)."""
-        return 0.0 if isinstance(self.budget, int) else float(self.budget)
 
     def budget_text(self) -> str:
         return f"{self.budget} tokens" if isinstance(self.budget, int) else f"{self.budget:.4g} of valid tokens"

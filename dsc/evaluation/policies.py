@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from dsc.config import GQA_MODES, LABEL_BITS, DSConfig
+from dsc.config import GQA_MODES, LABEL_BITS, BudgetView, DSConfig
 from dsc.sites import layer_index
 
 POLICIES = ("dense", "dsparse", "oracle", "streaming", "quest", "sparq")
@@ -59,7 +59,7 @@ def parse_budget(text) -> int | float:
 
 
 @dataclass(frozen=True)
-class Policy:
+class Policy(BudgetView):
     """One attention policy and its knobs (the dsparse fields mirror :class:`dsc.config.DSConfig`).
 
     ``budget``: tokens per row (int) or a fraction of each row's valid tokens (float in (0, 1)). ``r``: label
@@ -96,15 +96,6 @@ class Policy:
         if self.name == "dsparse" and self.channels is None:
             raise ValueError("the dsparse policy needs a channel config (channels=ChannelConfig); get one with "
                              "dsc.calibration.default_config(model=..., tokenizer=...) or `dsc calibrate`")
-
-    # ----------------------------------------------------------------------------------------- budget view
-    @property
-    def budget_tokens(self) -> int:
-        return self.budget if isinstance(self.budget, int) else 0
-
-    @property
-    def budget_frac(self) -> float:
-        return 0.0 if isinstance(self.budget, int) else float(self.budget)
 
     def label(self) -> str:
         """A short human-readable name with the knobs that matter for this policy."""
