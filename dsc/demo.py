@@ -26,21 +26,17 @@ def attention_bytes(cfg, model_cfg, ds, batch: int, length: int) -> tuple[float,
     """K/V bytes one decode step reads in all attention layers: dense vs Double Sparsity (ALGORITHM.md sec. 1)."""
     import math
 
-    d = model_cfg.head_dim if getattr(model_cfg, "head_dim", None) else (
-        model_cfg.hidden_size // model_cfg.num_attention_heads)
+    from dsc.bench.attention import byte_limit
+
+    d = getattr(model_cfg, "head_dim", None) or model_cfg.hidden_size // model_cfg.num_attention_heads
     hkv, layers = model_cfg.num_key_value_heads, model_cfg.num_hidden_layers
-    e = 4  # fp32 cache elements
-    per_token_dense = 2 * d * e * hkv * batch
     k = ds.budget if isinstance(ds.budget, int) else math.ceil(ds.budget * length)
     if ds.gqa == "head":  # each query head of a group may pick its own rows
         k *= model_cfg.num_attention_heads // hkv
-    k = min(k, length)
-    label = ds.r * (ds.label_bits / 8 if ds.label_bits != 16 else e) + (8 if ds.label_bits != 16 else 0)
+    dense_t, ds_t, _ = byte_limit(d, 4, ds.r, ds.label_bits, min(k, length) / length)  # fp32 cache
     sparse_layers = sum(1 for i in range(layers) if i not in ds.dense_layers and cfg.has_layer(i))
-    dense_b = layers * length * per_token_dense
-    ds_b = (layers - sparse_layers) * length * per_token_dense + sparse_layers * hkv * batch * (
-        length * label + k * 2 * d * e)
-    return dense_b, ds_b
+    per_layer = length * hkv * batch
+    return layers * per_layer * dense_t, per_layer * ((layers - sparse_layers) * dense_t + sparse_layers * ds_t)
 
 
 def run(args) -> int:
