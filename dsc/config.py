@@ -53,6 +53,8 @@ class DSConfig(BudgetView):
     - ``inner``: the compiler the rewritten graph is handed to (``"eager"``/``"aot_eager"`` for debugging;
       ``aot_eager`` copies static caches each step, so labels are rebuilt each step there: correct but slow).
     - ``inductor_options``: ``torch._inductor.config`` patches for the inner inductor compile.
+    - ``offload``: keep the K/V of sparse layers in host memory (pinned on a GPU) and fetch only the selected rows
+      per decode step (:mod:`dsc.passes.offload`; the model's own cache is still allocated on the device).
     """
 
     channels: Any = None
@@ -67,6 +69,7 @@ class DSConfig(BudgetView):
     prefill: str = "dense"
     inner: str = "inductor"
     inductor_options: dict = field(default_factory=dict)
+    offload: bool = False
 
     def __post_init__(self) -> None:
         chans = self.channels
@@ -99,6 +102,8 @@ class DSConfig(BudgetView):
         for name, allowed in (("gqa", GQA_MODES), ("prefill", PREFILL_POLICIES), ("inner", INNER_COMPILERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DSConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not isinstance(self.offload, bool):
+            raise ValueError(f"DSConfig.offload must be True or False, got {self.offload!r}")
         if not isinstance(self.inductor_options, dict):
             raise ValueError("DSConfig.inductor_options must be a dict of torch._inductor.config patches")
 
@@ -107,7 +112,8 @@ class DSConfig(BudgetView):
 
     def require_channels(self) -> None:
         if self.channels is None:
-            raise ValueError(f"the dsparse backend needs a channel config (options['channels']); {CALIBRATE_HINT}")
+            what = "offload (options['offload']=True) needs" if self.offload else "the dsparse backend needs"
+            raise ValueError(f"{what} a channel config (options['channels']); {CALIBRATE_HINT}")
 
     # -------------------------------------------------------------------------------------------- building
     @classmethod

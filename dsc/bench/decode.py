@@ -3,6 +3,10 @@
 Policies: ``dense`` (the model as it is) and ``dsparse`` (the ``dsparse`` backend with a calibrated channel config;
 with ``--compile eager`` its rewritten graph runs without inductor). ``--quant int8`` applies torchao int8
 weight-only quantization first: smaller weights make the KV cache a larger share of the bytes read.
+``--offload`` adds ``dsparse+offload`` rows (K/V of sparse layers in host memory, only the selected rows fetched,
+:mod:`dsc.passes.offload`) with the host -> device bytes counted per decode step, beside what whole-layer offload
+(every layer's full K/V moved each step) would move in the same run, and the device memory per sequence with and
+without offload.
 
 Every configuration is prefilled with real essay text, then decoded greedily so that the cache ends at the given
 context length (prompt = context - decode steps); the figure is the median per-step latency over the timed steps
@@ -29,6 +33,8 @@ def add_arguments(p):
     p.add_argument("--budget", default="1/16", help="dsparse token budget: a fraction (1/16) or a token count")
     p.add_argument("--channels", default=None, metavar="CFG.json",
                    help="dsparse channel config (default: the cached calibration of the embedded model)")
+    p.add_argument("--offload", action="store_true",
+                   help="add dsparse+offload runs: host -> device bytes per step vs whole-layer offload, memory")
     p.add_argument("--quant", default="none", help="weight quantization among none,int8 (torchao)")
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per configuration")
     p.add_argument("--warmup", type=int, default=3, help="untimed decode steps before timing")
@@ -41,8 +47,9 @@ def compiled_forward(model, compiler: str, policy: str = "dense", ds_options: di
     """``model.forward`` as the benchmark runs it: eager, inductor, or the dsparse backend."""
     import torch
 
-    if policy == "dsparse":
-        opts = dict(ds_options or {}, inner="inductor" if compiler == "inductor" else "eager")
+    if policy in ("dsparse", "dsparse+offload"):
+        opts = dict(ds_options or {}, inner="inductor" if compiler == "inductor" else "eager",
+                    offload=policy == "dsparse+offload")
         return torch.compile(model.forward, backend="dsparse", options=opts, dynamic=False)
     if compiler == "inductor":
         return torch.compile(model.forward, backend="inductor", dynamic=False)
@@ -62,18 +69,36 @@ def quantize_int8(model):
 def bench_one(model, tok, context: int, batch: int, compiler: str, steps: int, warmup: int,
               policy: str = "dense", ds_options: dict | None = None) -> dict:
     from dsc.generation import greedy_decode, text_ids
+    from dsc.passes.store import STATS
 
     n = steps + warmup + 1
     ids = text_ids(tok, context - n).expand(batch, -1).contiguous()
     forward = compiled_forward(model, compiler, policy, ds_options)
+    STATS.clear()
     t0 = time.perf_counter()
     r = greedy_decode(model, ids, n, forward=forward, cache="static")
     wall = time.perf_counter() - t0
     timed = r.step_s[warmup:]
     lat = sorted(timed)[len(timed) // 2]
-    return {"policy": policy, "context": context, "batch": batch, "compile": compiler, "ms_per_step": lat * 1e3,
-            "tok_per_s": batch / lat, "prefill_s": r.prefill_s, "wall_s": wall,
-            "steps": len(timed)}
+    row = {"policy": policy, "context": context, "batch": batch, "compile": compiler, "ms_per_step": lat * 1e3,
+           "tok_per_s": batch / lat, "prefill_s": r.prefill_s, "wall_s": wall, "steps": len(timed)}
+    if policy == "dsparse+offload":
+        row.update(transfer_counts(model, ids.shape[1], batch, len(r.step_s), dict(STATS)))
+    return row
+
+
+def transfer_counts(model, prompt: int, batch: int, decode_steps: int, stats: dict) -> dict:
+    """Host -> device MB per decode step: counted by the offload op vs whole-layer offload (every layer's K/V at
+    its valid length moved once per step), over the same decode steps."""
+    c = model.config
+    hkv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    item = next(model.parameters()).element_size()
+    lengths = [prompt + i + 1 for i in range(decode_steps)]  # valid cache length at each decode step
+    whole = sum(c.num_hidden_layers * 2 * batch * hkv * s * d * item for s in lengths) / decode_steps
+    moved = stats.get("h2d_bytes", 0) / decode_steps
+    return {"h2d_mb_per_step": moved / 2**20, "whole_layer_mb_per_step": whole / 2**20,
+            "h2d_share": moved / whole}
 
 
 def run(args) -> int:
@@ -87,6 +112,8 @@ def run(args) -> int:
     dtypes = parse_list(args.dtype, str, "dtype")
     compilers = parse_list(args.compile, str, "compiler")
     policies = parse_list(args.policy, str, "policy")
+    if args.offload and "dsparse+offload" not in policies:
+        policies.append("dsparse+offload")
     quants = parse_list(args.quant, str, "quantization")
     for name, values, allowed in (("--policy", policies, POLICIES), ("--quant", quants, QUANTS)):
         bad = [v for v in values if v not in allowed]
@@ -117,7 +144,7 @@ def run(args) -> int:
             if quant == "int8":
                 quantize_int8(model)
             loaded = (dtype, quant)
-        if policy == "dsparse" and ds_options is None:
+        if policy.startswith("dsparse") and ds_options is None:
             ds_options = dsparse_options(args, model, tok)
         check_context(model, ctx, "context")
         if ctx <= args.steps + args.warmup + 1:
@@ -130,6 +157,11 @@ def run(args) -> int:
         tqdm.write(format_table([row], _COLUMNS).splitlines()[-1])
     add_speedups(rows)
     print(format_table(rows, _COLUMNS + [("speedup", "vs dense")]))
+    moved = [r for r in rows if "h2d_mb_per_step" in r]
+    if moved:
+        print("\nhost -> device traffic per decode step (counted) vs whole-layer offload (computed, same run):")
+        print(format_table(moved, _COLUMNS[:6] + _TRAFFIC))
+        print("\n" + memory_report(model, contexts, batches, ds_options))
     info = machine_info()
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     write_json(args.json, {"machine": info, "results": rows, "steps": args.steps, "warmup": args.warmup})
@@ -162,7 +194,39 @@ def dsparse_options(args, model, tok) -> dict:
     return {"channels": cfg, "budget": int(budget) if budget >= 1 else budget}
 
 
-POLICIES = ("dense", "dsparse")
+def memory_report(model, contexts, batches, ds_options) -> str:
+    """Device bytes of the KV state per sequence, full cache vs offload (:func:`dsc.passes.offload.device_bytes`)."""
+    import math
+
+    from dsc.config import DSConfig
+    from dsc.passes.offload import device_bytes
+
+    cfg = DSConfig.from_options(dict(ds_options, offload=True))
+    c = model.config
+    hq = c.num_attention_heads
+    hkv = getattr(c, "num_key_value_heads", None) or hq
+    d = getattr(c, "head_dim", None) or c.hidden_size // hq
+    item = next(model.parameters()).element_size()
+    sparse = c.num_hidden_layers - len([x for x in cfg.dense_layers if x < c.num_hidden_layers])
+    rows = []
+    for ctx in contexts:
+        for b in batches:
+            k = cfg.budget_tokens or math.ceil(cfg.budget_frac * ctx)
+            rep = device_bytes(layers=c.num_hidden_layers, sparse_layers=sparse, batch=b, kv_heads=hkv,
+                               sel_heads=hq if cfg.gqa == "head" else hkv, length=ctx, head_dim=d, itemsize=item,
+                               r=cfg.r, label_bits=cfg.label_bits, budget_tokens=k)
+            rows.append({"context": ctx, "batch": b, "full": rep["per_sequence_full"] / 2**20,
+                         "offload": rep["per_sequence_offload"] / 2**20,
+                         "share": rep["offload"] / rep["full"]})
+    cols = [("context", "context"), ("batch", "batch"), ("full", "full cache MB/seq"),
+            ("offload", "offload MB/seq"), ("share", "share")]
+    return ("device KV memory per sequence (computed; the model's own cache is still allocated on the device, see "
+            "dsc/passes/offload.py):\n" + format_table(rows, cols))
+
+
+POLICIES = ("dense", "dsparse", "dsparse+offload")
 QUANTS = ("none", "int8")
 _COLUMNS = [("policy", "policy"), ("quant", "quant"), ("dtype", "dtype"), ("context", "context"), ("batch", "batch"), ("compile", "compile"),
             ("tok_per_s", "tok/s"), ("ms_per_step", "ms/step"), ("prefill_s", "prefill s")]
+_TRAFFIC = [("h2d_mb_per_step", "moved MB/step"), ("whole_layer_mb_per_step", "whole-layer MB/step"),
+            ("h2d_share", "share")]

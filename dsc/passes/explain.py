@@ -134,6 +134,12 @@ def explain(model, example_inputs=None, options=None, *, max_new_tokens: int = 0
                     model.forward = saved
         else:
             torch.compile(model, backend=capture)(*args, **kwargs)
+    if cfg.offload:
+        n = sum(r.sparse for g in graphs for r in g)
+        notes.append(f"offload: the K/V of the {n} sparse site(s) live in host memory; each decode step fetches "
+                     "only the rows its own query selects (synchronous selection: next-layer prediction is not "
+                     "implemented yet)" if n else
+                     "offload=True but no site is sparse: compiling with these options raises (nothing to offload)")
     if not graphs:
         notes.append("Dynamo produced no graph (was the model already compiled, or did every frame fall back?)")
     return Explanation(graphs, notes)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 import dsc.kernels  # noqa: F401  (registers torch.ops.dsc.*)
 
-from . import store
+from . import offload, store
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class SiteSpec:
     group: bool
     dense_prefill: bool
     min_length: int
+    offload: bool = False
 
 
 SITES: dict[int, SiteSpec] = {}
@@ -87,6 +88,11 @@ def _ds_decode(*args):
     return torch.ops.dsc.ds_decode(*args)
 
 
+def _select(idx: Tensor) -> Tensor:
+    """The offload path's selection (a module-level hook so tests can observe it)."""
+    return idx
+
+
 @torch.library.custom_op("dsc::site_attention", mutates_args=())
 def site_attention(site: int, q: Tensor, k: Tensor, v: Tensor, past_k: Optional[Tensor], new_k: Tensor,
                    positions: Optional[Tensor], attn_mask: Optional[Tensor], is_causal: bool, scale: float,
@@ -100,8 +106,11 @@ def site_attention(site: int, q: Tensor, k: Tensor, v: Tensor, past_k: Optional[
     spec = SITES[site]
     if cache == "static":
         entry = store.labels_static(spec.label, k, new_k, positions)
+        new_positions = positions
     else:
         entry = store.labels_dynamic(spec.label, k, past_k, new_k)
+        new_positions = torch.arange(k.shape[2] - new_k.shape[2], k.shape[2], device=k.device)
+    host = offload.host_kv(entry, k, v, new_positions) if spec.offload else None
     b, hq, lq, _ = q.shape
     s = k.shape[2]
     hkv = k.shape[1]
@@ -118,7 +127,12 @@ def site_attention(site: int, q: Tensor, k: Tensor, v: Tensor, past_k: Optional[
     group = spec.group and (valid is None or valid.dim() < 3 or valid.shape[-3] == 1)
     data, sc, zero = entry.view(s, spec.label.bits)
     store.STATS["sparse_calls"] += 1
-    out = _ds_decode(q, k, v, spec.label.on(q.device), data, sc, zero, spec.label.bits, valid, bias, None,
+    channels = spec.label.on(q.device)
+    if host is not None and lq == 1:
+        scores = torch.ops.dsc.label_scores(q, channels, data, sc, zero, spec.label.bits, valid, None, group)
+        idx = _select(torch.ops.dsc.select_topk(scores, spec.budget, spec.frac, spec.sink, spec.recent))
+        return offload.attend(host, q, k, v, idx, new_positions, scale, bias).contiguous()
+    out = _ds_decode(q, k, v, channels, data, sc, zero, spec.label.bits, valid, bias, None,
                      spec.budget, spec.frac, spec.sink, spec.recent, group, scale)
     return out.contiguous()
 

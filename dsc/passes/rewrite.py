@@ -67,7 +67,7 @@ def rewrite(gm: GraphModule, cfg: DSConfig) -> list[Site]:
             label=ops.label_spec(cfg.channels, site.layer, cfg.r, cfg.label_bits, repeat),
             layer=site.layer, budget=cfg.budget_tokens or 1, frac=cfg.budget_frac, sink=cfg.sink,
             recent=cfg.recent, group=cfg.gqa == "group", dense_prefill=cfg.prefill == "dense",
-            min_length=cfg.min_length)
+            min_length=cfg.min_length, offload=cfg.offload)
         sid = ops.register_site(spec)
         site.extra["site_id"] = sid
         old = site.node
@@ -86,6 +86,11 @@ def rewrite(gm: GraphModule, cfg: DSConfig) -> list[Site]:
         graph.erase_node(old)
         site.node = new
         _drop_dead(old_inputs)
+    if cfg.offload and sites and not any(s.action == "sparse" for s in sites):
+        reasons = "; ".join(sorted({f"{s.module_path or 'site ' + str(s.index)}: {s.reason}" for s in sites}))
+        raise ValueError(f"dsparse offload=True, but no attention site of this graph can be made sparse, so nothing "
+                         f"would be offloaded ({reasons}). Drop offload, or fix what keeps the sites dense "
+                         f"(see dsc.explain(model, ...)).")
     graph.lint()
     gm.recompile()
     return sites

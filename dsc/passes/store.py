@@ -54,9 +54,10 @@ def _channels_on(spec: LabelSpec, device) -> torch.Tensor:
 
 
 class Entry:
-    """One label cache: ``data``/``scale``/``zero`` with ``capacity`` positions, ``length`` of them written."""
+    """One label cache: ``data``/``scale``/``zero`` with ``capacity`` positions, ``length`` of them written;
+    ``host``: the layer's K/V rows in host memory when the site offloads (:mod:`dsc.passes.offload`)."""
 
-    __slots__ = ("data", "scale", "zero", "capacity", "length", "batch", "key", "__weakref__")
+    __slots__ = ("data", "scale", "zero", "capacity", "length", "batch", "key", "host", "__weakref__")
 
     def __init__(self, spec: LabelSpec, like: torch.Tensor, capacity: int):
         from dsc.kernels import alloc_labels
@@ -65,7 +66,7 @@ class Entry:
         r = spec.channels.shape[1]
         self.data, self.scale, self.zero = alloc_labels(b, hkv, capacity, r, spec.bits, dtype=like.dtype,
                                                         device=like.device)
-        self.capacity, self.length, self.batch, self.key = capacity, 0, b, None
+        self.capacity, self.length, self.batch, self.key, self.host = capacity, 0, b, None, None
 
     def view(self, s: int, bits: int):
         """The first ``s`` positions, as the kernels want them (``scale``/``zero`` stay ``[0]`` at 16 bits)."""

@@ -1,0 +1,193 @@
+"""Offload: the K/V of sparse layers in host memory, only the selected rows fetched to the compute device.
+
+What lives where (per sparse layer, per sequence):
+- host (pinned when the compute device is a GPU): every K/V row, in :class:`HostKV`, beside the layer's label
+  cache entry (:class:`dsc.passes.store.Entry`), so it follows the KV cache the same way the labels do (static
+  buffer address, or the dynamic ``cat`` chain; rebuilt from the device cache when out of sync);
+- compute device: the labels (``r`` of ``D`` channels) and, per decode step, a budget-sized staging buffer holding
+  the selected rows only.
+
+A decode step (:func:`attend`): label scores -> top-k on the device; the selected indices go to the host; the rows
+are gathered there into one contiguous block and copied to the device in one transfer; exact attention runs over
+that block. New rows are written to the host without stalling the step: on a GPU the device -> host copy is
+asynchronous (``non_blocking`` into pinned memory, an event recorded) and lands in the host store before the next
+gather reads it; the current step's rows are taken from the device tensors, so the current token is always attended
+whether or not its host copy has landed.
+
+The compiled graph still writes the model's own KV cache (the model's code is untouched), and prefill and dense
+layers read it as before. So the device memory of the offloaded layers is *not* returned to the allocator yet:
+:func:`device_bytes` reports what an offloaded sequence needs on the device next to what a full cache holds.
+
+Traffic is counted in :data:`dsc.passes.store.STATS` (``h2d_bytes``: rows fetched; ``d2h_bytes``: rows written to
+the host; ``offload_fetches``: decode steps served from the host).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import store
+
+
+class HostKV:
+    """All K/V rows of one sparse layer's cache, in host memory: ``k``/``v`` ``[B, Hkv, capacity, D]``."""
+
+    __slots__ = ("k", "v", "pending", "pinned")
+
+    def __init__(self, like_k: Tensor, like_v: Tensor, capacity: int):
+        self.pinned = like_k.device.type == "cuda"
+        b, hkv, _, d = like_k.shape
+        self.k = torch.empty((b, hkv, capacity, d), dtype=like_k.dtype, pin_memory=self.pinned)
+        self.v = torch.empty((b, hkv, capacity, like_v.shape[-1]), dtype=like_v.dtype, pin_memory=self.pinned)
+        self.pending: list = []  # (event, positions, k rows, v rows): device -> host copies in flight
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def grow(self, capacity: int) -> None:
+        self.flush()
+        old_k, old_v = self.k, self.v
+        n = old_k.shape[2]
+        self.k = torch.empty(old_k.shape[:2] + (capacity, old_k.shape[3]), dtype=old_k.dtype, pin_memory=self.pinned)
+        self.v = torch.empty(old_v.shape[:2] + (capacity, old_v.shape[3]), dtype=old_v.dtype, pin_memory=self.pinned)
+        self.k[:, :, :n].copy_(old_k)
+        self.v[:, :, :n].copy_(old_v)
+
+    def write(self, positions: Tensor, k_rows: Tensor, v_rows: Tensor) -> None:
+        """Store rows ``k_rows``/``v_rows`` ``[B, Hkv, T, D]`` at ``positions`` (``[T]`` or ``[B, T]``)."""
+        store.STATS["d2h_bytes"] += k_rows.nbytes + v_rows.nbytes
+        if k_rows.device.type == "cpu":
+            self._scatter(positions, k_rows, v_rows)
+            return
+        # Asynchronous on a GPU: copy into fresh pinned memory, land in the store before the next gather.
+        rows = [t.to("cpu", non_blocking=True) for t in (positions, k_rows, v_rows)]
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((event, *rows))
+
+    def flush(self) -> None:
+        for event, positions, k_rows, v_rows in self.pending:
+            event.synchronize()
+            self._scatter(positions, k_rows, v_rows)
+        self.pending.clear()
+
+    def _scatter(self, positions: Tensor, k_rows: Tensor, v_rows: Tensor) -> None:
+        if positions.dim() == 1:
+            self.k.index_copy_(2, positions, k_rows)
+            self.v.index_copy_(2, positions, v_rows)
+            return
+        for b in range(positions.shape[0]):  # per-sequence positions (rare: HF passes one position vector)
+            self.k[b].index_copy_(1, positions[b], k_rows[b])
+            self.v[b].index_copy_(1, positions[b], v_rows[b])
+
+    def fetch(self, idx: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """Gather the rows selected by ``idx`` ``[B, Hsel, K]`` (``-1`` = unused slot; ``Hsel`` = Hkv, or Hq for
+        per-query-head selection) and move them to ``device`` in one transfer per K and V.
+
+        Each KV row is moved once per KV head even when several query heads of its group selected it: the block is
+        the union of the group's selections, ``[B, Hkv, U, D]``. Returns ``(k_block, v_block, rows)`` where
+        ``rows`` ``[B, Hkv, U]`` are the cache positions in the block and ``idx`` re-expressed as block slots is
+        :func:`block_slots`."""
+        self.flush()
+        uniq = _union(idx.to("cpu"), self.k.shape[1])  # the only synchronisation of a step: the host needs them
+        b, hkv, u = uniq.shape
+        cap = self.k.shape[2]
+        rows = ((torch.arange(b)[:, None, None] * hkv + torch.arange(hkv)[None, :, None]) * cap
+                + uniq.clamp_min(0)).reshape(-1)
+        out = []
+        for t in (self.k, self.v):
+            block = torch.empty((rows.numel(), t.shape[-1]), dtype=t.dtype, pin_memory=self.pinned)
+            torch.index_select(t.reshape(-1, t.shape[-1]), 0, rows, out=block)
+            out.append(block.view(b, hkv, u, t.shape[-1]).to(device, non_blocking=True))
+            store.STATS["h2d_bytes"] += block.nbytes
+        store.STATS["offload_fetches"] += 1
+        return out[0], out[1], uniq
+
+
+def _union(idx: Tensor, hkv: int) -> Tensor:
+    """Per (sequence, KV head), the sorted distinct positions its query heads selected: ``[B, Hkv, U]`` (U = the
+    largest union)."""
+    b, hsel, kk = idx.shape
+    srt = idx.reshape(b, hkv, (hsel // hkv) * kk).sort(-1).values
+    first = torch.ones_like(srt, dtype=torch.bool)
+    first[..., 1:] = srt[..., 1:] != srt[..., :-1]
+    rank = first.cumsum(-1) - 1
+    u = int(rank[..., -1].max()) + 1
+    uniq = srt[..., -1:].expand(b, hkv, u).clone()  # shorter unions are padded with their largest position
+    return uniq.scatter_(-1, rank, srt)
+
+
+def block_slots(idx: Tensor, rows: Tensor) -> Tensor:
+    """``idx`` ``[B, Hsel, Lq, K]`` (cache positions) as slots of a fetched block whose KV head ``h`` holds the
+    positions ``rows[:, h]`` (sorted); ``-1`` stays ``-1``."""
+    b, hsel, lq, kk = idx.shape
+    hkv = rows.shape[1]
+    per_kv = idx.reshape(b, hkv, -1)
+    slot = torch.searchsorted(rows.contiguous(), per_kv.contiguous())
+    return torch.where(idx >= 0, slot.view(b, hsel, lq, kk), torch.full_like(idx, -1))
+
+
+def host_kv(entry: store.Entry, k: Tensor, v: Tensor, new_positions: Optional[Tensor]) -> HostKV:
+    """The host store beside label ``entry``, brought up to date with the device cache ``k``/``v``: on first sight
+    (or after a label rebuild: a new entry) every row is copied; afterwards only the rows at ``new_positions``."""
+    s = k.shape[2]
+    host = entry.host
+    if host is None:
+        host = entry.host = HostKV(k, v, max(entry.capacity, s))
+        if s:
+            host.write(torch.arange(s, device=k.device), k, v)
+        return host
+    if host.capacity < s:
+        host.grow(max(entry.capacity, s))
+    if new_positions is not None and new_positions.numel():
+        if new_positions.dim() == 1:
+            host.write(new_positions, k.index_select(2, new_positions), v.index_select(2, new_positions))
+        else:
+            pos = new_positions[:, None, :, None]
+            host.write(new_positions, k.gather(2, pos.expand(-1, k.shape[1], -1, k.shape[3])),
+                       v.gather(2, pos.expand(-1, v.shape[1], -1, v.shape[3])))
+    return host
+
+
+def attend(host: HostKV, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, new_positions: Optional[Tensor],
+           scale: float, bias: Optional[Tensor]) -> Tensor:
+    """Exact attention of decode queries ``q`` ``[B, Hq, 1, D]`` over the selected rows ``idx`` ``[B, Hsel, 1, K]``,
+    read from the host store; rows written this step come from the device cache ``k``/``v`` instead."""
+    b, hq, lq, _ = q.shape
+    ks, vs, rows = host.fetch(idx[:, :, 0], q.device)
+    rows = rows.to(q.device, non_blocking=True)
+    if new_positions is not None and new_positions.numel() and k.device.type != "cpu":
+        ks, vs = _overlay_new_rows(ks, vs, rows, new_positions, k, v)
+    stage_bias = None
+    if bias is not None:  # the additive mask at the block's rows, per query head
+        rows_q = rows.clamp_min(0).repeat_interleave(hq // rows.shape[1], dim=1)[:, :, None, :]
+        stage_bias = bias.expand(b, hq, lq, k.shape[2]).gather(-1, rows_q.expand(-1, -1, lq, -1))
+    return torch.ops.dsc.sparse_attention(q, ks, vs, block_slots(idx, rows), scale, stage_bias)
+
+
+def _overlay_new_rows(ks, vs, rows, new_positions, k, v):
+    """Replace block rows written this step (their host copy may still be in flight) with the device rows, so the
+    current token is attended without waiting for the device -> host copy."""
+    at = rows.clamp_min(0)[..., None]
+    src_k, src_v = k.gather(2, at.expand(-1, -1, -1, k.shape[3])), v.gather(2, at.expand(-1, -1, -1, v.shape[3]))
+    pos = new_positions if new_positions.dim() == 2 else new_positions[None]
+    fresh = (rows[..., None] == pos[:, None, None, :]).any(-1)[..., None]
+    return torch.where(fresh, src_k, ks), torch.where(fresh, src_v, vs)
+
+
+def device_bytes(*, layers: int, sparse_layers: int, batch: int, kv_heads: int, sel_heads: int, length: int,
+                 head_dim: int, itemsize: int, r: int, label_bits: int, budget_tokens: int) -> dict:
+    """Device bytes of one batch's KV state: the full cache vs offload (labels + one staging buffer of the selected
+    rows per sparse layer, dense layers' K/V resident)."""
+    row = 2 * kv_heads * head_dim * itemsize  # K + V of one position, all KV heads
+    full = layers * batch * length * row
+    label_row = kv_heads * (r * itemsize if label_bits == 16 else (r * label_bits + 7) // 8 + 8)
+    dense = (layers - sparse_layers) * batch * length * row
+    labels = sparse_layers * batch * length * label_row
+    staging = batch * sel_heads * budget_tokens * 2 * head_dim * itemsize  # one layer at a time
+    offload = dense + labels + staging
+    return {"full": full, "offload": offload, "dense_layers": dense, "labels": labels, "staging": staging,
+            "saved": full - offload, "per_sequence_full": full // batch, "per_sequence_offload": offload // batch}

@@ -1,0 +1,184 @@
+"""Offload (``options={"offload": True}``): decode served from the host K/V store equals on-device decode exactly
+(same selections, same tokens) on static and dynamic caches, padded GQA batches; only the selected rows move;
+bad requests fail loudly."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsc.passes import offload, ops, store
+from test_passes_models import HKV, HQ, LAYERS, D, compiled, generate, tiny  # noqa: F401  (fixture _dynamo below)
+from test_passes_models import _dynamo  # noqa: F401
+
+OPTS = dict(budget=6, sink=1, recent=2)
+
+
+def padded_batch():
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 128, (n,), generator=gen) for n in (40, 27)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    return ids, mask
+
+
+def _record_selections(monkeypatch):
+    """Selections of both paths: the offload path's own, and the on-device kernel's (recomputed from its inputs)."""
+    seen = []
+    real_select, real_decode = ops._select, ops._ds_decode
+
+    def select(idx):
+        seen.append(idx.clone())
+        return real_select(idx)
+
+    def decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink, recent, group,
+               sm_scale):
+        scores = torch.ops.dsc.label_scores(q, channels, data, scale, zero, bits, valid, lengths, group)
+        seen.append(torch.ops.dsc.select_topk(scores, budget, frac, sink, recent))
+        return real_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink,
+                           recent, group, sm_scale)
+
+    monkeypatch.setattr(ops, "_select", select)
+    monkeypatch.setattr(ops, "_ds_decode", decode)
+    return seen
+
+
+@pytest.mark.parametrize("gqa", ["head", "group"])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_offload_equals_on_device_decode(cache, gqa, monkeypatch):
+    model = tiny("llama")  # GQA: 4 query heads on 2 KV heads
+    ids, mask = padded_batch()
+    seen = _record_selections(monkeypatch)
+    runs = {}
+    for off in (False, True):
+        seen.clear()
+        store.STATS.clear()
+        with compiled(model, offload=off, gqa=gqa, **OPTS):
+            out = generate(model, ids, 5, cache, attention_mask=mask)
+        runs[off] = (out, [t.clone() for t in seen], dict(store.STATS))
+    (ref, ref_sel, ref_stats), (got, got_sel, got_stats) = runs[False], runs[True]
+    assert got.sequences.tolist() == ref.sequences.tolist()
+    for a, b in zip(ref.logits, got.logits):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert len(got_sel) == len(ref_sel) > 0
+    for a, b in zip(ref_sel, got_sel):
+        assert torch.equal(a, b)
+    sparse_layers = LAYERS - 1
+    assert got_stats["offload_fetches"] == got_stats["sparse_calls"] == ref_stats["sparse_calls"] > 0
+    assert got_stats["offload_fetches"] == 4 * sparse_layers  # decode steps after the first token
+    assert ref_stats.get("offload_fetches", 0) == 0 and ref_stats.get("h2d_bytes", 0) == 0
+    # each fetch moves each selected KV row once (the union of a group's selections) and nothing else, fp32
+    rows = 0
+    for t in got_sel:
+        per_kv = t[:, :, 0].reshape(t.shape[0], HKV, -1)
+        u = max(len(set(row.tolist())) for row in per_kv.reshape(-1, per_kv.shape[-1]))
+        rows += t.shape[0] * HKV * u
+    assert got_stats["h2d_bytes"] == rows * 2 * D * 4
+
+
+def test_offload_moves_a_budget_sized_share_of_whole_layer_offload():
+    """At 1/16 of a 512-token cache, bytes moved host -> device per step are <= 1/10 of moving every layer's K/V."""
+    model = tiny("llama")
+    ids = torch.randint(3, 128, (1, 250), generator=torch.Generator().manual_seed(3))
+    with compiled(model, offload=True, budget=1 / 16, gqa="group", dense_layers=()):
+        store.STATS.clear()
+        generate(model, ids, 3, "static")
+    s = 252  # cache length at the last fetch (prompt + 2 generated tokens fed back)
+    whole_layer = LAYERS * 2 * HKV * s * D * 4
+    per_step = store.STATS["h2d_bytes"] / 2
+    assert 0 < per_step <= whole_layer / 10, (per_step, whole_layer)
+
+
+def test_host_store_grows_with_a_dynamic_cache_and_is_rebuilt_when_out_of_sync():
+    model = tiny("llama")
+    ids = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(4))
+    with compiled(model, offload=True, **OPTS):
+        ref = generate(model, ids, 70, "dynamic")  # grows past the initial capacity (64)
+        out = generate(model, ids, 70, "dynamic")
+    assert out.sequences.tolist() == ref.sequences.tolist()
+    with compiled(model, **OPTS):
+        dev = generate(model, ids, 70, "dynamic")
+    assert dev.sequences.tolist() == ref.sequences.tolist()
+
+
+def test_fetch_moves_each_row_once_per_kv_head():
+    k = torch.randn(2, 2, 10, 4)
+    v = torch.randn(2, 2, 10, 4)
+    host = offload.HostKV(k, v, 16)
+    host.write(torch.arange(10), k, v)
+    idx = torch.tensor([[[3, 0, -1], [9, 9, 1], [2, 4, 6], [-1, -1, 5]]] * 2)  # [B=2, Hsel=4 (G=2), K=3]
+    store.STATS.clear()
+    ks, vs, rows = host.fetch(idx, torch.device("cpu"))
+    assert rows[0].tolist() == [[-1, 0, 1, 3, 9], [-1, 2, 4, 5, 6]]  # the union of each group's selections
+    assert store.STATS["h2d_bytes"] == 2 * 2 * 5 * 4 * 4 * 2
+    slots = offload.block_slots(idx[:, :, None], rows)[:, :, 0]
+    for b in range(2):
+        for h in range(4):
+            for j in range(3):
+                pos = int(idx[b, h, j])
+                assert (int(slots[b, h, j]) == -1) == (pos == -1)
+                if pos >= 0:
+                    s = int(slots[b, h, j])
+                    assert torch.equal(ks[b, h // 2, s], k[b, h // 2, pos])
+                    assert torch.equal(vs[b, h // 2, s], v[b, h // 2, pos])
+
+
+def test_offload_needs_a_channel_config_and_a_sparse_site():
+    model = tiny("llama")
+    ids = torch.randint(3, 128, (1, 8))
+    with pytest.raises(Exception, match=r"offload .* needs a channel config"):
+        with compiled(model, channels=None, offload=True):
+            generate(model, ids, 2, "dynamic")
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"offload=True, but no attention site .* can be made sparse.*configured dense"):
+        with compiled(model, offload=True, dense_layers=tuple(range(LAYERS))):
+            generate(model, ids, 2, "dynamic")
+
+
+def test_device_bytes_report():
+    rep = offload.device_bytes(layers=30, sparse_layers=28, batch=1, kv_heads=3, sel_heads=9, length=8192,
+                               head_dim=64, itemsize=2, r=16, label_bits=16, budget_tokens=512)
+    assert rep["full"] == 30 * 8192 * 2 * 3 * 64 * 2
+    assert rep["labels"] == 28 * 8192 * 3 * 16 * 2
+    assert rep["offload"] == rep["dense_layers"] + rep["labels"] + rep["staging"] < rep["full"] / 3
+
+
+@pytest.mark.parametrize("hsel", [2, 4])
+def test_attend_equals_sparse_attention_with_an_additive_mask(hsel):
+    gen = torch.Generator().manual_seed(5)
+    b, s = 2, 12
+    q, k, v = torch.randn(b, 4, 1, 8, generator=gen), torch.randn(b, 2, s, 8, generator=gen), torch.randn(
+        b, 2, s, 8, generator=gen)
+    idx = torch.stack([torch.randperm(s, generator=gen)[:5] for _ in range(b * hsel)]).view(b, hsel, 1, 5)
+    idx[0, 0, 0, -1] = -1
+    bias = torch.randn(b, 1, 1, s, generator=gen)
+    host = offload.HostKV(k, v, s)
+    host.write(torch.arange(s), k, v)
+    got = offload.attend(host, q, k, v, idx, None, 0.3, bias)
+    want = torch.ops.dsc.sparse_attention(q, k, v, idx, 0.3, bias)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_rows_written_this_step_are_taken_from_the_device_tensors():
+    """On a GPU the host copy of this step's rows may still be in flight: they are overlaid from the device."""
+    k, v = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4)
+    stale_k, stale_v = torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4)
+    rows = torch.tensor([[[-1, 0, 5], [1, 2, 5]]])
+    ks, vs = offload._overlay_new_rows(stale_k, stale_v, rows, torch.tensor([5]), k, v)
+    for h in range(2):
+        for j in range(3):
+            fresh = int(rows[0, h, j]) == 5
+            assert torch.equal(ks[0, h, j], k[0, h, 5] if fresh else stale_k[0, h, j])
+            assert torch.equal(vs[0, h, j], v[0, h, 5] if fresh else stale_v[0, h, j])
+
+
+def test_explain_says_what_is_offloaded():
+    import dsc
+
+    model = tiny("llama")
+    ids = torch.randint(3, 128, (1, 8))
+    rep = dsc.explain(model, {"input_ids": ids}, {"channels": None, "offload": True, "dense_layers": (0,)},
+                      max_new_tokens=2)
+    assert any("offload: the K/V of the" in n and "synchronous selection" in n for n in rep.notes), rep.notes
