@@ -84,3 +84,29 @@ def test_sweep_without_matplotlib(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["eval", "sweep", "--plot", str(tmp_path / "x.png")]) == 2
+
+
+def test_generate_rows_through_the_compiled_backend(model, tokenizer):
+    """At a budget above the context, generate() on the dsparse-compiled model answers exactly as dense."""
+    import torch
+
+    from dsc.calibration.config import ChannelConfig
+
+    c = model.config
+    chans = ChannelConfig.random(c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
+                                 c.hidden_size // c.num_attention_heads, seed=0)
+    case = R.passkey_case(tokenizer, 160, 0.5, 0)
+    from dsc.passes.store import STATS
+
+    torch._dynamo.reset()
+    STATS.clear()
+    try:
+        rows = R.generate_rows(model, tokenizer, [case], Policy("dsparse", budget=4096, channels=chans), max_new=3,
+                               progress=False)
+    finally:
+        torch._dynamo.reset()
+    assert "forward" not in model.__dict__  # the shared model is left uncompiled
+    assert STATS["sparse_calls"] >= 2 * (c.num_hidden_layers - 2)  # decode steps really ran the sparse op
+    (row,) = rows
+    assert row["agree"] == 1.0 and row["output"] == row["dense_output"]
+    assert row["correct"] == row["dense_correct"] and "compiled generate" in row["label"]

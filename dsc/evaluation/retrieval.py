@@ -12,6 +12,10 @@ Measures per case and policy:
 - ``logprob``: teacher-forced log-probability of the answer tokens (question + answer fed under the policy);
 - ``agree``: share of generated tokens equal to dense's at the same position.
 The last two do not need the model to be good at the task (the embedded 135M model is weak at retrieval).
+
+``--generate`` also answers each case the way a user would: ``model.generate`` on the model compiled with
+``torch.compile(backend="dsparse")`` (the real rewrite and kernels; the whole prompt is prefilled densely, then the
+answer is decoded sparsely), next to ``model.generate`` on the plain model (:func:`generate_rows`).
 """
 from __future__ import annotations
 
@@ -151,6 +155,36 @@ def run_case(model, tokenizer, case: Case, policies, max_new: int = 8, chunk: in
     return rows
 
 
+def generate_rows(model, tokenizer, cases: list[Case], policy, max_new: int = 8, progress: bool = True) -> list[dict]:
+    """Each case answered by ``model.generate`` on the plain model and on ``torch.compile(model.forward,
+    backend="dsparse")`` with ``policy``'s knobs (a dsparse Policy): correctness of both, and token agreement."""
+    import torch
+    from tqdm import tqdm
+
+    opts = dict(channels=policy.channels, budget=policy.budget, r=policy.r, label_bits=policy.label_bits,
+                gqa=policy.gqa, sink=policy.sink, recent=policy.recent, dense_layers=policy.dense_layers,
+                min_length=policy.min_length, inner="eager")
+    rows = []
+    kw = dict(max_new_tokens=max_new, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    for case in tqdm(cases, desc="generate", unit="case", disable=not progress):
+        ids = tokenizer(case.context + case.question, return_tensors="pt").input_ids
+        with torch.no_grad():
+            dense = model.generate(ids, **kw)[0, ids.shape[1]:].tolist()
+            model.forward = torch.compile(model.forward, backend="dsparse", options=opts)
+            try:
+                sparse = model.generate(ids, **kw)[0, ids.shape[1]:].tolist()
+            finally:
+                del model.forward
+        text, dense_text = tokenizer.decode(sparse), tokenizer.decode(dense)
+        rows.append({"task": case.task, "length": case.length, "tokens": ids.shape[1], "depth": case.depth,
+                     "seed": case.seed, "label": policy.label() + " (compiled generate)", "answer": case.answer.strip(),
+                     "output": text, "dense_output": dense_text,
+                     "correct": first_number(text) == case.answer.strip(),
+                     "dense_correct": first_number(dense_text) == case.answer.strip(),
+                     "agree": sum(a == b for a, b in zip(sparse, dense)) / max(len(dense), 1)})
+    return rows
+
+
 def _rewind(cache, length: int) -> None:
     """Drop every cached position from ``length`` on (the next policy starts from the prefilled context)."""
     extra = cache.get_seq_length() - length
@@ -191,6 +225,9 @@ def add_arguments(p):
     p.add_argument("--samples", type=int, default=2, help="cases per (task, length, depth)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new", type=int, default=8, help="greedy tokens generated per answer")
+    p.add_argument("--generate", action="store_true",
+                   help="also answer through model.generate on torch.compile(model, backend='dsparse') (dsparse "
+                        "policies), next to model.generate on the plain model")
     add_policy_arguments(p)
     p.add_argument("--json", default=None, metavar="PATH", help="write every case and the summary as JSON")
 
@@ -232,5 +269,18 @@ def run(args) -> int:
         kept = "-" if s["kept"] is None else f"{s['kept']:.2f}"
         print(f"{s['task']:<8} {s['label']:<58} {s['length']:>5} {s['accuracy']:5.2f} {kept:>5} "
               f"{s['logprob']:8.3f} {s['dense_logprob']:8.3f} {100 * s['logprob_gap']:5.1f}% {s['agree']:6.2f}")
-    write_json(args.json, {"summary": summary, "cases": rows})
+    generated = []
+    if args.generate:
+        import torch
+
+        cases = make_cases(tok, tasks, lengths, depths, args.samples, args.seed)
+        for pol in [p for p in pols if p.name == "dsparse"]:
+            torch._dynamo.reset()
+            generated += generate_rows(model, tok, cases, pol, args.max_new)
+        print(f"\n{'task':<8} {'policy':<58} {'len':>5} {'acc':>5} {'dense':>5} {'agree':>6}")
+        for key in sorted({(g["task"], g["label"], g["length"]) for g in generated}):
+            rs = [g for g in generated if (g["task"], g["label"], g["length"]) == key]
+            print(f"{key[0]:<8} {key[1]:<58} {key[2]:>5} {sum(g['correct'] for g in rs) / len(rs):5.2f} "
+                  f"{sum(g['dense_correct'] for g in rs) / len(rs):5.2f} {sum(g['agree'] for g in rs) / len(rs):6.2f}")
+    write_json(args.json, {"summary": summary, "cases": rows, "generate": generated})
     return 0

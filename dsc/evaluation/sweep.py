@@ -4,7 +4,9 @@ length; writes a PNG plus CSV and JSON.
 Equal tokens: every policy gets the same fraction of each row's valid tokens. Equal bytes: every policy gets the
 token fraction that makes (scoring bytes + fetched K/V bytes) per token equal to the target share of dense
 (:meth:`dsc.evaluation.policies.Policy.for_bytes`, 16-bit cache); policies whose scoring alone costs more are
-left out at that target (oracle always: it reads all of K).
+left out at that target (oracle always: it reads all of K). Equal-bytes runs use group selection (one fetched row
+per selected token and KV head), where that byte model is exact; per-query-head selection fetches up to G times
+more rows, which the measured ``bytes_frac`` column shows.
 """
 from __future__ import annotations
 
@@ -138,7 +140,7 @@ def run(args) -> int:
         for b in budgets:
             measure(replace(base, budget=b), "tokens", b)
         for target in byte_targets:
-            pol = base.for_bytes(target, d, hq // hkv)
+            pol = replace(base, gqa="group").for_bytes(target, d, hq // hkv)
             if pol is not None:
                 measure(pol, "bytes", target)
     ret_rows, ret_summary = [], []
