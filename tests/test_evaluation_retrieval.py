@@ -77,6 +77,14 @@ def test_cli_sweep(tmp_path):
     assert {s["policy"] for s in data["retrieval"]} == {"dense", "streaming", "quest"}
     rows = list(csv.reader(png.with_suffix(".csv").open()))
     assert rows[0][0] == "mode" and rows[1][0] == "dense" and len(rows) > 6
+    # --merge: sweeps split across processes become one plot; incomparable ones are refused
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**data, "ppl": data["ppl"][:1], "retrieval": []}))
+    merged = tmp_path / "m.png"
+    assert main(["eval", "sweep", "--plot", str(merged), "--merge", str(png.with_suffix(".json")), str(other)]) == 0
+    assert len(json.loads(merged.with_suffix(".json").read_text())["ppl"]) == len(data["ppl"]) + 1
+    other.write_text(json.dumps({**data, "dense": {**data["dense"], "ppl": data["dense"]["ppl"] * 2}}))
+    assert main(["eval", "sweep", "--plot", str(merged), "--merge", str(png.with_suffix(".json")), str(other)]) == 2
 
 
 def test_sweep_without_matplotlib(tmp_path, monkeypatch):

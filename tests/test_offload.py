@@ -7,21 +7,15 @@ import pytest
 import torch
 
 from dsc.passes import offload, ops, store
-from test_passes_models import HKV, HQ, LAYERS, D, compiled, generate, tiny  # noqa: F401  (fixture _dynamo below)
-from test_passes_models import _dynamo  # noqa: F401
+from test_passes_models import _dynamo  # noqa: F401  (the autouse fixture: a clean Dynamo per test)
+from test_passes_models import HKV, LAYERS, D, compiled, generate, left_pad, tiny
 
 OPTS = dict(budget=6, sink=1, recent=2)
 
 
 def padded_batch():
     gen = torch.Generator().manual_seed(11)
-    prompts = [torch.randint(3, 128, (n,), generator=gen) for n in (40, 27)]
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(2, width, dtype=torch.long)
-    mask = torch.zeros(2, width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
-    return ids, mask
+    return left_pad([torch.randint(3, 128, (n,), generator=gen) for n in (40, 27)])
 
 
 def _record_selections(monkeypatch):

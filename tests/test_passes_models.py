@@ -77,6 +77,16 @@ def assert_same(ref, out, atol=1e-4):
         torch.testing.assert_close(b, a, atol=atol, rtol=1e-4)
 
 
+def left_pad(prompts):
+    """``(ids, attention_mask)`` of 1-D prompts left-padded to the longest (pad id 0)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    return ids, mask
+
+
 def new_reports(n0):
     return [s for rep in list(REPORTS)[n0:] for s in rep] if n0 <= len(REPORTS) else []
 
@@ -189,11 +199,8 @@ def test_left_padded_batch_never_selects_padding_and_matches_single_rows(cache, 
     model = tiny("llama")
     gen = torch.Generator().manual_seed(6)
     prompts = [torch.randint(3, 128, (n,), generator=gen) for n in (30, 21)]
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(2, width, dtype=torch.long)
-    mask = torch.zeros(2, width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    ids, mask = left_pad(prompts)
+    width = ids.shape[1]
 
     seen = []
     real = ops._ds_decode

@@ -31,6 +31,8 @@ def add_arguments(p):
     p.add_argument("--compile", default="eager,inductor", help=f"compilers among {','.join(COMPILERS)}")
     p.add_argument("--policy", default="dense", help="attention policies among dense,dsparse")
     p.add_argument("--budget", default="1/16", help="dsparse token budget: a fraction (1/16) or a token count")
+    p.add_argument("--gqa", default=None, choices=("head", "group"),
+                   help="dsparse selection per query head or per KV group (default: the backend's)")
     p.add_argument("--channels", default=None, metavar="CFG.json",
                    help="dsparse channel config (default: the cached calibration of the embedded model)")
     p.add_argument("--offload", action="store_true",
@@ -191,7 +193,10 @@ def dsparse_options(args, model, tok) -> dict:
 
         cfg = default_config(args.model, model=model, tokenizer=tok)
     budget = parse_list(args.budget, float, "budget")[0]
-    return {"channels": cfg, "budget": int(budget) if budget >= 1 else budget}
+    opts = {"channels": cfg, "budget": int(budget) if budget >= 1 else budget}
+    if getattr(args, "gqa", None):
+        opts["gqa"] = args.gqa
+    return opts
 
 
 def memory_report(model, contexts, batches, ds_options) -> str:

@@ -24,6 +24,9 @@ def add_arguments(p):
     p.add_argument("--model", default=None, help="local HF model folder (default: embedded SmolLM2-135M)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--plot", required=True, metavar="PNG", help="write the plot here (CSV/JSON next to it)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="run nothing: merge the JSON results of earlier sweeps (e.g. policies split across "
+                        "processes) into one plot, CSV and JSON; they must share the dense perplexity")
     p.add_argument("--csv", default=None, help="CSV path (default: the plot path with .csv)")
     p.add_argument("--json", default=None, help="JSON path (default: the plot path with .json)")
     p.add_argument("--context", type=int, default=1024, help="perplexity window length")
@@ -103,6 +106,8 @@ def run(args) -> int:
     from dsc.evaluation.ppl import eval_windows, load_channels, parse_layers, perplexity
 
     _need_matplotlib()  # fail before the long run, not after it
+    if args.merge:
+        return merge(args)
     names = [n.strip() for n in str(args.policy).split(",") if n.strip()]
     if not names or any(n not in SELECTORS for n in names):
         raise ValueError(f"--policy must list policies among {SELECTORS}, got {args.policy!r}")
@@ -154,6 +159,12 @@ def run(args) -> int:
         ret_rows, _ = retrieval.evaluate(model, tok, pols, tasks, lengths, depths, args.samples, args.seed,
                                          args.max_new, args.chunk)
         ret_summary = retrieval.summarize(ret_rows, by=("policy", "length"))
+    write_outputs(args, dense, rows, ret_summary, ret_rows)
+    return 0
+
+
+def write_outputs(args, dense: dict, rows: list, ret_summary: list, ret_rows: list) -> None:
+    """The plot, the CSV (perplexity rows, then the retrieval summary) and the JSON of one sweep."""
     stem = Path(args.plot).with_suffix("")
     csv_path = Path(args.csv) if args.csv else stem.with_suffix(".csv")
     json_path = Path(args.json) if args.json else stem.with_suffix(".json")
@@ -162,7 +173,7 @@ def run(args) -> int:
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
-        w.writerow({**dense, "mode": "dense", "x": 1.0, "rel": 0.0, "context": args.context})
+        w.writerow({**dense, "mode": "dense", "x": 1.0, "rel": 0.0, "context": rows[0]["context"] if rows else ""})
         w.writerows(rows)
         if ret_summary:
             f.write("\n")
@@ -173,6 +184,27 @@ def run(args) -> int:
                                      "retrieval_cases": ret_rows, "args": {k: v for k, v in vars(args).items()
                                                                            if not k.startswith("_")}},
                                     indent=2, default=str))
-    plot(args.plot, rows, ret_summary, dense["ppl"], args.budget_mode)
+    plot(args.plot, rows, ret_summary, dense["ppl"], getattr(args, "budget_mode", "context"))
     print(f"wrote {args.plot}, {csv_path}, {json_path}")
+
+
+def merge(args) -> int:
+    """``--merge``: one plot/CSV/JSON from several sweeps' JSON files."""
+    parts = []
+    for path in args.merge:
+        try:
+            parts.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--merge: cannot read sweep results {path}: {e}") from None
+        if not {"dense", "ppl", "retrieval"} <= set(parts[-1]):
+            raise ValueError(f"--merge: {path} is not the JSON of a `dsc eval sweep`")
+    dense = parts[0]["dense"]
+    for path, part in zip(args.merge[1:], parts[1:]):
+        if abs(part["dense"]["ppl"] - dense["ppl"]) > 1e-6 * dense["ppl"]:
+            raise ValueError(f"--merge: {path} has dense perplexity {part['dense']['ppl']:.4f}, not "
+                             f"{dense['ppl']:.4f} (another context, window count or model): not comparable")
+    rows = [r for part in parts for r in part["ppl"]]
+    ret_summary = [s for part in parts for s in part["retrieval"]]
+    ret_rows = [c for part in parts for c in part.get("retrieval_cases", [])]
+    write_outputs(args, dense, rows, ret_summary, ret_rows)
     return 0
