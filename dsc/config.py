@@ -55,6 +55,9 @@ class DSConfig(BudgetView):
     - ``inductor_options``: ``torch._inductor.config`` patches for the inner inductor compile.
     - ``offload``: keep the K/V of sparse layers in host memory (pinned on a GPU) and fetch only the selected rows
       per decode step (:mod:`dsc.passes.offload`; the model's own cache is still allocated on the device).
+    - ``predict`` (offload only): select layer ``l+1``'s rows during layer ``l`` from a predicted query (layer
+      ``l+1``'s query path run on layer ``l``'s input hidden state) and fetch them ahead (:mod:`dsc.passes.predict`);
+      ``sync_layers``: layers that always select with their own query.
     """
 
     channels: Any = None
@@ -70,6 +73,8 @@ class DSConfig(BudgetView):
     inner: str = "inductor"
     inductor_options: dict = field(default_factory=dict)
     offload: bool = False
+    predict: bool = False
+    sync_layers: tuple[int, ...] = (0, 1, 2)
 
     def __post_init__(self) -> None:
         chans = self.channels
@@ -102,8 +107,17 @@ class DSConfig(BudgetView):
         for name, allowed in (("gqa", GQA_MODES), ("prefill", PREFILL_POLICIES), ("inner", INNER_COMPILERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DSConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if not isinstance(self.offload, bool):
-            raise ValueError(f"DSConfig.offload must be True or False, got {self.offload!r}")
+        for name in ("offload", "predict"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"DSConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.predict and not self.offload:
+            raise ValueError("DSConfig.predict=True needs offload=True (prediction decides which host rows to fetch "
+                             "ahead; without offload nothing is fetched)")
+        try:
+            object.__setattr__(self, "sync_layers", tuple(sorted({int(x) for x in self.sync_layers})))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"DSConfig.sync_layers must be a sequence of layer numbers, got "
+                             f"{self.sync_layers!r}") from e
         if not isinstance(self.inductor_options, dict):
             raise ValueError("DSConfig.inductor_options must be a dict of torch._inductor.config patches")
 

@@ -30,7 +30,7 @@ def test_inductor_static_cache_exact_and_in_place():
     assert_same(ref, out, atol=1e-4)
     assert store.STATS["sparse_calls"] - calls0 == 3 * (LAYERS - 1)
     assert store.STATS["label_builds"] - builds0 == LAYERS - 1  # once per cache, at prefill; decode finds them
-    decode = [c for c in codes if "'static')" in c and "site_attention" in c and "False, " in c]
+    decode = [c for c in codes if "'static'" in c and "site_attention" in c and "False, " in c]
     assert decode, "no decode graph with a sparse site was generated"
     # k and v go to the op as the graph's own input buffers (argN_1): no clone/copy of the cache in between.
     calls = re.findall(r"torch\.ops\.dsc\.site_attention\.default\(\d+, \w+, (\w+), (\w+),", decode[0])

@@ -176,3 +176,54 @@ def test_explain_says_what_is_offloaded():
     rep = dsc.explain(model, {"input_ids": ids}, {"channels": None, "offload": True, "dense_layers": (0,)},
                       max_new_tokens=2)
     assert any("offload: the K/V of the" in n and "synchronous selection" in n for n in rep.notes), rep.notes
+    rep = dsc.explain(model, {"input_ids": ids}, {"channels": None, "offload": True, "predict": True,
+                                                  "dense_layers": (0,), "sync_layers": ()}, max_new_tokens=2)
+    decode = [r for r in rep.graphs[-1] if r.sparse]
+    assert [r.layer for r in decode] == [1, 2]
+    assert "synchronous: the query path of layer 0 reads 0 hidden states" in decode[0].why  # layer 0 reads embeddings
+    assert "predicted during layer 1" in decode[1].why
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_prediction_is_exact_at_full_budget_and_reports_overlap(cache):
+    """With a budget above the length the predicted selection holds every earlier token and the current one comes
+    from the device: decode equals dense; the prediction ran for the predictable layer only."""
+    model = tiny("llama")
+    ids, mask = padded_batch()
+    ref = generate(model, ids, 4, cache, attention_mask=mask)
+    offload.MEASURE_OVERLAP = True
+    store.STATS.clear()
+    try:
+        with compiled(model, offload=True, predict=True, sync_layers=(), budget=512):
+            out = generate(model, ids, 4, cache, attention_mask=mask)
+    finally:
+        offload.MEASURE_OVERLAP = False
+    assert out.sequences.tolist() == ref.sequences.tolist()
+    for a, b in zip(ref.logits, out.logits):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    assert store.STATS["predictions"] == 3  # layer 2, each decode step after the first token
+    assert store.STATS["overlap_hits"] == store.STATS["overlap_total"] > 0
+
+
+def test_prediction_at_a_sparse_budget_and_sync_layers():
+    model = tiny("llama")
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(9))
+    offload.MEASURE_OVERLAP = True
+    try:
+        for sync, expect in (((), 5), ((2,), 0)):
+            store.STATS.clear()
+            torch._dynamo.reset()
+            with compiled(model, offload=True, predict=True, sync_layers=sync, **OPTS):
+                generate(model, ids, 6, "static")
+            assert store.STATS["predictions"] == expect
+            if expect:
+                assert 0 < store.STATS["overlap_hits"] <= store.STATS["overlap_total"]
+    finally:
+        offload.MEASURE_OVERLAP = False
+
+
+def test_predict_needs_offload():
+    from dsc.config import DSConfig
+
+    with pytest.raises(ValueError, match="predict=True needs offload=True"):
+        DSConfig(predict=True)

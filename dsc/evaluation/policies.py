@@ -110,6 +110,12 @@ class Policy(BudgetView):
         parts.append(f"sink={self.sink}" if self.name == "streaming" else f"sink={self.sink},recent={self.recent}")
         return " ".join(parts)
 
+    def backend_options(self, **extra) -> dict:
+        """The ``dsparse`` backend options with this (dsparse) policy's knobs, plus ``extra``."""
+        return dict(channels=self.channels, budget=self.budget, r=self.r, label_bits=self.label_bits, gqa=self.gqa,
+                    sink=self.sink, recent=self.recent, dense_layers=self.dense_layers, min_length=self.min_length,
+                    **extra)
+
     def score_bytes(self, head_dim: int, group_size: int) -> float:
         """Bytes read per (cached token, KV head) to score it, with a 16-bit cache (ALGORITHM.md sec. 1)."""
         d, e = head_dim, ELEM_BYTES

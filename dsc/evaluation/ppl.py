@@ -15,12 +15,21 @@ import math
 
 
 def add_arguments(p):
+    from dsc.config import DSConfig
+
     p.add_argument("--model", default=None, help="local HF model folder (default: embedded SmolLM2-135M)")
     p.add_argument("--context", type=int, default=1024, help="window length in tokens")
     p.add_argument("--windows", type=int, default=4, help="number of windows to evaluate (0 = all)")
     p.add_argument("--dtype", default="float32")
     add_policy_arguments(p)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")
+    p.add_argument("--offload", action="store_true",
+                   help="also decode each dsparse policy token by token through the compiled backend with offload "
+                        "(slow; should equal the chunked result: a check of the offload path on real text)")
+    p.add_argument("--predict", action="store_true",
+                   help="as --offload, with next-layer prediction (reports the selection overlap)")
+    p.add_argument("--sync-layers", default=",".join(map(str, DSConfig.sync_layers)),
+                   help="with --predict: layers that select with their own query")
 
 
 def add_policy_arguments(p, many: bool = True):
@@ -157,6 +166,47 @@ def perplexity(model, windows, forward=None, progress: bool = True, policy=None,
     return res
 
 
+def perplexity_compiled(model, windows, policy, progress: bool = True, **options) -> dict:
+    """Mean next-token NLL of ``windows`` decoded token by token (teacher-forced, static cache) through
+    ``torch.compile(model.forward, backend="dsparse")`` with ``policy``'s knobs and ``options`` (e.g.
+    ``offload=True, predict=True``): what the backend itself does, including offload and next-layer prediction,
+    which the chunked evaluation does not model. Slow (one forward per token). With ``predict`` the result holds
+    ``overlap``: the share of each predicted site's own selection that the prediction also chose."""
+    import torch
+    from tqdm import tqdm
+
+    from dsc.generation import make_cache
+    from dsc.passes import offload
+    from dsc.passes.store import STATS
+
+    opts = policy.backend_options(inner="eager", **options)
+    torch._dynamo.reset()
+    forward = torch.compile(model.forward, backend="dsparse", options=opts, dynamic=False)
+    STATS.clear()
+    offload.MEASURE_OVERLAP = bool(options.get("predict"))
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for w in windows:
+                cache = make_cache(model, "static", w.numel())
+                for t in tqdm(range(w.numel() - 1), desc=policy.label(), unit="tok", disable=not progress,
+                              leave=False):
+                    lg = forward(input_ids=w[None, t:t + 1], cache=cache, use_cache=True,
+                                 cache_position=torch.tensor([t])).logits[0, -1].float()
+                    total += torch.nn.functional.cross_entropy(lg, w[t + 1]).item()
+                    count += 1
+    finally:
+        offload.MEASURE_OVERLAP = False
+        torch._dynamo.reset()
+    res = {"ppl": math.exp(total / count), "nll": total / count, "tokens": count, "windows": len(windows),
+           "policy": policy.name, "label": policy.label() + "".join(f" {k}" for k, v in options.items() if v is True),
+           "budget": policy.budget, "fetched_frac": float("nan"), "bytes_frac": float("nan"),
+           "h2d_bytes": STATS["h2d_bytes"], "predictions": STATS["predictions"]}
+    if STATS["overlap_total"]:
+        res["overlap"] = STATS["overlap_hits"] / STATS["overlap_total"]
+    return res
+
+
 def run(args) -> int:
     from dsc.assets import check_context, load_model
     from dsc.bench.common import write_json
@@ -169,6 +219,8 @@ def run(args) -> int:
         raise ValueError(f"--chunk must be positive, got {args.chunk}")
     if args.prefill < 0:
         raise ValueError(f"--prefill must be >= 0, got {args.prefill}")
+    if (args.offload or args.predict) and args.prefill:
+        raise ValueError("--offload/--predict decode every token through the compiled backend: use --prefill 0")
     pols = policies_from_args(args, model, tok)
     wins = eval_windows(tok, args.context, args.windows)
     results = []
@@ -176,12 +228,18 @@ def run(args) -> int:
         res = perplexity(model, wins, policy=pol, prefill=args.prefill, chunk=args.chunk, desc=pol.label())
         res.update(context=args.context)
         results.append(res)
+        if pol.name == "dsparse" and (args.offload or args.predict):
+            res = perplexity_compiled(model, wins, pol, offload=True, predict=args.predict,
+                                      sync_layers=parse_layers(args.sync_layers))
+            res.update(context=args.context)
+            results.append(res)
     dense = results[0]["ppl"]
     print(f"evaluation essays: {results[0]['windows']} windows of {args.context} tokens, prefill {args.prefill}")
     print(f"{'policy':<60} {'ppl':>9} {'vs dense':>9} {'fetched':>8} {'bytes':>7}")
     for res in results:
         res["rel"] = res["ppl"] / dense - 1
+        extra = f"  prediction overlap {res['overlap']:.3f}" if "overlap" in res else ""
         print(f"{res['label']:<60} {res['ppl']:9.3f} {100 * res['rel']:+8.2f}% {res['fetched_frac']:8.4f} "
-              f"{res['bytes_frac']:7.4f}")
+              f"{res['bytes_frac']:7.4f}{extra}")
     write_json(args.json, results if len(results) > 1 else results[0])
     return 0

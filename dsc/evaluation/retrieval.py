@@ -161,9 +161,7 @@ def generate_rows(model, tokenizer, cases: list[Case], policy, max_new: int = 8,
     import torch
     from tqdm import tqdm
 
-    opts = dict(channels=policy.channels, budget=policy.budget, r=policy.r, label_bits=policy.label_bits,
-                gqa=policy.gqa, sink=policy.sink, recent=policy.recent, dense_layers=policy.dense_layers,
-                min_length=policy.min_length, inner="eager")
+    opts = policy.backend_options(inner="eager")
     rows = []
     kw = dict(max_new_tokens=max_new, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     for case in tqdm(cases, desc="generate", unit="case", disable=not progress):

@@ -74,13 +74,20 @@ def _rows(gm, cfg, graph_index: int) -> list[SiteRow]:
     from .rewrite import _check_config, analyze_module
 
     rows = []
-    for site in analyze_module(gm, cfg):
+    sites = analyze_module(gm, cfg)
+    if cfg.offload and cfg.predict:
+        from .predict import plan
+
+        plan(gm.graph, sites, set(cfg.sync_layers))
+    for site in sites:
         becomes, why = site.becomes, site.reason
         if site.action == "sparse" and cfg.channels is not None:
             try:
                 _check_config(site, cfg)
             except ValueError as e:
                 becomes, why = "error", str(e)
+        if "predict" in site.extra:
+            why += "; " + site.extra["predict"]
         rows.append(SiteRow(graph_index, site.index, site.layer, _clean(site.module_path), site.lq, site.s,
                             site.heads, site.mask, site.cache, becomes, why))
     return rows
@@ -136,9 +143,10 @@ def explain(model, example_inputs=None, options=None, *, max_new_tokens: int = 0
             torch.compile(model, backend=capture)(*args, **kwargs)
     if cfg.offload:
         n = sum(r.sparse for g in graphs for r in g)
-        notes.append(f"offload: the K/V of the {n} sparse site(s) live in host memory; each decode step fetches "
-                     "only the rows its own query selects (synchronous selection: next-layer prediction is not "
-                     "implemented yet)" if n else
+        how = ("each site's selection is predicted during the layer before where the table says so, else "
+               "selected with its own query" if cfg.predict else "each decode step fetches only the rows its own "
+               "query selects (synchronous selection; predict=True fetches the next layer's rows ahead)")
+        notes.append(f"offload: the K/V of the {n} sparse site(s) live in host memory; {how}" if n else
                      "offload=True but no site is sparse: compiling with these options raises (nothing to offload)")
     if not graphs:
         notes.append("Dynamo produced no graph (was the model already compiled, or did every frame fall back?)")

@@ -152,20 +152,76 @@ def host_kv(entry: store.Entry, k: Tensor, v: Tensor, new_positions: Optional[Te
     return host
 
 
-def attend(host: HostKV, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, new_positions: Optional[Tensor],
-           scale: float, bias: Optional[Tensor]) -> Tensor:
+def attend(host: HostKV, q: Tensor, k: Tensor, v: Tensor, idx: Optional[Tensor], new_positions: Optional[Tensor],
+           scale: float, bias: Optional[Tensor], predicted: Optional[tuple] = None) -> Tensor:
     """Exact attention of decode queries ``q`` ``[B, Hq, 1, D]`` over the selected rows ``idx`` ``[B, Hsel, 1, K]``,
-    read from the host store; rows written this step come from the device cache ``k``/``v`` instead."""
+    read from the host store; rows written this step come from the device cache ``k``/``v`` instead.
+    ``predicted``: a :func:`prefetch` result (selection + rows already fetched) used instead of ``idx``; the rows
+    written this step (``new_positions``, 1-D) are appended from the device: the current token is always attended."""
     b, hq, lq, _ = q.shape
-    ks, vs, rows = host.fetch(idx[:, :, 0], q.device)
-    rows = rows.to(q.device, non_blocking=True)
-    if new_positions is not None and new_positions.numel() and k.device.type != "cpu":
-        ks, vs = _overlay_new_rows(ks, vs, rows, new_positions, k, v)
+    if predicted is None:
+        ks, vs, rows = host.fetch(idx[:, :, 0], q.device)
+        rows = rows.to(q.device, non_blocking=True)
+        if new_positions is not None and new_positions.numel() and k.device.type != "cpu":
+            ks, vs = _overlay_new_rows(ks, vs, rows, new_positions, k, v)
+    else:
+        idx, ks, vs, rows = predicted
+        t = new_positions.numel()
+        rows = torch.cat([rows.to(q.device, non_blocking=True), new_positions.expand(b, rows.shape[1], t)], -1)
+        ks = torch.cat([ks, k.index_select(2, new_positions)], 2)
+        vs = torch.cat([vs, v.index_select(2, new_positions)], 2)
+        idx = torch.cat([idx, new_positions.expand(b, idx.shape[1], lq, t)], -1)
     stage_bias = None
     if bias is not None:  # the additive mask at the block's rows, per query head
         rows_q = rows.clamp_min(0).repeat_interleave(hq // rows.shape[1], dim=1)[:, :, None, :]
         stage_bias = bias.expand(b, hq, lq, k.shape[2]).gather(-1, rows_q.expand(-1, -1, lq, -1))
     return torch.ops.dsc.sparse_attention(q, ks, vs, block_slots(idx, rows), scale, stage_bias)
+
+
+# ------------------------------------------------------------------------------------- next-layer prediction
+_PREDICTED: dict[int, tuple] = {}  # site id -> (idx, k block, v block, rows) fetched ahead by dsc::site_predict
+MEASURE_OVERLAP = False  # also select with the site's own query and count the overlap (benchmarks, tests)
+
+
+def previous_tokens(valid: Optional[Tensor], n: int, current_is_last: bool) -> Optional[Tensor]:
+    """The valid mask over the first ``n`` cached positions without the token being decoded: dynamic caches label
+    ``n`` = the past only (the mask's extra column is the current token); in a static buffer the current token is
+    each row's last valid position."""
+    if valid is None:
+        return None
+    valid = valid[..., :n]
+    if not current_is_last:
+        return valid
+    count = valid.sum(-1, keepdim=True)
+    return valid & (valid.cumsum(-1) < count)
+
+
+def prefetch(site: int, host: HostKV, idx: Tensor, device: torch.device) -> None:
+    """Fetch the rows of a predicted selection now; the site op takes them with :func:`take_prediction`."""
+    ks, vs, rows = host.fetch(idx[:, :, 0], device)
+    _PREDICTED[site] = (idx, ks, vs, rows)
+    store.STATS["predictions"] += 1
+
+
+def take_prediction(site: int) -> Optional[tuple]:
+    return _PREDICTED.pop(site, None)
+
+
+def count_overlap(predicted_idx: Tensor, own: Tensor, new_positions: Tensor) -> None:
+    """Share of the site's own selection (current token aside) that the prediction also selected."""
+    hsel = own.shape[1]
+    s = int(max(own.max(), predicted_idx.max(), new_positions.max())) + 2
+    pred = predicted_idx if predicted_idx.shape[1] == hsel else predicted_idx.repeat_interleave(
+        hsel // predicted_idx.shape[1], dim=1)
+
+    def mask(i):
+        m = torch.zeros(i.shape[:-1] + (s,), dtype=torch.bool, device=i.device)
+        return m.scatter_(-1, torch.where(i >= 0, i, s - 1), True)[..., :-1]
+
+    own_m = mask(own)
+    own_m[..., new_positions] = False
+    store.STATS["overlap_hits"] += int((own_m & mask(pred)).sum())
+    store.STATS["overlap_total"] += int(own_m.sum())
 
 
 def _overlay_new_rows(ks, vs, rows, new_positions, k, v):

@@ -96,12 +96,13 @@ def _select(idx: Tensor) -> Tensor:
 @torch.library.custom_op("dsc::site_attention", mutates_args=())
 def site_attention(site: int, q: Tensor, k: Tensor, v: Tensor, past_k: Optional[Tensor], new_k: Tensor,
                    positions: Optional[Tensor], attn_mask: Optional[Tensor], is_causal: bool, scale: float,
-                   cache: str) -> Tensor:
+                   cache: str, prefetched: Optional[Tensor] = None) -> Tensor:
     """Keep the site's labels in sync with the K cache, then attend (sparse at decode, dense otherwise).
 
     ``k``/``v``: KV-native ``[B, Hkv, S, D]`` as SDPA would read them; ``cache == "static"``: ``k`` is (a prefix
     view of) a fixed buffer that already holds ``new_k`` at ``positions``; ``"dynamic"``: ``k = cat(past_k,
-    new_k)`` along positions (``past_k`` may be empty at the first step).
+    new_k)`` along positions (``past_k`` may be empty at the first step). ``prefetched``: the ticket of this site's
+    ``dsc::site_predict`` (offload with next-layer prediction), else None.
     """
     spec = SITES[site]
     if cache == "static":
@@ -111,6 +112,7 @@ def site_attention(site: int, q: Tensor, k: Tensor, v: Tensor, past_k: Optional[
         entry = store.labels_dynamic(spec.label, k, past_k, new_k)
         new_positions = torch.arange(k.shape[2] - new_k.shape[2], k.shape[2], device=k.device)
     host = offload.host_kv(entry, k, v, new_positions) if spec.offload else None
+    predicted = offload.take_prediction(site) if prefetched is not None else None
     b, hq, lq, _ = q.shape
     s = k.shape[2]
     hkv = k.shape[1]
@@ -122,25 +124,67 @@ def site_attention(site: int, q: Tensor, k: Tensor, v: Tensor, past_k: Optional[
     valid, bias = _valid_from_mask(attn_mask)
     if is_causal:
         valid = _causal_valid(lq, s, q.device)
-    # Group selection drops a position unless every head of the group may see it; with a per-head mask that
-    # would not be exact, so such calls select per query head.
-    group = spec.group and (valid is None or valid.dim() < 3 or valid.shape[-3] == 1)
+    group = _group(spec, valid)
     data, sc, zero = entry.view(s, spec.label.bits)
     store.STATS["sparse_calls"] += 1
     channels = spec.label.on(q.device)
     if host is not None and lq == 1:
-        scores = torch.ops.dsc.label_scores(q, channels, data, sc, zero, spec.label.bits, valid, None, group)
-        idx = _select(torch.ops.dsc.select_topk(scores, spec.budget, spec.frac, spec.sink, spec.recent))
-        return offload.attend(host, q, k, v, idx, new_positions, scale, bias).contiguous()
+        use_prediction = predicted is not None and new_positions.dim() == 1
+        own = None
+        if not use_prediction or offload.MEASURE_OVERLAP:
+            scores = torch.ops.dsc.label_scores(q, channels, data, sc, zero, spec.label.bits, valid, None, group)
+            own = _select(torch.ops.dsc.select_topk(scores, spec.budget, spec.frac, spec.sink, spec.recent))
+            if use_prediction:
+                offload.count_overlap(predicted[0], own, new_positions)
+        if use_prediction:
+            return offload.attend(host, q, k, v, None, new_positions, scale, bias, predicted).contiguous()
+        return offload.attend(host, q, k, v, own, new_positions, scale, bias).contiguous()
     out = _ds_decode(q, k, v, channels, data, sc, zero, spec.label.bits, valid, bias, None,
                      spec.budget, spec.frac, spec.sink, spec.recent, group, scale)
     return out.contiguous()
 
 
+def _group(spec: SiteSpec, valid: Optional[Tensor]) -> bool:
+    """Group selection drops a position unless every head of the group may see it; with a per-head mask that
+    would not be exact, so such calls select per query head."""
+    return spec.group and (valid is None or valid.dim() < 3 or valid.shape[-3] == 1)
+
+
 @site_attention.register_fake
-def _(site, q, k, v, past_k, new_k, positions, attn_mask, is_causal, scale, cache):
+def _(site, q, k, v, past_k, new_k, positions, attn_mask, is_causal, scale, cache, prefetched=None):
     b, hq, lq, _ = q.shape
     return q.new_empty((b, hq, lq, v.shape[-1]))
+
+
+@torch.library.custom_op("dsc::site_predict", mutates_args=())
+def site_predict(site: int, q_pred: Tensor, label_key: Tensor, attn_mask: Optional[Tensor], cache: str) -> Tensor:
+    """Select a later site's rows from a predicted query and start fetching them (offload with prediction).
+
+    ``label_key``: the tensor the site's label entry is filed under (the static buffer, or the dynamic cache's
+    past K). Only decode steps predict; the current token is left out (its label is written by the site itself,
+    which attends it from the device). Returns a ticket (an empty tensor) the site op consumes, which orders the
+    two ops; the selection and the fetched rows wait in :func:`dsc.passes.offload.take_prediction`.
+    """
+    spec = SITES[site]
+    if q_pred.shape[2] == 1:
+        entry = store.lookup(spec.label, label_key)
+        if entry is not None and entry.host is not None and entry.length:
+            n = entry.length if cache == "dynamic" else label_key.shape[2]
+            valid, _ = _valid_from_mask(attn_mask)
+            if valid is not None or cache == "dynamic":
+                valid = offload.previous_tokens(valid, n, current_is_last=cache == "static")
+                data, sc, zero = entry.view(n, spec.label.bits)
+                channels = spec.label.on(q_pred.device)
+                scores = torch.ops.dsc.label_scores(q_pred, channels, data, sc, zero, spec.label.bits, valid, None,
+                                                    _group(spec, valid))
+                idx = torch.ops.dsc.select_topk(scores, spec.budget, spec.frac, spec.sink, spec.recent)
+                offload.prefetch(site, entry.host, idx, q_pred.device)
+    return q_pred.new_empty((0,), dtype=torch.int64)
+
+
+@site_predict.register_fake
+def _(site, q_pred, label_key, attn_mask, cache):
+    return q_pred.new_empty((0,), dtype=torch.int64)
 
 
 def default_scale(head_dim: int) -> float:

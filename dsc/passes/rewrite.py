@@ -11,7 +11,7 @@ from torch.fx import GraphModule, Node
 
 from dsc.config import DSConfig
 
-from . import ops
+from . import ops, predict
 from .analysis import Site, analyze
 
 _VIEWISH = {"reshape", "view", "expand", "unsqueeze", "contiguous", "repeat_interleave", "transpose"}
@@ -78,7 +78,7 @@ def rewrite(gm: GraphModule, cfg: DSConfig) -> list[Site]:
             new = graph.call_function(
                 torch.ops.dsc.site_attention.default,
                 (sid, site.q, site.k, site.v, site.past_k, site.new_k, site.positions, site.attn_mask,
-                 site.is_causal, float(scale), site.cache))
+                 site.is_causal, float(scale), site.cache, None))
         new.meta.update({k: v for k, v in old.meta.items() if k in ("example_value", "val", "nn_module_stack",
                                                                   "source_fn_stack", "stack_trace")})
         old_inputs = list(old.all_input_nodes)
@@ -86,6 +86,8 @@ def rewrite(gm: GraphModule, cfg: DSConfig) -> list[Site]:
         graph.erase_node(old)
         site.node = new
         _drop_dead(old_inputs)
+    if cfg.offload and cfg.predict:
+        predict.insert(graph, sites, set(cfg.sync_layers))
     if cfg.offload and sites and not any(s.action == "sparse" for s in sites):
         reasons = "; ".join(sorted({f"{s.module_path or 'site ' + str(s.index)}: {s.reason}" for s in sites}))
         raise ValueError(f"dsparse offload=True, but no attention site of this graph can be made sparse, so nothing "

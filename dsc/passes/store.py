@@ -193,6 +193,11 @@ def labels_dynamic(spec: LabelSpec, k: torch.Tensor, past_k: torch.Tensor | None
         return entry
 
 
+def lookup(spec: LabelSpec, t: torch.Tensor) -> Entry | None:
+    """The entry filed under ``t`` (no side effects), for a reader that runs before the site's own op."""
+    return _ENTRIES.get(_key(spec, t))
+
+
 def entry_count() -> int:
     """Live label caches (tests: they go away with their KV caches)."""
     return len(_ENTRIES)
