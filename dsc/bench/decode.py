@@ -89,15 +89,19 @@ def bench_one(model, tok, context: int, batch: int, compiler: str, steps: int, w
     return row
 
 
+def _kv_shape(model) -> tuple[int, int, int, int, int]:
+    """``(layers, Hq, Hkv, head_dim, bytes per element)`` of the model's KV cache."""
+    from dsc.evaluation.policies import check_model
+
+    return (*check_model(model), next(model.parameters()).element_size())
+
+
 def transfer_counts(model, prompt: int, batch: int, decode_steps: int, stats: dict) -> dict:
     """Host -> device MB per decode step: counted by the offload op vs whole-layer offload (every layer's K/V at
     its valid length moved once per step), over the same decode steps."""
-    c = model.config
-    hkv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    item = next(model.parameters()).element_size()
+    layers, _, hkv, d, item = _kv_shape(model)
     lengths = [prompt + i + 1 for i in range(decode_steps)]  # valid cache length at each decode step
-    whole = sum(c.num_hidden_layers * 2 * batch * hkv * s * d * item for s in lengths) / decode_steps
+    whole = sum(layers * 2 * batch * hkv * s * d * item for s in lengths) / decode_steps
     moved = stats.get("h2d_bytes", 0) / decode_steps
     return {"h2d_mb_per_step": moved / 2**20, "whole_layer_mb_per_step": whole / 2**20,
             "h2d_share": moved / whole}
@@ -207,17 +211,13 @@ def memory_report(model, contexts, batches, ds_options) -> str:
     from dsc.passes.offload import device_bytes
 
     cfg = DSConfig.from_options(dict(ds_options, offload=True))
-    c = model.config
-    hq = c.num_attention_heads
-    hkv = getattr(c, "num_key_value_heads", None) or hq
-    d = getattr(c, "head_dim", None) or c.hidden_size // hq
-    item = next(model.parameters()).element_size()
-    sparse = c.num_hidden_layers - len([x for x in cfg.dense_layers if x < c.num_hidden_layers])
+    layers, hq, hkv, d, item = _kv_shape(model)
+    sparse = layers - len([x for x in cfg.dense_layers if x < layers])
     rows = []
     for ctx in contexts:
         for b in batches:
             k = cfg.budget_tokens or math.ceil(cfg.budget_frac * ctx)
-            rep = device_bytes(layers=c.num_hidden_layers, sparse_layers=sparse, batch=b, kv_heads=hkv,
+            rep = device_bytes(layers=layers, sparse_layers=sparse, batch=b, kv_heads=hkv,
                                sel_heads=hq if cfg.gqa == "head" else hkv, length=ctx, head_dim=d, itemsize=item,
                                r=cfg.r, label_bits=cfg.label_bits, budget_tokens=k)
             rows.append({"context": ctx, "batch": b, "full": rep["per_sequence_full"] / 2**20,

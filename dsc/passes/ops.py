@@ -110,8 +110,12 @@ def site_attention(site: int, q: Tensor, k: Tensor, v: Tensor, past_k: Optional[
         new_positions = positions
     else:
         entry = store.labels_dynamic(spec.label, k, past_k, new_k)
-        new_positions = torch.arange(k.shape[2] - new_k.shape[2], k.shape[2], device=k.device)
-    host = offload.host_kv(entry, k, v, new_positions) if spec.offload else None
+        new_positions = None
+    host = None
+    if spec.offload:  # the rows this call wrote, for the host store
+        if new_positions is None:
+            new_positions = torch.arange(k.shape[2] - new_k.shape[2], k.shape[2], device=k.device)
+        host = offload.host_kv(entry, k, v, new_positions)
     predicted = offload.take_prediction(site) if prefetched is not None else None
     b, hq, lq, _ = q.shape
     s = k.shape[2]
