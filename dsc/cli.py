@@ -13,6 +13,7 @@ COMMANDS = [
     (("explain",), "dsc.passes.explain", "list attention sites and what the dsparse backend makes of each"),
     (("bench", "decode"), "dsc.bench.decode", "end-to-end decode throughput and per-step latency"),
     (("bench", "attention"), "dsc.bench.attention", "decode attention op: dense SDPA vs Double Sparsity"),
+    (("bench", "offload"), "dsc.bench.offload", "decode attention over host-held K/V: whole-layer vs selected rows"),
     (("eval", "ppl"), "dsc.evaluation.ppl", "perplexity on the evaluation essays"),
     (("eval", "retrieval"), "dsc.evaluation.retrieval", "passkey and line retrieval under each policy"),
     (("eval", "sweep"), "dsc.evaluation.sweep", "perplexity vs budget per policy, retrieval vs length; plot"),

@@ -103,3 +103,20 @@ def test_triton_hf_layout_strides():
     k, v = big[0, :, :, :90], big[1, :, :, :90]
     args = (c.channels, c.data, c.scale, c.zero, 8, c.valid, None, c.lengths, 12, 0.0, 1, 2, False, None)
     assert torch.allclose(T.ds_decode(q, k, v, *args), R.ds_decode(c.q, c.k, c.v, *args), atol=1e-5)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_triton_write_rows_matches_index_copy(batched):
+    gen = torch.Generator().manual_seed(4)
+    b, hkv, cap, d, t = 2, 3, 20, 40, 5
+    src = torch.randn(b, hkv, t, d, generator=gen)
+    pos = (torch.stack([torch.randperm(cap, generator=gen)[:t] for _ in range(b)]) if batched
+           else torch.randperm(cap, generator=gen)[:t])
+    dst = torch.randn(b, hkv, cap, d, generator=gen)
+    want = dst.clone()
+    for i in range(b):
+        want[i].index_copy_(1, pos[i] if batched else pos, src[i])
+    T.write_rows(src, pos, dst)
+    assert torch.equal(dst, want)
+    with pytest.raises(ValueError, match="positions"):
+        T.write_rows(src, pos + cap, dst)

@@ -144,16 +144,16 @@ def run(args) -> int:
             bar.update(1 + len(formats) * len(budgets))
             continue
         r = label_channels(args.label_channels, d)
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        q = torch.randn(b, hq, 1, d, generator=gen).to(device, dtype)
-        k = torch.randn(b, hkv, s, d, generator=gen).to(device, dtype)
-        v = torch.randn(b, hkv, s, d, generator=gen).to(device, dtype)
+        gen = torch.Generator(device=device).manual_seed(0)  # drawn where they live: no host-side fill of GBs
+        q = torch.randn(b, hq, 1, d, generator=gen, device=device).to(dtype)
+        k = torch.randn(b, hkv, s, d, generator=gen, device=device).to(dtype)
+        v = torch.randn(b, hkv, s, d, generator=gen, device=device).to(dtype)
         sm = d ** -0.5
         with torch.no_grad():
             dense_ms = timer(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True, scale=sm),
                              args.repeats, args.warmup)
         bar.update(1)
-        channels = torch.stack([torch.randperm(d, generator=gen)[:r] for _ in range(hkv)]).to(device)
+        channels = torch.stack([torch.randperm(d, generator=gen, device=device)[:r] for _ in range(hkv)])
         for bits in formats:
             labels = alloc_labels(b, hkv, s, r, bits, dtype, device)
             torch.ops.dsc.label_write(k, channels, torch.arange(s, device=device), *labels, bits)

@@ -221,6 +221,31 @@ def check_sparse_attention(q, k, v, idx, sm_scale, bias) -> None:
     _same_device("q", q, idx=idx, bias=bias)
 
 
+def check_host_kv(q, k, v, idx, sm_scale, bias) -> None:
+    """:func:`check_sparse_attention` for ``k``/``v`` held in pinned host memory while ``q`` is on a GPU."""
+    for name, t in (("k", k), ("v", v)):
+        if t.device.type != "cpu" or not t.is_pinned():
+            _fail(name, f"must be a pinned host tensor for zero-copy attention (got {t.device}, pinned="
+                        f"{t.device.type == 'cpu' and t.is_pinned()}); allocate it with pin_memory=True")
+    if q.device.type != "cuda":
+        _fail("q", f"zero-copy attention over host K/V needs a CUDA query, got {q.device}")
+    _same_device("q", q, idx=idx, bias=bias)
+    meta = [None if t is None else t.to("meta") for t in (q, k, v, idx, bias)]  # shapes and dtypes only
+    check_sparse_attention(*meta[:4], sm_scale, meta[4])
+
+
+def check_write_rows(src, positions, dst) -> None:
+    _rank("src", src, 4, "[B, Hkv, T, D]")
+    _rank("dst", dst, 4, "[B, Hkv, capacity, D]")
+    b, hkv, t, d = src.shape
+    if dst.shape[0] != b or dst.shape[1] != hkv or dst.shape[3] != d or dst.dtype != src.dtype:
+        _fail("dst", f"is {tuple(dst.shape)} {dst.dtype}; expected [{b}, {hkv}, capacity, {d}] {src.dtype}")
+    check_positions(positions, b, t, dst.shape[2])
+    if dst.device != src.device and not (dst.device.type == "cpu" and dst.is_pinned()):
+        _fail("dst", f"is on {dst.device} but src is on {src.device}; use the same device or pinned host memory")
+    _same_device("src", src, positions=positions)
+
+
 def check_ds_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink, recent,
                     sm_scale) -> None:
     check_kv(q, k, v)

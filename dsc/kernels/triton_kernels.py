@@ -234,3 +234,23 @@ def merge_kernel(o_part, lse_part, out, HQ, LQ, NSPLIT, D,
     tot = tl.sum(w, axis=0)
     res = tl.sum(o * w[:, None], axis=0) / tl.where(tot > 0, tot, 1.0)
     tl.store(out + b * so0 + h * so1 + lq * so2 + d * so3, res.to(out.dtype.element_ty), mask=dm)
+
+
+@triton.jit
+def rows_write_kernel(src, pos, dst, T, D, HKV,
+                      ss0, ss1, ss2, ss3, sp0, sp1, sd0, sd1, sd2, sd3,
+                      BLOCK_T: tl.constexpr, D_PAD: tl.constexpr):
+    """One program per (batch * KV head, block of T rows): ``dst[b, h, pos[t]] = src[b, h, t]``.
+
+    ``dst`` may be pinned host memory (the offload store): the GPU writes it over the bus in stream order, so a
+    later kernel on the same stream reads the row, with no host-side wait."""
+    pid = tl.program_id(0)
+    b = (pid // HKV).to(tl.int64)
+    h = pid % HKV
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tm = t < T
+    p = tl.load(pos + b * sp0 + t * sp1, mask=tm, other=0)
+    d = tl.arange(0, D_PAD)
+    m2 = tm[:, None] & (d < D)[None, :]
+    x = tl.load(src + b * ss0 + h * ss1 + t[:, None] * ss2 + d[None, :] * ss3, mask=m2, other=0.0)
+    tl.store(dst + b * sd0 + h * sd1 + p[:, None] * sd2 + d[None, :] * sd3, x, mask=m2)

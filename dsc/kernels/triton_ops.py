@@ -54,6 +54,21 @@ def label_write(keys, channels, positions, data, scale, zero, bits: int, block_t
                                 *data.stride(), *ss, BITS=bits, BLOCK_T=block_t, C_PAD=cpad)
 
 
+# ----------------------------------------------------------------------------------------------- row write
+def write_rows(src, positions, dst, block_t: int | None = None) -> None:
+    """``dst[:, :, positions] = src`` (``positions`` ``[T]`` or ``[B, T]``) for a CUDA ``src``; ``dst`` on the same
+    GPU or in pinned host memory (stream-ordered: later kernels on the stream see the rows)."""
+    checks.check_write_rows(src, positions, dst)
+    b, hkv, t, d = src.shape
+    if t == 0:
+        return
+    sp0, sp1 = (0, positions.stride(0)) if positions.dim() == 1 else positions.stride()
+    block_t = block_t or (_pow2(t) if _interpreting() else min(32, _pow2(t)))
+    grid = (b * hkv, triton.cdiv(t, block_t))
+    tk.rows_write_kernel[grid](src, positions, dst, t, d, hkv, *src.stride(), sp0, sp1, *dst.stride(),
+                               BLOCK_T=block_t, D_PAD=_pow2(d, 16))
+
+
 # ----------------------------------------------------------------------------------------------- scores
 def label_scores(q, channels, data, scale, zero, bits: int, valid=None, lengths=None, group: bool = True,
                  block_s: int | None = None):
@@ -97,6 +112,17 @@ def _splits(rows: int, kk: int, block_n: int, device) -> int:
 def sparse_attention(q, k, v, idx, sm_scale: float, bias=None, block_n: int | None = None,
                      nsplit: int | None = None):
     checks.check_sparse_attention(q, k, v, idx, sm_scale, bias)
+    return _sparse_attention(q, k, v, idx, sm_scale, bias, block_n, nsplit)
+
+
+def sparse_attention_host(q, k, v, idx, sm_scale: float, bias=None):
+    """:func:`sparse_attention` with ``k``/``v`` in pinned host memory: the kernel gathers the selected rows over
+    the bus itself (zero-copy), so only those rows cross it and no staging copy or host wait is needed."""
+    checks.check_host_kv(q, k, v, idx, sm_scale, bias)
+    return _sparse_attention(q, k, v, idx, sm_scale, bias)
+
+
+def _sparse_attention(q, k, v, idx, sm_scale, bias, block_n=None, nsplit=None):
     b, hq, lq, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     g = hq // hkv

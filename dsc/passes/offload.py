@@ -7,12 +7,16 @@ What lives where (per sparse layer, per sequence):
 - compute device: the labels (``r`` of ``D`` channels) and, per decode step, a budget-sized staging buffer holding
   the selected rows only.
 
-A decode step (:func:`attend`): label scores -> top-k on the device; the selected indices go to the host; the rows
-are gathered there into one contiguous block and copied to the device in one transfer; exact attention runs over
-that block. New rows are written to the host without stalling the step: on a GPU the device -> host copy is
-asynchronous (``non_blocking`` into pinned memory, an event recorded) and lands in the host store before the next
-gather reads it; the current step's rows are taken from the device tensors, so the current token is always attended
-whether or not its host copy has landed.
+A decode step (:func:`attend`), label scores -> top-k on the device, then one of two gathers:
+- zero-copy (a GPU, the default): the sparse-attention kernel reads the selected rows straight from the pinned host
+  store over the bus (:func:`dsc.kernels.triton_ops.sparse_attention_host`); nothing else moves and the host never
+  waits. New rows are written by a kernel into the pinned store in stream order (``write_rows``), so the current
+  token's row is there before the attention kernel runs.
+- staged (CPU, next-layer prediction, or ``ZERO_COPY = False``): the selected indices go to the host; per KV head
+  the union of its query heads' rows is gathered into one block and copied to the device in one transfer; exact
+  attention runs over that block. On a GPU, new rows go to the host asynchronously (``non_blocking`` into pinned
+  memory, an event recorded) and land before the next gather; the current step's rows are taken from the device,
+  so the current token is always attended whether or not its host copy has landed.
 
 The compiled graph still writes the model's own KV cache (the model's code is untouched), and prefill and dense
 layers read it as before. So the device memory of the offloaded layers is *not* returned to the allocator yet:
@@ -31,13 +35,17 @@ from torch import Tensor
 from . import store
 
 
+ZERO_COPY = True  # on a GPU, attention kernels read the selected rows from pinned host memory themselves
+
+
 class HostKV:
     """All K/V rows of one sparse layer's cache, in host memory: ``k``/``v`` ``[B, Hkv, capacity, D]``."""
 
-    __slots__ = ("k", "v", "pending", "pinned")
+    __slots__ = ("k", "v", "pending", "pinned", "zero_copy")
 
     def __init__(self, like_k: Tensor, like_v: Tensor, capacity: int):
         self.pinned = like_k.device.type == "cuda"
+        self.zero_copy = self.pinned and ZERO_COPY
         b, hkv, _, d = like_k.shape
         self.k = torch.empty((b, hkv, capacity, d), dtype=like_k.dtype, pin_memory=self.pinned)
         self.v = torch.empty((b, hkv, capacity, like_v.shape[-1]), dtype=like_v.dtype, pin_memory=self.pinned)
@@ -49,6 +57,8 @@ class HostKV:
 
     def grow(self, capacity: int) -> None:
         self.flush()
+        if self.zero_copy:
+            torch.cuda.current_stream().synchronize()  # rows written by kernels land before the host copies them
         old_k, old_v = self.k, self.v
         n = old_k.shape[2]
         self.k = torch.empty(old_k.shape[:2] + (capacity, old_k.shape[3]), dtype=old_k.dtype, pin_memory=self.pinned)
@@ -61,6 +71,12 @@ class HostKV:
         store.STATS["d2h_bytes"] += k_rows.nbytes + v_rows.nbytes
         if k_rows.device.type == "cpu":
             self._scatter(positions, k_rows, v_rows)
+            return
+        if self.zero_copy:
+            from dsc.kernels import triton_ops
+
+            triton_ops.write_rows(k_rows, positions, self.k)
+            triton_ops.write_rows(v_rows, positions, self.v)
             return
         # Asynchronous on a GPU: copy into fresh pinned memory, land in the store before the next gather.
         rows = [t.to("cpu", non_blocking=True) for t in (positions, k_rows, v_rows)]
@@ -159,6 +175,14 @@ def attend(host: HostKV, q: Tensor, k: Tensor, v: Tensor, idx: Optional[Tensor],
     ``predicted``: a :func:`prefetch` result (selection + rows already fetched) used instead of ``idx``; the rows
     written this step (``new_positions``, 1-D) are appended from the device: the current token is always attended."""
     b, hq, lq, _ = q.shape
+    if predicted is None and host.zero_copy:
+        from dsc.kernels import triton_ops
+
+        s = k.shape[2]
+        row_bytes = host.k.shape[-1] * host.k.element_size() + host.v.shape[-1] * host.v.element_size()
+        store.STATS["h2d_bytes"] += idx.numel() * row_bytes  # per slot (an upper bound: a row two heads chose counts
+        store.STATS["offload_fetches"] += 1                  # twice); counting exactly would need a host wait
+        return triton_ops.sparse_attention_host(q, host.k[:, :, :s], host.v[:, :, :s], idx, scale, bias)
     if predicted is None:
         ks, vs, rows = host.fetch(idx[:, :, 0], q.device)
         rows = rows.to(q.device, non_blocking=True)

@@ -1,0 +1,151 @@
+"""On a CUDA GPU (skipped elsewhere; CI has none): the compiled Triton kernels against the reference, zero-copy
+attention over pinned host K/V, and the dsparse backend end to end with inductor, on device and offloaded.
+
+Run on a GPU machine with the interpreter off: ``TRITON_INTERPRET=0 pytest tests/test_cuda.py``.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsc.kernels import reference as R
+from dsc.kernels import triton_ops as T
+from dsc.kernels.testing import assert_valid_selection, dense_attention, make_case
+from test_kernels import TOL, cases
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                                reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+CUDA = torch.device("cuda")
+
+
+def _to(c, device):
+    for name in ("q", "k", "v", "channels", "data", "scale", "zero", "valid", "bias", "lengths"):
+        t = getattr(c, name)
+        if t is not None:
+            setattr(c, name, t.to(device))
+    return c
+
+
+@settings(max_examples=40)
+@given(cases(max_s=3000))
+def test_compiled_kernels_match_reference(case):
+    p, sel = case
+    if sel["group"] and p["valid"] == "per_head":
+        p["valid"] = "shared"  # group mode selects a group's common valid set (the full-budget check needs it)
+    cpu = make_case(**p)
+    c = _to(make_case(**p), CUDA)
+    args = (sel["budget"], sel["frac"], sel["sink"], sel["recent"])
+    labels = R.alloc_labels(p["b"], p["hkv"], p["s"], p["r"], p["bits"], p["dtype"], CUDA)
+    T.label_write(c.k, c.channels, torch.arange(p["s"], device=CUDA), *labels, p["bits"])
+    if p["bits"] == 16:
+        assert torch.equal(labels[0].cpu(), cpu.data)
+    else:  # GPU fp32 division may round a code the other way at a half step: compare values within one step
+        got = R.dequantize(*(t.cpu() for t in labels), p["bits"], p["r"])
+        want = R.dequantize(cpu.data, cpu.scale, cpu.zero, p["bits"], p["r"])
+        assert ((got - want).abs() <= 1.01 * cpu.scale[..., None] + 1e-6).all()
+    ref_sc = R.label_scores(cpu.q, *cpu.labels, cpu.valid, cpu.lengths, sel["group"])
+    got_sc = T.label_scores(c.q, *c.labels, c.valid, c.lengths, sel["group"]).cpu()
+    assert torch.equal(torch.isinf(ref_sc), torch.isinf(got_sc))
+    fin = torch.isfinite(ref_sc)
+    assert torch.allclose(ref_sc[fin], got_sc[fin], rtol=1e-4, atol=1e-4 * (1 + ref_sc[fin].abs().max().item()))
+    idx = T.select_topk(got_sc.to(CUDA), *args)
+    assert_valid_selection(got_sc, idx.cpu(), *args)
+    ref_o = R.sparse_attention(cpu.q, cpu.k, cpu.v, idx.cpu(), p["d"] ** -0.5, cpu.bias)
+    got_o = T.sparse_attention(c.q, c.k, c.v, idx, p["d"] ** -0.5, c.bias)
+    assert got_o.dtype == c.q.dtype and got_o.shape == c.q.shape
+    tol = TOL[p["dtype"]]
+    assert torch.allclose(ref_o.float(), got_o.float().cpu(), atol=tol, rtol=tol)
+    full = T.ds_decode(c.q, c.k, c.v, *c.labels, c.valid, c.bias, c.lengths, p["s"] + 1, 0.0, 0, 0, sel["group"])
+    dense = dense_attention(cpu.q, cpu.k, cpu.v, cpu.valid, cpu.lengths, cpu.bias)
+    assert torch.allclose(full.float().cpu(), dense.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batched", [False, True])
+def test_write_rows_into_pinned_host_memory(dtype, batched):
+    gen = torch.Generator().manual_seed(1)
+    b, hkv, cap, d, t = 2, 3, 50, 128, 7
+    src = torch.randn(b, hkv, t, d, generator=gen).to(dtype)
+    pos = (torch.stack([torch.randperm(cap, generator=gen)[:t] for _ in range(b)]) if batched
+           else torch.randperm(cap, generator=gen)[:t])
+    want = torch.randn(b, hkv, cap, d, generator=gen).to(dtype)
+    host = want.clone().pin_memory()
+    dev = want.clone().to(CUDA)
+    for dst in (host, dev):
+        T.write_rows(src.to(CUDA), pos.to(CUDA), dst)
+    torch.cuda.synchronize()
+    for i in range(b):
+        want[i].index_copy_(1, pos[i] if batched else pos, src[i])
+    assert torch.equal(host, want) and torch.equal(dev.cpu(), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hsel", [2, 8])
+def test_zero_copy_attention_over_pinned_host_kv_equals_on_device(dtype, hsel):
+    gen = torch.Generator().manual_seed(2)
+    b, hq, hkv, s, d, kk = 2, 8, 2, 3000, 128, 190
+    q = torch.randn(b, hq, 1, d, generator=gen).to(dtype).to(CUDA)
+    k = torch.randn(b, hkv, s, d, generator=gen).to(dtype)
+    v = torch.randn(b, hkv, s, d, generator=gen).to(dtype)
+    idx = torch.stack([torch.randperm(s, generator=gen)[:kk] for _ in range(b * hsel)]).view(b, hsel, 1, kk)
+    idx[0, 0, 0, :5] = -1
+    bias = torch.randn(b, 1, 1, s, generator=gen).to(CUDA)
+    got = T.sparse_attention_host(q, k.pin_memory(), v.pin_memory(), idx.to(CUDA), 0.1, bias)
+    want = T.sparse_attention(q, k.to(CUDA), v.to(CUDA), idx.to(CUDA), 0.1, bias)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="pinned host tensor"):
+        T.sparse_attention_host(q, k, v, idx.to(CUDA), 0.1, bias)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+@pytest.fixture
+def models():
+    from test_passes_models import tiny
+
+    return tiny("llama").to(CUDA)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_backend_with_inductor_exact_at_full_budget_on_gpu(models, cache):
+    from test_passes_models import _dynamo, assert_same, compiled, generate  # noqa: F401
+
+    torch._dynamo.reset()
+    ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(0)).to(CUDA)
+    ref = generate(models, ids, 6, cache, disable_compile=True)
+    with compiled(models, inner="inductor", budget=4096):
+        out = generate(models, ids, 6, cache, disable_compile=True)
+    assert_same(ref, out, atol=1e-4)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("zero_copy", [True, False])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_offload_on_gpu_equals_on_device_decode(models, cache, zero_copy, monkeypatch):
+    from dsc.passes import offload, store
+    from test_offload import OPTS, _record_selections, padded_batch
+    from test_passes_models import compiled, generate
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(offload, "ZERO_COPY", zero_copy)
+    ids, mask = (t.to(CUDA) for t in padded_batch())
+    seen = _record_selections(monkeypatch)
+    runs = {}
+    for off in (False, True):
+        seen.clear()
+        store.STATS.clear()
+        with compiled(models, offload=off, **OPTS):  # eager inner: the ops run the CUDA paths, compiles stay short
+            out = generate(models, ids, 5, cache, attention_mask=mask, disable_compile=True)
+        runs[off] = (out, [t.cpu() for t in seen], dict(store.STATS))
+        torch._dynamo.reset()
+    (ref, ref_sel, _), (got, got_sel, stats) = runs[False], runs[True]
+    assert got.sequences.tolist() == ref.sequences.tolist()
+    for a, b in zip(ref.logits, got.logits):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    assert len(got_sel) == len(ref_sel) > 0
+    for a, b in zip(ref_sel, got_sel):
+        assert torch.equal(a, b)
+    assert stats["offload_fetches"] > 0 and stats["h2d_bytes"] > 0
