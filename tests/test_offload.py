@@ -92,7 +92,7 @@ def test_host_store_grows_with_a_dynamic_cache_and_is_rebuilt_when_out_of_sync()
         ref = generate(model, ids, 70, "dynamic")  # grows past the initial capacity (64)
         out = generate(model, ids, 70, "dynamic")
     assert out.sequences.tolist() == ref.sequences.tolist()
-    with compiled(model, **OPTS):
+    with compiled(model, gqa="group", **OPTS):  # offload's default selection, on the device
         dev = generate(model, ids, 70, "dynamic")
     assert dev.sequences.tolist() == ref.sequences.tolist()
 
@@ -117,6 +117,13 @@ def test_fetch_moves_each_row_once_per_kv_head():
                     s = int(slots[b, h, j])
                     assert torch.equal(ks[b, h // 2, s], k[b, h // 2, pos])
                     assert torch.equal(vs[b, h // 2, s], v[b, h // 2, pos])
+
+
+def test_offload_selects_per_kv_group_unless_told_otherwise():
+    from dsc.config import DSConfig
+
+    assert DSConfig(offload=True).gqa == "group" and DSConfig().gqa == "head"
+    assert DSConfig(offload=True, gqa="head").gqa == "head"
 
 
 def test_offload_needs_a_channel_config_and_a_sparse_site():

@@ -146,6 +146,12 @@ def explain(model, example_inputs=None, options=None, *, max_new_tokens: int = 0
         how = ("each site's selection is predicted during the layer before where the table says so, else "
                "selected with its own query" if cfg.predict else "each decode step fetches only the rows its own "
                "query selects (synchronous selection; predict=True fetches the next layer's rows ahead)")
+        sel = ("one selection per KV group, so each selected row crosses the bus once" if cfg.gqa == "group" else
+               "one selection per query head (gqa='head'): a group's heads may move up to G times the rows")
+        gather = "on a GPU the attention kernel reads the selected rows from pinned host memory itself (zero-copy)"
+        if cfg.predict:
+            gather = f"predicted rows are gathered on the host and copied ahead; elsewhere {gather}"
+        how = f"{how}; {sel}; {gather}"
         notes.append(f"offload: the K/V of the {n} sparse site(s) live in host memory; {how}" if n else
                      "offload=True but no site is sparse: compiling with these options raises (nothing to offload)")
     if not graphs:
