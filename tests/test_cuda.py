@@ -137,7 +137,8 @@ def test_offload_on_gpu_equals_on_device_decode(models, cache, zero_copy, monkey
     for off in (False, True):
         seen.clear()
         store.STATS.clear()
-        with compiled(models, offload=off, **OPTS):  # eager inner: the ops run the CUDA paths, compiles stay short
+        # eager inner: the ops run the CUDA paths, compiles stay short; one selection mode for both runs
+        with compiled(models, offload=off, gqa="group", **OPTS):
             out = generate(models, ids, 5, cache, attention_mask=mask, disable_compile=True)
         runs[off] = (out, [t.cpu() for t in seen], dict(store.STATS))
         torch._dynamo.reset()

@@ -119,6 +119,54 @@ def test_fetch_moves_each_row_once_per_kv_head():
                     assert torch.equal(vs[b, h // 2, s], v[b, h // 2, pos])
 
 
+def test_offloaded_dynamic_cache_holds_placeholders_not_rows():
+    """The device memory of offloaded layers is returned: their cache entries are one stored element with the
+    cache's shape; dense layers keep their rows. A multi-token step over that cache reads the host rows."""
+    import transformers as T
+
+    model = tiny("llama")
+    ids, mask = padded_batch()
+    more = torch.randint(3, 128, (2, 3), generator=torch.Generator().manual_seed(6))
+    runs = []
+    for off in (False, True):
+        with compiled(model, offload=off, gqa="group", **OPTS):
+            cache = T.DynamicCache(config=model.config)
+            out = generate(model, ids, 4, "dynamic", attention_mask=mask, past_key_values=cache)
+            n = cache.get_seq_length()
+            mask2 = torch.cat([mask, torch.ones(2, n - ids.shape[1] + 3, dtype=mask.dtype)], 1)
+            with torch.no_grad():  # three tokens at once on top of the cache (Lq = 3: dense over all rows)
+                step = model(input_ids=more, attention_mask=mask2, past_key_values=cache,
+                             cache_position=torch.arange(n, n + 3))
+        runs.append((out, step.logits, cache))
+        torch._dynamo.reset()
+    (ref, ref_step, dev_cache), (got, got_step, off_cache) = runs
+    assert got.sequences.tolist() == ref.sequences.tolist()
+    torch.testing.assert_close(got_step, ref_step, atol=1e-5, rtol=1e-5)
+    for i, (a, b) in enumerate(zip(dev_cache.layers, off_cache.layers)):
+        assert a.keys.shape == b.keys.shape and a.values.shape == b.values.shape
+        if i == 0:  # the configured dense layer
+            assert torch.equal(a.keys, b.keys)
+        else:
+            assert b.keys.untyped_storage().nbytes() == b.values.untyped_storage().nbytes() == 4  # one fp32
+            assert a.keys.untyped_storage().nbytes() >= a.keys.numel() * 4
+
+
+def test_offloaded_dynamic_cache_changed_outside_the_model_is_refused():
+    import transformers as T
+
+    model = tiny("llama")
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(8))
+    with compiled(model, offload=True, **OPTS):
+        cache = T.DynamicCache(config=model.config)
+        generate(model, ids, 3, "dynamic", past_key_values=cache)
+        n = cache.get_seq_length()
+        cache.layers[1].keys = cache.layers[1].keys.clone()  # e.g. a reorder: the chain to the host rows is lost
+        cache.layers[1].values = cache.layers[1].values.clone()
+        with pytest.raises(Exception, match="changed outside the compiled model"):
+            with torch.no_grad():
+                model(input_ids=ids[:, :1], past_key_values=cache, cache_position=torch.arange(n, n + 1))
+
+
 def test_offload_selects_per_kv_group_unless_told_otherwise():
     from dsc.config import DSConfig
 

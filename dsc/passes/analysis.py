@@ -145,22 +145,31 @@ def _prefix_base(n: Node) -> Node:
     return n
 
 
+def cat_parts(node: Node) -> Optional[tuple]:
+    """``(past, new)`` of a dynamic cache step ``cat([past, new], dim=-2)`` (``past`` None when it is the empty
+    1-D tensor of a first step), else None."""
+    if not _is_fn(node, torch.cat, torch.concat, torch.concatenate):
+        return None
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if dim in (2, -2) and isinstance(tensors, (list, tuple)) and len(tensors) == 2:
+        past, new = tensors
+        pe, ne = _ev(past), _ev(new)
+        if ne is not None and ne.dim() == 4 and pe is not None:
+            if pe.dim() == 4:
+                return past, new
+            if pe.dim() == 1 and isinstance(pe.shape[0], int) and pe.shape[0] == 0:
+                return None, new
+    return None
+
+
 def find_cache_write(k: Node, sdpa: Node, order: dict) -> Optional[dict]:
     """How the cache K reaching ``sdpa`` was written: ``{"cache": "dynamic", past_k, new_k}`` for
     ``cat([past, new], dim=-2)``, ``{"cache": "static", new_k, positions}`` for ``buf.index_copy_(2, pos, new)``
     (``k`` may be a prefix view of ``buf``), else None."""
     if _is_fn(k, torch.cat, torch.concat, torch.concatenate):
-        tensors = k.args[0] if k.args else k.kwargs.get("tensors")
-        dim = k.args[1] if len(k.args) > 1 else k.kwargs.get("dim", 0)
-        if dim in (2, -2) and isinstance(tensors, (list, tuple)) and len(tensors) == 2:
-            past, new = tensors
-            pe, ne = _ev(past), _ev(new)
-            if ne is not None and ne.dim() == 4 and pe is not None:
-                if pe.dim() == 4:
-                    return {"cache": "dynamic", "past_k": past, "new_k": new}
-                if pe.dim() == 1 and isinstance(pe.shape[0], int) and pe.shape[0] == 0:
-                    return {"cache": "dynamic", "past_k": None, "new_k": new}
-        return None
+        parts = cat_parts(k)
+        return None if parts is None else {"cache": "dynamic", "past_k": parts[0], "new_k": parts[1]}
     base = _prefix_base(k)
     writes = [u for u in base.users
               if (_is_method(u, "index_copy_") or _is_fn(u, torch.Tensor.index_copy_))

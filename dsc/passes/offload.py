@@ -99,6 +99,15 @@ class HostKV:
             self.k[b].index_copy_(1, positions[b], k_rows[b])
             self.v[b].index_copy_(1, positions[b], v_rows[b])
 
+    def device_rows(self, s: int, new_k: Tensor, new_v: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+        """All ``s`` rows on ``device`` (a multi-token step over a placeholder cache): this step's rows when they are
+        all there is, else a copy of the store (written rows included: flushed, or written in stream order)."""
+        if new_k.shape[2] == s:
+            return new_k, new_v
+        self.flush()
+        store.STATS["h2d_bytes"] += (self.k[:, :, :s].nbytes + self.v[:, :, :s].nbytes)
+        return (self.k[:, :, :s].to(device, non_blocking=True), self.v[:, :, :s].to(device, non_blocking=True))
+
     def fetch(self, idx: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """Gather the rows selected by ``idx`` ``[B, Hsel, K]`` (``-1`` = unused slot; ``Hsel`` = Hkv, or Hq for
         per-query-head selection) and move them to ``device`` in one transfer per K and V.
@@ -146,19 +155,27 @@ def block_slots(idx: Tensor, rows: Tensor) -> Tensor:
     return torch.where(idx >= 0, slot.view(b, hsel, lq, kk), torch.full_like(idx, -1))
 
 
-def host_kv(entry: store.Entry, k: Tensor, v: Tensor, new_positions: Optional[Tensor]) -> HostKV:
+def host_kv(entry: store.Entry, k: Tensor, v: Tensor, new_positions: Optional[Tensor],
+            new_rows: Optional[tuple] = None) -> HostKV:
     """The host store beside label ``entry``, brought up to date with the device cache ``k``/``v``: on first sight
-    (or after a label rebuild: a new entry) every row is copied; afterwards only the rows at ``new_positions``."""
+    (or after a label rebuild: a new entry) every row is copied; afterwards only the rows at ``new_positions``.
+    ``new_rows`` (``k``/``v`` are placeholders): this step's rows, the only ones the device holds."""
     s = k.shape[2]
     host = entry.host
     if host is None:
         host = entry.host = HostKV(k, v, max(entry.capacity, s))
-        if s:
+        if new_rows is not None:
+            if new_rows[0].shape[2] != s:  # labels_dynamic refuses this first; kept as the store's own guard
+                raise ValueError("dsparse offload: a placeholder cache with rows missing from the host store")
+            host.write(new_positions, *new_rows)
+        elif s:
             host.write(torch.arange(s, device=k.device), k, v)
         return host
     if host.capacity < s:
         host.grow(max(entry.capacity, s))
-    if new_positions is not None and new_positions.numel():
+    if new_rows is not None:
+        host.write(new_positions, *new_rows)
+    elif new_positions is not None and new_positions.numel():
         if new_positions.dim() == 1:
             host.write(new_positions, k.index_select(2, new_positions), v.index_select(2, new_positions))
         else:
@@ -169,9 +186,11 @@ def host_kv(entry: store.Entry, k: Tensor, v: Tensor, new_positions: Optional[Te
 
 
 def attend(host: HostKV, q: Tensor, k: Tensor, v: Tensor, idx: Optional[Tensor], new_positions: Optional[Tensor],
-           scale: float, bias: Optional[Tensor], predicted: Optional[tuple] = None) -> Tensor:
+           scale: float, bias: Optional[Tensor], predicted: Optional[tuple] = None,
+           fresh: Optional[tuple] = None) -> Tensor:
     """Exact attention of decode queries ``q`` ``[B, Hq, 1, D]`` over the selected rows ``idx`` ``[B, Hsel, 1, K]``,
-    read from the host store; rows written this step come from the device cache ``k``/``v`` instead.
+    read from the host store; rows written this step come from the device instead: ``fresh`` (``(new_k, new_v)``,
+    the rows at ``new_positions``, when ``k``/``v`` are placeholders) or the device cache ``k``/``v``.
     ``predicted``: a :func:`prefetch` result (selection + rows already fetched) used instead of ``idx``; the rows
     written this step (``new_positions``, 1-D) are appended from the device: the current token is always attended."""
     b, hq, lq, _ = q.shape
@@ -187,13 +206,14 @@ def attend(host: HostKV, q: Tensor, k: Tensor, v: Tensor, idx: Optional[Tensor],
         ks, vs, rows = host.fetch(idx[:, :, 0], q.device)
         rows = rows.to(q.device, non_blocking=True)
         if new_positions is not None and new_positions.numel() and k.device.type != "cpu":
-            ks, vs = _overlay_new_rows(ks, vs, rows, new_positions, k, v)
+            ks, vs = _overlay_new_rows(ks, vs, rows, new_positions, k, v, fresh)
     else:
         idx, ks, vs, rows = predicted
         t = new_positions.numel()
         rows = torch.cat([rows.to(q.device, non_blocking=True), new_positions.expand(b, rows.shape[1], t)], -1)
-        ks = torch.cat([ks, k.index_select(2, new_positions)], 2)
-        vs = torch.cat([vs, v.index_select(2, new_positions)], 2)
+        new_k, new_v = fresh if fresh is not None else (k.index_select(2, new_positions), v.index_select(2, new_positions))
+        ks = torch.cat([ks, new_k], 2)
+        vs = torch.cat([vs, new_v], 2)
         idx = torch.cat([idx, new_positions.expand(b, idx.shape[1], lq, t)], -1)
     stage_bias = None
     if bias is not None:  # the additive mask at the block's rows, per query head
@@ -248,13 +268,19 @@ def count_overlap(predicted_idx: Tensor, own: Tensor, new_positions: Tensor) -> 
     store.STATS["overlap_total"] += int(own_m.sum())
 
 
-def _overlay_new_rows(ks, vs, rows, new_positions, k, v):
+def _overlay_new_rows(ks, vs, rows, new_positions, k, v, fresh_rows=None):
     """Replace block rows written this step (their host copy may still be in flight) with the device rows, so the
-    current token is attended without waiting for the device -> host copy."""
-    at = rows.clamp_min(0)[..., None]
-    src_k, src_v = k.gather(2, at.expand(-1, -1, -1, k.shape[3])), v.gather(2, at.expand(-1, -1, -1, v.shape[3]))
+    current token is attended without waiting for the device -> host copy. The device rows are read from the cache
+    ``k``/``v`` at the block's positions, or from ``fresh_rows`` (the rows at ``new_positions``, [B, Hkv, T, D])."""
     pos = new_positions if new_positions.dim() == 2 else new_positions[None]
-    fresh = (rows[..., None] == pos[:, None, None, :]).any(-1)[..., None]
+    hit = rows[..., None] == pos[:, None, None, :]  # [B, Hkv, U, T]
+    if fresh_rows is None:
+        at = rows.clamp_min(0)[..., None]
+        src_k, src_v = (t.gather(2, at.expand(-1, -1, -1, t.shape[3])) for t in (k, v))
+    else:
+        at = hit.int().argmax(-1)[..., None]  # which new row each block row is (where it is one)
+        src_k, src_v = (t.gather(2, at.expand(-1, -1, -1, t.shape[3])) for t in fresh_rows)
+    fresh = hit.any(-1)[..., None]
     return torch.where(fresh, src_k, ks), torch.where(fresh, src_v, vs)
 
 

@@ -96,30 +96,35 @@ def _select(idx: Tensor) -> Tensor:
 @torch.library.custom_op("dsc::site_attention", mutates_args=())
 def site_attention(site: int, q: Tensor, k: Tensor, v: Tensor, past_k: Optional[Tensor], new_k: Tensor,
                    positions: Optional[Tensor], attn_mask: Optional[Tensor], is_causal: bool, scale: float,
-                   cache: str, prefetched: Optional[Tensor] = None) -> Tensor:
+                   cache: str, prefetched: Optional[Tensor] = None, new_v: Optional[Tensor] = None) -> Tensor:
     """Keep the site's labels in sync with the K cache, then attend (sparse at decode, dense otherwise).
 
     ``k``/``v``: KV-native ``[B, Hkv, S, D]`` as SDPA would read them; ``cache == "static"``: ``k`` is (a prefix
     view of) a fixed buffer that already holds ``new_k`` at ``positions``; ``"dynamic"``: ``k = cat(past_k,
     new_k)`` along positions (``past_k`` may be empty at the first step). ``prefetched``: the ticket of this site's
-    ``dsc::site_predict`` (offload with next-layer prediction), else None.
+    ``dsc::site_predict`` (offload with next-layer prediction), else None. ``new_v`` (offloaded dynamic caches):
+    ``k``/``v`` are :func:`kv_placeholder` tensors (shape only, no rows on the device); the rows of this step are
+    ``new_k``/``new_v`` and every other row lives in the host store.
     """
     spec = SITES[site]
+    placeholder = new_v is not None
     if cache == "static":
         entry = store.labels_static(spec.label, k, new_k, positions)
         new_positions = positions
     else:
-        entry = store.labels_dynamic(spec.label, k, past_k, new_k)
+        entry = store.labels_dynamic(spec.label, k, past_k, new_k, rebuild=not placeholder)
         new_positions = None
     host = None
     if spec.offload:  # the rows this call wrote, for the host store
         if new_positions is None:
             new_positions = torch.arange(k.shape[2] - new_k.shape[2], k.shape[2], device=k.device)
-        host = offload.host_kv(entry, k, v, new_positions)
+        host = offload.host_kv(entry, k, v, new_positions, (new_k, new_v) if placeholder else None)
     predicted = offload.take_prediction(site) if prefetched is not None else None
     b, hq, lq, _ = q.shape
     s = k.shape[2]
     hkv = k.shape[1]
+    if placeholder and lq > 1:  # prefill (or a multi-token step): attend over real rows
+        k, v = host.device_rows(s, new_k, new_v, q.device)
     if (lq > 1 and spec.dense_prefill) or s < spec.min_length or s == 0:
         store.STATS["dense_calls"] += 1
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
@@ -140,9 +145,10 @@ def site_attention(site: int, q: Tensor, k: Tensor, v: Tensor, past_k: Optional[
             own = _select(torch.ops.dsc.select_topk(scores, spec.budget, spec.frac, spec.sink, spec.recent))
             if use_prediction:
                 offload.count_overlap(predicted[0], own, new_positions)
+        fresh = (new_k, new_v) if placeholder else None
         if use_prediction:
-            return offload.attend(host, q, k, v, None, new_positions, scale, bias, predicted).contiguous()
-        return offload.attend(host, q, k, v, own, new_positions, scale, bias).contiguous()
+            return offload.attend(host, q, k, v, None, new_positions, scale, bias, predicted, fresh).contiguous()
+        return offload.attend(host, q, k, v, own, new_positions, scale, bias, fresh=fresh).contiguous()
     out = _ds_decode(q, k, v, channels, data, sc, zero, spec.label.bits, valid, bias, None,
                      spec.budget, spec.frac, spec.sink, spec.recent, group, scale)
     return out.contiguous()
@@ -155,9 +161,28 @@ def _group(spec: SiteSpec, valid: Optional[Tensor]) -> bool:
 
 
 @site_attention.register_fake
-def _(site, q, k, v, past_k, new_k, positions, attn_mask, is_causal, scale, cache, prefetched=None):
+def _(site, q, k, v, past_k, new_k, positions, attn_mask, is_causal, scale, cache, prefetched=None, new_v=None):
     b, hq, lq, _ = q.shape
     return q.new_empty((b, hq, lq, v.shape[-1]))
+
+
+@torch.library.custom_op("dsc::kv_placeholder", mutates_args=())
+def kv_placeholder(past: Optional[Tensor], new: Tensor) -> Tensor:
+    """What an offloaded dynamic cache holds on the device instead of ``cat([past, new], dim=-2)``: a tensor of that
+    shape whose every element is one stored zero (stride 0), so HF's bookkeeping (lengths, masks) sees the right
+    shape while the rows live in the host store. Its values are never read."""
+    return _placeholder(past, new)
+
+
+@kv_placeholder.register_fake
+def _(past, new):
+    return _placeholder(past, new)
+
+
+def _placeholder(past: Optional[Tensor], new: Tensor) -> Tensor:
+    p = past.shape[2] if past is not None and past.dim() == 4 else 0
+    b, h, t, d = new.shape
+    return new.new_zeros((1, 1, 1, 1)).expand(b, h, p + t, d)
 
 
 @torch.library.custom_op("dsc::site_predict", mutates_args=())

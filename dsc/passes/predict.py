@@ -130,4 +130,4 @@ def insert(graph: Graph, sites: list[Site], sync_layers) -> None:
         with graph.inserting_after(last):
             ticket = graph.call_function(torch.ops.dsc.site_predict.default,
                                          (site.extra["site_id"], env[site.q], key, site.attn_mask, site.cache))
-        site.node.args = site.node.args[:-1] + (ticket,)
+        site.node.args = site.node.args[:11] + (ticket,) + site.node.args[12:]  # the `prefetched` argument

@@ -12,7 +12,7 @@ from torch.fx import GraphModule, Node
 from dsc.config import DSConfig
 
 from . import ops, predict
-from .analysis import Site, analyze
+from .analysis import Site, analyze, cat_parts
 
 _VIEWISH = {"reshape", "view", "expand", "unsqueeze", "contiguous", "repeat_interleave", "transpose"}
 
@@ -54,6 +54,32 @@ def _drop_dead(nodes: list) -> None:
         todo.extend(inputs)
 
 
+def _placeholder_cache(graph, site: Site) -> str:
+    """Offloaded dynamic cache: let the model's cache hold ``dsc::kv_placeholder`` tensors (the shape, one stored
+    element) instead of ``cat(past, new)``, and hand the site op this step's rows; the rows live in the host store.
+    Only where the site op and the graph's outputs (the cache update) are the cat's sole readers; else the device
+    cache stays and the returned reason says why."""
+    op = site.node
+    kcat, vcat = op.args[2], op.args[3]
+    parts = [cat_parts(kcat), cat_parts(vcat)]
+    if None in parts:
+        return "kept on the device: V is not built by cat(past, new) like K"
+    for node in (kcat, vcat):
+        others = [u for u in node.users if u is not op and u.op != "output"]
+        if others:
+            return f"kept on the device: {node.name} is also read by {others[0].name}"
+    (past_k, new_k), (past_v, new_v) = parts
+    with graph.inserting_before(op):
+        kph = graph.call_function(torch.ops.dsc.kv_placeholder.default, (past_k, new_k))
+        vph = graph.call_function(torch.ops.dsc.kv_placeholder.default, (past_v, new_v))
+    for cat, ph in ((kcat, kph), (vcat, vph)):
+        ph.meta.update({k: v for k, v in cat.meta.items() if k in ("example_value", "val")})
+        cat.replace_all_uses_with(ph)
+        graph.erase_node(cat)
+    op.args = op.args[:12] + (new_v,)
+    return "placeholders (rows in the host store only)"
+
+
 def rewrite(gm: GraphModule, cfg: DSConfig) -> list[Site]:
     """Rewrite ``gm`` in place; return every SDPA site with its decision."""
     cfg.require_channels()
@@ -86,6 +112,8 @@ def rewrite(gm: GraphModule, cfg: DSConfig) -> list[Site]:
         graph.erase_node(old)
         site.node = new
         _drop_dead(old_inputs)
+        if spec.offload and site.cache == "dynamic":
+            site.extra["device_cache"] = _placeholder_cache(graph, site)
     if cfg.offload and cfg.predict:
         predict.insert(graph, sites, set(cfg.sync_layers))
     if cfg.offload and sites and not any(s.action == "sparse" for s in sites):

@@ -164,9 +164,11 @@ def labels_static(spec: LabelSpec, k: torch.Tensor, new_k: torch.Tensor, positio
         return entry
 
 
-def labels_dynamic(spec: LabelSpec, k: torch.Tensor, past_k: torch.Tensor | None, new_k: torch.Tensor) -> Entry:
+def labels_dynamic(spec: LabelSpec, k: torch.Tensor, past_k: torch.Tensor | None, new_k: torch.Tensor,
+                   rebuild: bool = True) -> Entry:
     """Labels of ``k = cat(past_k, new_k)``: continue the entry of ``past_k`` (or rebuild it from ``past_k`` when
-    out of sync), append ``new_k`` and re-key the entry under ``k``."""
+    out of sync), append ``new_k`` and re-key the entry under ``k``. ``rebuild=False`` (``past_k`` is an offload
+    placeholder, with no rows to label): out of sync is an error."""
     p = 0 if past_k is None or past_k.dim() != 4 else past_k.shape[2]
     t, s = new_k.shape[2], k.shape[2]
     if p + t != s:
@@ -177,6 +179,12 @@ def labels_dynamic(spec: LabelSpec, k: torch.Tensor, past_k: torch.Tensor | None
             entry = _ENTRIES.get(_key(spec, past_k))
             if entry is not None and (entry.length != p or entry.batch != k.shape[0]):
                 entry = None
+            if entry is None and not rebuild:
+                raise ValueError(
+                    "dsparse offload: this dynamic KV cache was changed outside the compiled model (cropped, "
+                    "reordered by beam search, copied, or filled by another model), so its offloaded rows are not "
+                    "in the host store and the device holds only a placeholder. Start from a fresh cache, or compile "
+                    "without offload for such use.")
             if entry is None:
                 STATS["label_rebuilds"] += 1
                 entry = _build(spec, past_k, max(2 * s, 64))
