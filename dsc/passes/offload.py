@@ -18,9 +18,11 @@ A decode step (:func:`attend`), label scores -> top-k on the device, then one of
   memory, an event recorded) and land before the next gather; the current step's rows are taken from the device,
   so the current token is always attended whether or not its host copy has landed.
 
-The compiled graph still writes the model's own KV cache (the model's code is untouched), and prefill and dense
-layers read it as before. So the device memory of the offloaded layers is *not* returned to the allocator yet:
-:func:`device_bytes` reports what an offloaded sequence needs on the device next to what a full cache holds.
+Device memory: with a dynamic cache the rewrite replaces ``cat(past, new)`` at offloaded sites by
+``dsc::kv_placeholder`` (the cache's shape, one stored element), so HF's cache holds no rows of those layers; the
+site op gets this step's rows (``new_k``/``new_v``), and a multi-token step over such a cache reads the host rows
+(:meth:`HostKV.device_rows`). A static cache's buffers are allocated by whoever builds the cache, so they stay (and
+are still written) on the device. :func:`device_bytes` computes what an offloaded sequence needs.
 
 Traffic is counted in :data:`dsc.passes.store.STATS` (``h2d_bytes``: rows fetched; ``d2h_bytes``: rows written to
 the host; ``offload_fetches``: decode steps served from the host).
