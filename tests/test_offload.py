@@ -39,26 +39,34 @@ def _record_selections(monkeypatch):
     return seen
 
 
+def decode_both_ways(model, ids, mask, cache, gqa, monkeypatch, atol=1e-5, **gen_kw):
+    """Decode with and without offload (same options otherwise) and assert the same tokens, logits and selections;
+    returns (offload selections, on-device traffic, offload traffic)."""
+    seen = _record_selections(monkeypatch)
+    runs = []
+    for off in (False, True):
+        seen.clear()
+        store.STATS.clear()
+        with compiled(model, offload=off, gqa=gqa, **OPTS):
+            out = generate(model, ids, 5, cache, attention_mask=mask, **gen_kw)
+        runs.append((out, [t.cpu().clone() for t in seen], dict(store.STATS)))
+        torch._dynamo.reset()
+    (ref, ref_sel, ref_stats), (got, got_sel, got_stats) = runs
+    assert got.sequences.tolist() == ref.sequences.tolist()
+    for a, b in zip(ref.logits, got.logits):
+        torch.testing.assert_close(b, a, atol=atol, rtol=atol)
+    assert len(got_sel) == len(ref_sel) > 0
+    for a, b in zip(ref_sel, got_sel):
+        assert torch.equal(a, b)
+    return got_sel, ref_stats, got_stats
+
+
 @pytest.mark.parametrize("gqa", ["head", "group"])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_offload_equals_on_device_decode(cache, gqa, monkeypatch):
     model = tiny("llama")  # GQA: 4 query heads on 2 KV heads
     ids, mask = padded_batch()
-    seen = _record_selections(monkeypatch)
-    runs = {}
-    for off in (False, True):
-        seen.clear()
-        store.STATS.clear()
-        with compiled(model, offload=off, gqa=gqa, **OPTS):
-            out = generate(model, ids, 5, cache, attention_mask=mask)
-        runs[off] = (out, [t.clone() for t in seen], dict(store.STATS))
-    (ref, ref_sel, ref_stats), (got, got_sel, got_stats) = runs[False], runs[True]
-    assert got.sequences.tolist() == ref.sequences.tolist()
-    for a, b in zip(ref.logits, got.logits):
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
-    assert len(got_sel) == len(ref_sel) > 0
-    for a, b in zip(ref_sel, got_sel):
-        assert torch.equal(a, b)
+    got_sel, ref_stats, got_stats = decode_both_ways(model, ids, mask, cache, gqa, monkeypatch)
     sparse_layers = LAYERS - 1
     assert got_stats["offload_fetches"] == got_stats["sparse_calls"] == ref_stats["sparse_calls"] > 0
     assert got_stats["offload_fetches"] == 4 * sparse_layers  # decode steps after the first token
