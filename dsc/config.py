@@ -35,6 +35,10 @@ class BudgetView:
         return 0.0 if isinstance(self.budget, int) else float(self.budget)
 
 
+DEFAULT_GQA = "head"  # selection per query head: the accuracy default (see DSConfig.gqa)
+OFFLOAD_GQA = "group"  # per KV group with offload: each selected row crosses the bus once
+
+
 @dataclass(frozen=True)
 class DSConfig(BudgetView):
     """Options of the ``dsparse`` backend.
@@ -109,7 +113,7 @@ class DSConfig(BudgetView):
                              f"{self.dense_layers!r}") from e
         object.__setattr__(self, "dense_layers", dense)
         if self.gqa is None:
-            object.__setattr__(self, "gqa", "group" if self.offload is True else "head")
+            object.__setattr__(self, "gqa", OFFLOAD_GQA if self.offload is True else DEFAULT_GQA)
         for name, allowed in (("gqa", GQA_MODES), ("prefill", PREFILL_POLICIES), ("inner", INNER_COMPILERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DSConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from dsc.config import GQA_MODES, LABEL_BITS, BudgetView, DSConfig
+from dsc.config import DEFAULT_GQA, GQA_MODES, LABEL_BITS, BudgetView, DSConfig
 from dsc.sites import layer_index
 
 POLICIES = ("dense", "dsparse", "oracle", "streaming", "quest", "sparq")
@@ -71,7 +71,7 @@ class Policy(BudgetView):
     budget: int | float = DSConfig.budget
     r: int = DSConfig.r
     label_bits: int = DSConfig.label_bits
-    gqa: str = DSConfig.gqa
+    gqa: str = DEFAULT_GQA
     sink: int = DSConfig.sink
     recent: int = DSConfig.recent
     dense_layers: tuple[int, ...] = DSConfig.dense_layers

@@ -34,7 +34,7 @@ def add_arguments(p):
 
 def add_policy_arguments(p, many: bool = True):
     """The policy knobs shared by ``eval ppl``, ``eval retrieval`` and ``eval sweep``."""
-    from dsc.config import GQA_MODES, LABEL_BITS, DSConfig as D
+    from dsc.config import DEFAULT_GQA, GQA_MODES, LABEL_BITS, DSConfig as D
     from dsc.evaluation.policies import POLICIES
 
     p.add_argument("--policy", default="dense",
@@ -46,7 +46,7 @@ def add_policy_arguments(p, many: bool = True):
                    help="r: label channels per KV head (dsparse) or top-|q| channels (sparq)")
     p.add_argument("--label-bits", type=int, default=D.label_bits, choices=LABEL_BITS,
                    help="dsparse label precision")
-    p.add_argument("--gqa", default=D.gqa, choices=GQA_MODES,
+    p.add_argument("--gqa", default=DEFAULT_GQA, choices=GQA_MODES,
                    help="one selection per KV group (fewest bytes) or per query head")
     p.add_argument("--sink", type=int, default=D.sink, help="first valid tokens always selected (inside the budget)")
     p.add_argument("--recent", type=int, default=D.recent, help="last valid tokens always selected (inside the budget)")

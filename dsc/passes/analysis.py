@@ -178,7 +178,7 @@ def find_cache_write(k: Node, sdpa: Node, order: dict) -> Optional[dict]:
         w = max(writes, key=order.__getitem__)
         pe, ne = _ev(w.args[2]), _ev(w.args[3])
         if ne is not None and ne.dim() == 4 and pe is not None and pe.dim() in (1, 2):
-            return {"cache": "static", "new_k": w.args[3], "positions": w.args[2]}
+            return {"cache": "static", "new_k": w.args[3], "positions": w.args[2], "write": w}
     return None
 
 
