@@ -61,8 +61,8 @@ class DSConfig(BudgetView):
       ``aot_eager`` copies static caches each step, so labels are rebuilt each step there: correct but slow).
     - ``inductor_options``: ``torch._inductor.config`` patches for the inner inductor compile.
     - ``offload``: keep the K/V of sparse layers in host memory (pinned on a GPU) and fetch only the selected rows
-      per decode step (:mod:`dsc.passes.offload`; a dynamic cache then holds shape-only placeholders for those
-      layers, so their device memory is returned; a static cache keeps its device buffers).
+      per decode step (:mod:`dsc.passes.offload`; the model's cache then holds shape-only placeholders for those
+      layers, so their device memory is returned; a static cache only if its first forward runs compiled).
     - ``predict`` (offload only): select layer ``l+1``'s rows during layer ``l`` from a predicted query (layer
       ``l+1``'s query path run on layer ``l``'s input hidden state) and fetch them ahead (:mod:`dsc.passes.predict`);
       ``sync_layers``: layers that always select with their own query.

@@ -11,6 +11,7 @@ from test_passes_models import _dynamo  # noqa: F401  (the autouse fixture: a cl
 from test_passes_models import HKV, LAYERS, D, compiled, generate, left_pad, tiny
 
 OPTS = dict(budget=6, sink=1, recent=2)
+OPTS_NO_BUDGET = dict(sink=1, recent=2)
 
 
 def padded_batch():
@@ -127,7 +128,8 @@ def test_fetch_moves_each_row_once_per_kv_head():
                     assert torch.equal(vs[b, h // 2, s], v[b, h // 2, pos])
 
 
-def test_offloaded_dynamic_cache_holds_placeholders_not_rows():
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_offloaded_cache_holds_placeholders_not_rows(kind):
     """The device memory of offloaded layers is returned: their cache entries are one stored element with the
     cache's shape; dense layers keep their rows. A multi-token step over that cache reads the host rows."""
     import transformers as T
@@ -138,7 +140,8 @@ def test_offloaded_dynamic_cache_holds_placeholders_not_rows():
     runs = []
     for off in (False, True):
         with compiled(model, offload=off, gqa="group", **OPTS):
-            cache = T.DynamicCache(config=model.config)
+            cache = (T.DynamicCache(config=model.config) if kind == "dynamic" else
+                     T.StaticCache(config=model.config, max_cache_len=64))
             out = generate(model, ids, 4, "dynamic", attention_mask=mask, past_key_values=cache)
             n = cache.get_seq_length()
             mask2 = torch.cat([mask, torch.ones(2, n - ids.shape[1] + 3, dtype=mask.dtype)], 1)
@@ -157,6 +160,25 @@ def test_offloaded_dynamic_cache_holds_placeholders_not_rows():
         else:
             assert b.keys.untyped_storage().nbytes() == b.values.untyped_storage().nbytes() == 4  # one fp32
             assert a.keys.untyped_storage().nbytes() >= a.keys.numel() * 4
+
+
+def test_static_buffers_allocated_before_compiling_stay_and_say_why():
+    import transformers as T
+
+    from dsc.backend import REPORTS
+
+    model = tiny("llama")
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(10))
+    ref = generate(model, ids, 3, "static")
+    cache = T.StaticCache(config=model.config, max_cache_len=32)
+    cache.early_initialization(batch_size=1, num_heads=HKV, head_dim=D, dtype=torch.float32, device="cpu")
+    n0 = len(REPORTS)
+    with compiled(model, offload=True, budget=512, **OPTS_NO_BUDGET):
+        out = generate(model, ids, 3, "dynamic", past_key_values=cache)
+    assert out.sequences.tolist() == ref.sequences.tolist()
+    assert all(layer.keys.untyped_storage().nbytes() == layer.keys.numel() * 4 for layer in cache.layers)
+    reasons = {s.extra.get("device_cache") for rep in REPORTS[n0:] for s in rep} - {None}
+    assert reasons and all("existed before this graph ran" in r for r in reasons), reasons
 
 
 def test_offloaded_dynamic_cache_changed_outside_the_model_is_refused():

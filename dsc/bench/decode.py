@@ -225,9 +225,8 @@ def memory_report(model, contexts, batches, ds_options) -> str:
                          "share": rep["offload"] / rep["full"]})
     cols = [("context", "context"), ("batch", "batch"), ("full", "full cache MB/seq"),
             ("offload", "offload MB/seq"), ("share", "share")]
-    return ("device KV memory per sequence (computed; realised with a dynamic cache, whose offloaded layers hold "
-            "placeholders; this benchmark's static cache keeps its device buffers, see dsc/passes/offload.py; "
-            "measured: scripts/gpu_memory.py):\n" + format_table(rows, cols))
+    return ("device KV memory per sequence (computed; offloaded layers' cache tensors are placeholders, see "
+            "dsc/passes/offload.py; measured: scripts/gpu_memory.py):\n" + format_table(rows, cols))
 
 
 POLICIES = ("dense", "dsparse", "dsparse+offload")

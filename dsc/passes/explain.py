@@ -151,9 +151,9 @@ def explain(model, example_inputs=None, options=None, *, max_new_tokens: int = 0
         gather = "on a GPU the attention kernel reads the selected rows from pinned host memory itself (zero-copy)"
         if cfg.predict:
             gather = f"predicted rows are gathered on the host and copied ahead; elsewhere {gather}"
-        memory = ("the model's dynamic cache holds shape-only placeholders at those layers (their device memory is "
-                  "returned) wherever only the attention and the cache update read the cat; static caches keep their "
-                  "device buffers (allocated by whoever builds the cache)")
+        memory = ("the model's cache holds shape-only placeholders at those layers (their device memory is "
+                  "returned) where only the attention and the cache update read it; a static cache's buffers only "
+                  "if HF allocates them inside the compiled first forward (its default), else they stay")
         how = f"{how}; {sel}; {gather}; {memory}"
         notes.append(f"offload: the K/V of the {n} sparse site(s) live in host memory; {how}" if n else
                      "offload=True but no site is sparse: compiling with these options raises (nothing to offload)")

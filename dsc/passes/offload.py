@@ -18,11 +18,12 @@ A decode step (:func:`attend`), label scores -> top-k on the device, then one of
   memory, an event recorded) and land before the next gather; the current step's rows are taken from the device,
   so the current token is always attended whether or not its host copy has landed.
 
-Device memory: with a dynamic cache the rewrite replaces ``cat(past, new)`` at offloaded sites by
-``dsc::kv_placeholder`` (the cache's shape, one stored element), so HF's cache holds no rows of those layers; the
-site op gets this step's rows (``new_k``/``new_v``), and a multi-token step over such a cache reads the host rows
-(:meth:`HostKV.device_rows`). A static cache's buffers are allocated by whoever builds the cache, so they stay (and
-are still written) on the device. :func:`device_bytes` computes what an offloaded sequence needs.
+Device memory: at offloaded sites the rewrite makes the model's cache hold placeholders (the cache's shape, one
+stored element): a dynamic cache's ``cat(past, new)`` becomes ``dsc::kv_placeholder``; a static cache's writes are
+dropped and the buffer HF allocates lazily inside the first compiled forward becomes ``dsc::kv_buffer_placeholder``
+(buffers allocated before the model ran through the compiler stay on the device, with the reason in the site
+report). The site op gets this step's rows (``new_k``/``new_v``); a multi-token step over a placeholder reads the
+host rows (:meth:`HostKV.device_rows`). :func:`device_bytes` computes what an offloaded sequence needs.
 
 Traffic is counted in :data:`dsc.passes.store.STATS` (``h2d_bytes``: rows fetched; ``d2h_bytes``: rows written to
 the host; ``offload_fetches``: decode steps served from the host).
@@ -49,8 +50,9 @@ class HostKV:
         self.pinned = like_k.device.type == "cuda"
         self.zero_copy = self.pinned and ZERO_COPY
         b, hkv, _, d = like_k.shape
-        self.k = torch.empty((b, hkv, capacity, d), dtype=like_k.dtype, pin_memory=self.pinned)
-        self.v = torch.empty((b, hkv, capacity, like_v.shape[-1]), dtype=like_v.dtype, pin_memory=self.pinned)
+        # zeroed: a dense step over a static placeholder reads rows never written (masked, but must not be NaN)
+        self.k = torch.zeros((b, hkv, capacity, d), dtype=like_k.dtype, pin_memory=self.pinned)
+        self.v = torch.zeros((b, hkv, capacity, like_v.shape[-1]), dtype=like_v.dtype, pin_memory=self.pinned)
         self.pending: list = []  # (event, positions, k rows, v rows): device -> host copies in flight
 
     @property
@@ -63,8 +65,8 @@ class HostKV:
             torch.cuda.current_stream().synchronize()  # rows written by kernels land before the host copies them
         old_k, old_v = self.k, self.v
         n = old_k.shape[2]
-        self.k = torch.empty(old_k.shape[:2] + (capacity, old_k.shape[3]), dtype=old_k.dtype, pin_memory=self.pinned)
-        self.v = torch.empty(old_v.shape[:2] + (capacity, old_v.shape[3]), dtype=old_v.dtype, pin_memory=self.pinned)
+        self.k = torch.zeros(old_k.shape[:2] + (capacity, old_k.shape[3]), dtype=old_k.dtype, pin_memory=self.pinned)
+        self.v = torch.zeros(old_v.shape[:2] + (capacity, old_v.shape[3]), dtype=old_v.dtype, pin_memory=self.pinned)
         self.k[:, :, :n].copy_(old_k)
         self.v[:, :, :n].copy_(old_v)
 
@@ -101,11 +103,24 @@ class HostKV:
             self.k[b].index_copy_(1, positions[b], k_rows[b])
             self.v[b].index_copy_(1, positions[b], v_rows[b])
 
-    def device_rows(self, s: int, new_k: Tensor, new_v: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
-        """All ``s`` rows on ``device`` (a multi-token step over a placeholder cache): this step's rows when they are
-        all there is, else a copy of the store (written rows included: flushed, or written in stream order)."""
-        if new_k.shape[2] == s:
-            return new_k, new_v
+    def device_rows(self, s: int, positions: Tensor, new_k: Tensor, new_v: Tensor, device: torch.device,
+                    fresh: bool) -> tuple[Tensor, Tensor]:
+        """All ``s`` rows on ``device``, for a step that attends densely over a placeholder cache. ``fresh`` (the
+        store began with this step): the rows are this step's, at ``positions``, zeros elsewhere (masked); else a
+        copy of the store (this step's rows included: flushed, or written in stream order)."""
+        if fresh:
+            if new_k.shape[2] == s:
+                return new_k, new_v
+            out = []
+            for rows in (new_k, new_v):
+                full = rows.new_zeros(rows.shape[:2] + (s, rows.shape[3]))
+                if positions.dim() == 1:
+                    full.index_copy_(2, positions, rows)
+                else:
+                    for b in range(positions.shape[0]):
+                        full[b].index_copy_(1, positions[b], rows[b])
+                out.append(full)
+            return out[0], out[1]
         self.flush()
         store.STATS["h2d_bytes"] += (self.k[:, :, :s].nbytes + self.v[:, :, :s].nbytes)
         return (self.k[:, :, :s].to(device, non_blocking=True), self.v[:, :, :s].to(device, non_blocking=True))
@@ -166,9 +181,7 @@ def host_kv(entry: store.Entry, k: Tensor, v: Tensor, new_positions: Optional[Te
     host = entry.host
     if host is None:
         host = entry.host = HostKV(k, v, max(entry.capacity, s))
-        if new_rows is not None:
-            if new_rows[0].shape[2] != s:  # labels_dynamic refuses this first; kept as the store's own guard
-                raise ValueError("dsparse offload: a placeholder cache with rows missing from the host store")
+        if new_rows is not None:  # the label store has refused a placeholder cache it did not see filled
             host.write(new_positions, *new_rows)
         elif s:
             host.write(torch.arange(s, device=k.device), k, v)

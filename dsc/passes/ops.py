@@ -109,12 +109,13 @@ def site_attention(site: int, q: Tensor, k: Tensor, v: Tensor, past_k: Optional[
     spec = SITES[site]
     placeholder = new_v is not None
     if cache == "static":
-        entry = store.labels_static(spec.label, k, new_k, positions)
+        entry = store.labels_static(spec.label, k, new_k, positions, rebuild=not placeholder)
         new_positions = positions
     else:
         entry = store.labels_dynamic(spec.label, k, past_k, new_k, rebuild=not placeholder)
         new_positions = None
     host = None
+    fresh = spec.offload and entry.host is None  # the host store starts with this call's rows
     if spec.offload:  # the rows this call wrote, for the host store
         if new_positions is None:
             new_positions = torch.arange(k.shape[2] - new_k.shape[2], k.shape[2], device=k.device)
@@ -123,8 +124,8 @@ def site_attention(site: int, q: Tensor, k: Tensor, v: Tensor, past_k: Optional[
     b, hq, lq, _ = q.shape
     s = k.shape[2]
     hkv = k.shape[1]
-    if placeholder and lq > 1:  # prefill (or a multi-token step): attend over real rows
-        k, v = host.device_rows(s, new_k, new_v, q.device)
+    if placeholder and (lq > 1 or s < spec.min_length):  # a step that attends densely: over real rows
+        k, v = host.device_rows(s, new_positions, new_k, new_v, q.device, fresh)
     if (lq > 1 and spec.dense_prefill) or s < spec.min_length or s == 0:
         store.STATS["dense_calls"] += 1
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
@@ -179,6 +180,17 @@ def _(past, new):
     return _placeholder(past, new)
 
 
+@torch.library.custom_op("dsc::kv_buffer_placeholder", mutates_args=())
+def kv_buffer_placeholder(size: list[int], dtype: Optional[torch.dtype], device: Optional[torch.device]) -> Tensor:
+    """What an offloaded static cache holds instead of its ``zeros(size)`` buffer: that shape, one stored zero."""
+    return torch.zeros((1, 1, 1, 1), dtype=dtype, device=device).expand(size)
+
+
+@kv_buffer_placeholder.register_fake
+def _(size, dtype, device):
+    return torch.zeros((1, 1, 1, 1), dtype=dtype, device=device).expand(size)
+
+
 def _placeholder(past: Optional[Tensor], new: Tensor) -> Tensor:
     p = past.shape[2] if past is not None and past.dim() == 4 else 0
     b, h, t, d = new.shape
@@ -199,6 +211,7 @@ def site_predict(site: int, q_pred: Tensor, label_key: Tensor, attn_mask: Option
         entry = store.lookup(spec.label, label_key)
         if entry is not None and entry.host is not None and entry.length:
             n = entry.length if cache == "dynamic" else label_key.shape[2]
+            store.ensure_capacity(spec.label, entry, label_key, n)  # a longer view of a placeholder buffer
             valid, _ = _valid_from_mask(attn_mask)
             if valid is not None or cache == "dynamic":
                 valid = offload.previous_tokens(valid, n, current_is_last=cache == "static")

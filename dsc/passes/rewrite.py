@@ -12,7 +12,7 @@ from torch.fx import GraphModule, Node
 from dsc.config import DSConfig
 
 from . import ops, predict
-from .analysis import Site, analyze, cat_parts
+from .analysis import Site, _ev, _is_fn, analyze, cat_parts, find_cache_write
 
 _VIEWISH = {"reshape", "view", "expand", "unsqueeze", "contiguous", "repeat_interleave", "transpose"}
 
@@ -54,7 +54,7 @@ def _drop_dead(nodes: list) -> None:
         todo.extend(inputs)
 
 
-def _placeholder_cache(graph, site: Site) -> str:
+def _placeholder_dynamic(graph, site: Site) -> str:
     """Offloaded dynamic cache: let the model's cache hold ``dsc::kv_placeholder`` tensors (the shape, one stored
     element) instead of ``cat(past, new)``, and hand the site op this step's rows; the rows live in the host store.
     Only where the site op and the graph's outputs (the cache update) are the cat's sole readers; else the device
@@ -77,6 +77,42 @@ def _placeholder_cache(graph, site: Site) -> str:
         cat.replace_all_uses_with(ph)
         graph.erase_node(cat)
     op.args = op.args[:12] + (new_v,)
+    return "placeholders (rows in the host store only)"
+
+
+def _placeholder_static(graph, site: Site) -> str:
+    """Offloaded static cache: the writes ``buf.index_copy_(2, pos, new)`` of K and V are dropped (the site op
+    writes the host store from ``new``) and a buffer this graph allocates itself (HF's lazy first-step ``zeros``)
+    becomes ``dsc::kv_buffer_placeholder``, which later steps receive as their buffer input. A buffer allocated
+    before the graph ran keeps its rows on the device (the returned reason says so)."""
+    op = site.node
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    writes = [find_cache_write(op.args[i], op, order) for i in (2, 3)]
+    if any(w is None or w["cache"] != "static" for w in writes):
+        return "kept on the device: V is not written like K (index_copy_ into a buffer)"
+    for w in writes:
+        write, base = w["write"], w["write"].args[0]
+        ev = _ev(base)
+        placeholder_input = base.op == "placeholder" and ev is not None and ev.dim() == 4 and ev.stride(2) == 0
+        if not (placeholder_input or _is_fn(base, torch.zeros)):
+            return ("kept on the device: the static buffers existed before this graph ran (let the cache's first "
+                    "forward run through the compiled model to keep only placeholders)")
+        for u in list(base.users) + list(write.users):
+            if u is not write and u is not op and u.op != "output" and not all(x is op for x in u.users):
+                return f"kept on the device: {base.name} is also read by {u.name}"
+    for w in writes:
+        write, base = w["write"], w["write"].args[0]
+        write.replace_all_uses_with(base)
+        graph.erase_node(write)
+        if base.op != "placeholder":  # torch.zeros(size, dtype=..., device=...) -> a one-element placeholder
+            size = base.args[0] if base.args else base.kwargs["size"]
+            with graph.inserting_after(base):
+                ph = graph.call_function(torch.ops.dsc.kv_buffer_placeholder.default,
+                                         (list(size), base.kwargs.get("dtype"), base.kwargs.get("device")))
+            ph.meta.update({k: v for k, v in base.meta.items() if k in ("example_value", "val")})
+            base.replace_all_uses_with(ph)
+            graph.erase_node(base)
+    op.args = op.args[:12] + (writes[1]["new_k"],)
     return "placeholders (rows in the host store only)"
 
 
@@ -112,8 +148,10 @@ def rewrite(gm: GraphModule, cfg: DSConfig) -> list[Site]:
         graph.erase_node(old)
         site.node = new
         _drop_dead(old_inputs)
-        if spec.offload and site.cache == "dynamic":
-            site.extra["device_cache"] = _placeholder_cache(graph, site)
+        if spec.offload:
+            place = _placeholder_dynamic if site.cache == "dynamic" else _placeholder_static
+            site.extra["device_cache"] = place(graph, site)
+            site.k, site.v = new.args[2], new.args[3]  # the cats / buffers may have been replaced
     if cfg.offload and cfg.predict:
         predict.insert(graph, sites, set(cfg.sync_layers))
     if cfg.offload and sites and not any(s.action == "sparse" for s in sites):

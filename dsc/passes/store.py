@@ -146,16 +146,39 @@ def _note_static_miss(spec: LabelSpec) -> None:
             "place (the 'aot_eager' inner compiler does; inductor reinplaces it).", RuntimeWarning, stacklevel=3)
 
 
-def labels_static(spec: LabelSpec, k: torch.Tensor, new_k: torch.Tensor, positions: torch.Tensor) -> Entry:
+def ensure_capacity(spec: LabelSpec, entry: Entry, like: torch.Tensor, n: int) -> None:
+    """Grow ``entry`` to hold ``n`` positions. A placeholder buffer (stride 0) does not reveal its full length, so
+    its labels start at the length first seen and grow when a longer view of it arrives."""
+    with _LOCK:
+        if entry.capacity < n:
+            entry.grow(spec, like, max(n, 2 * entry.capacity))
+
+
+def labels_static(spec: LabelSpec, k: torch.Tensor, new_k: torch.Tensor, positions: torch.Tensor,
+                  rebuild: bool = True) -> Entry:
     """Labels of a static cache ``k`` (already holding ``new_k`` at ``positions``): write only the new tokens;
-    on first sight of the buffer (or a changed shape) label all of ``k``."""
+    on first sight of the buffer (or a changed shape) label all of ``k``. ``rebuild=False`` (``k`` is an offload
+    placeholder): a first sight must be the buffer's first write (from position 0), labelled from ``new_k``."""
     with _LOCK:
         entry = _ENTRIES.get(_key(spec, k))
+        if not rebuild and entry is not None and entry.batch == k.shape[0]:
+            ensure_capacity(spec, entry, k, k.shape[2])  # a longer prefix view of a placeholder buffer
         if entry is None or entry.batch != k.shape[0] or entry.capacity < k.shape[2]:
             if entry is not None:
                 STATS["label_rebuilds"] += 1
             _note_static_miss(spec)
-            entry = _build(spec, k, _static_capacity(k))
+            if rebuild:
+                entry = _build(spec, k, _static_capacity(k))
+            else:
+                if int(positions.min()) != 0:  # once per sequence: the only host wait of a first sight
+                    raise ValueError(
+                        "dsparse offload: this static KV cache holds rows the compiled model never saw (it was "
+                        "filled elsewhere or by another model), and the device holds only a placeholder. Start "
+                        "from a fresh cache, or compile without offload for such use.")
+                entry = Entry(spec, k, _static_capacity(k))
+                STATS["label_builds"] += 1
+                _write(spec, entry, new_k, positions)
+                entry.length = k.shape[2]
             _bind(spec, k, entry)
             return entry
         _MISSES[id(spec)] = 0
