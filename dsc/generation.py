@@ -38,6 +38,7 @@ class DecodeResult:
     logits: list[torch.Tensor]           # per step [B, vocab] (only when keep_logits)
     prefill_s: float
     step_s: list[float] = field(default_factory=list)
+    cache_bytes: int = 0                 # bytes the KV cache's tensors hold at the end (distinct storages)
 
     @property
     def median_step_s(self) -> float:
@@ -91,4 +92,16 @@ def greedy_decode(model, input_ids: torch.Tensor, steps: int, *, forward=None, c
         t0 = time.perf_counter()
         logits = run(nxt[:, None], torch.tensor([L + i]), mask)[:, -1]
         out.step_s.append(time.perf_counter() - t0)
+    out.cache_bytes = cache_bytes(kv)
     return out
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by an HF cache's K/V tensors (each storage once: offload placeholders hold one element)."""
+    seen = {}
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())

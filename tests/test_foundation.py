@@ -76,6 +76,26 @@ def test_cli_bench_decode(capsys, tmp_path):
     assert res["machine"]["cores"] >= 1
 
 
+def test_cli_bench_decode_offload_measures_traffic_and_cache_memory(tmp_path):
+    path = tmp_path / "o.json"
+    assert main(["bench", "decode", "--contexts", "64", "--batch", "1", "--compile", "eager", "--policy", "dense",
+                 "--offload", "--steps", "2", "--warmup", "1", "--json", str(path)]) == 0
+    rows = {r["policy"]: r for r in json.loads(path.read_text())["results"]}
+    dense, off = rows["dense"], rows["dsparse+offload"]
+    # only the 2 dense layers of 30 keep rows on the device; the rest are one-element placeholders
+    assert 0 < off["kv_cache_mb"] <= dense["kv_cache_mb"] * 2 / 30 + 0.01
+    assert 0 < off["h2d_share"] < 1
+
+
+def test_cli_bench_offload_runs_on_cpu(tmp_path):
+    path = tmp_path / "b.json"
+    assert main(["bench", "offload", "--contexts", "1K", "--layers", "2", "--shape", "4x2x32", "--dtype", "float32",
+                 "--repeats", "1", "--warmup", "0", "--json", str(path)]) == 0
+    rows = {r["policy"]: r for r in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {"whole-layer", "ds staged", "ds on-device", "dense on-device"}  # zero-copy: GPU only
+    assert 0 < rows["ds staged"]["MB"] <= rows["whole-layer"]["MB"] / 10
+
+
 def test_cli_eval_ppl(capsys, tmp_path):
     path = tmp_path / "p.json"
     assert main(["eval", "ppl", "--context", "128", "--windows", "2", "--json", str(path)]) == 0

@@ -83,7 +83,8 @@ def bench_one(model, tok, context: int, batch: int, compiler: str, steps: int, w
     timed = r.step_s[warmup:]
     lat = sorted(timed)[len(timed) // 2]
     row = {"policy": policy, "context": context, "batch": batch, "compile": compiler, "ms_per_step": lat * 1e3,
-           "tok_per_s": batch / lat, "prefill_s": r.prefill_s, "wall_s": wall, "steps": len(timed)}
+           "tok_per_s": batch / lat, "prefill_s": r.prefill_s, "wall_s": wall, "steps": len(timed),
+           "kv_cache_mb": r.cache_bytes / 2**20}
     if policy == "dsparse+offload":
         row.update(transfer_counts(model, ids.shape[1], batch, len(r.step_s), dict(STATS)))
     return row
@@ -225,13 +226,15 @@ def memory_report(model, contexts, batches, ds_options) -> str:
                          "share": rep["offload"] / rep["full"]})
     cols = [("context", "context"), ("batch", "batch"), ("full", "full cache MB/seq"),
             ("offload", "offload MB/seq"), ("share", "share")]
-    return ("device KV memory per sequence (computed; offloaded layers' cache tensors are placeholders, see "
-            "dsc/passes/offload.py; measured: scripts/gpu_memory.py):\n" + format_table(rows, cols))
+    return ("device KV memory per sequence (computed; the 'KV cache MB' column above is what the model's cache "
+            "tensors held, measured; offloaded layers hold placeholders, see dsc/passes/offload.py):\n"
+            + format_table(rows, cols))
 
 
 POLICIES = ("dense", "dsparse", "dsparse+offload")
 QUANTS = ("none", "int8")
 _COLUMNS = [("policy", "policy"), ("quant", "quant"), ("dtype", "dtype"), ("context", "context"), ("batch", "batch"), ("compile", "compile"),
-            ("tok_per_s", "tok/s"), ("ms_per_step", "ms/step"), ("prefill_s", "prefill s")]
+            ("tok_per_s", "tok/s"), ("ms_per_step", "ms/step"), ("prefill_s", "prefill s"),
+            ("kv_cache_mb", "KV cache MB")]
 _TRAFFIC = [("h2d_mb_per_step", "moved MB/step"), ("whole_layer_mb_per_step", "whole-layer MB/step"),
             ("h2d_share", "share")]
