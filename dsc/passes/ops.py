@@ -102,9 +102,9 @@ def site_attention(site: int, q: Tensor, k: Tensor, v: Tensor, past_k: Optional[
     ``k``/``v``: KV-native ``[B, Hkv, S, D]`` as SDPA would read them; ``cache == "static"``: ``k`` is (a prefix
     view of) a fixed buffer that already holds ``new_k`` at ``positions``; ``"dynamic"``: ``k = cat(past_k,
     new_k)`` along positions (``past_k`` may be empty at the first step). ``prefetched``: the ticket of this site's
-    ``dsc::site_predict`` (offload with next-layer prediction), else None. ``new_v`` (offloaded dynamic caches):
-    ``k``/``v`` are :func:`kv_placeholder` tensors (shape only, no rows on the device); the rows of this step are
-    ``new_k``/``new_v`` and every other row lives in the host store.
+    ``dsc::site_predict`` (offload with next-layer prediction), else None. ``new_v`` (offloaded caches whose
+    device tensors the rewrite made placeholders: :func:`kv_placeholder`, :func:`kv_buffer_placeholder`): ``k``/``v``
+    carry the shape only; this step's rows are ``new_k``/``new_v`` and every other row lives in the host store.
     """
     spec = SITES[site]
     placeholder = new_v is not None
@@ -146,10 +146,10 @@ def site_attention(site: int, q: Tensor, k: Tensor, v: Tensor, past_k: Optional[
             own = _select(torch.ops.dsc.select_topk(scores, spec.budget, spec.frac, spec.sink, spec.recent))
             if use_prediction:
                 offload.count_overlap(predicted[0], own, new_positions)
-        fresh = (new_k, new_v) if placeholder else None
+        rows_now = (new_k, new_v) if placeholder else None
         if use_prediction:
-            return offload.attend(host, q, k, v, None, new_positions, scale, bias, predicted, fresh).contiguous()
-        return offload.attend(host, q, k, v, own, new_positions, scale, bias, fresh=fresh).contiguous()
+            return offload.attend(host, q, k, v, None, new_positions, scale, bias, predicted, rows_now).contiguous()
+        return offload.attend(host, q, k, v, own, new_positions, scale, bias, fresh=rows_now).contiguous()
     out = _ds_decode(q, k, v, channels, data, sc, zero, spec.label.bits, valid, bias, None,
                      spec.budget, spec.frac, spec.sink, spec.recent, group, scale)
     return out.contiguous()
