@@ -9,6 +9,7 @@ import transformers as T
 
 from dsc.backend import dsparse
 from dsc.calibration.config import ChannelConfig
+from dsc.generation import cache_bytes
 
 context = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
 layers, hq, hkv, d = 8, 32, 8, 128
@@ -35,7 +36,7 @@ def run(name, options=None):
     torch.cuda.synchronize()
     held = torch.cuda.memory_allocated() - base
     peak = torch.cuda.max_memory_allocated() - base
-    kv = sum(t.untyped_storage().nbytes() for layer in cache.layers for t in (layer.keys, layer.values))
+    kv = cache_bytes(cache)
     print(f"{name:>22}: cache tensors on device {kv / 2**20:8.1f} MiB, allocated after generate "
           f"{held / 2**20:8.1f} MiB, peak during generate {peak / 2**20:8.1f} MiB", flush=True)
     if options is not None:

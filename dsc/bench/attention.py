@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
 
 FORMATS = {"16": 16, "native": 16, "8": 8, "int8": 8, "4": 4, "int4": 4}
 FORMAT_NAME = {16: "native", 8: "int8", 4: "int4"}
@@ -43,19 +41,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _shapes(text: str) -> list[tuple[int, int, int]]:
-    out = []
-    for part in text.split(","):
-        try:
-            hq, hkv, d = (int(x) for x in part.lower().strip().split("x"))
-        except ValueError:
-            raise ValueError(f"--shapes: cannot read {part!r}; expected HqxHkvxD, e.g. 32x8x128") from None
-        if hkv < 1 or hq % hkv or d < 1:
-            raise ValueError(f"--shapes: {part!r} needs Hq a multiple of Hkv and D >= 1")
-        out.append((hq, hkv, d))
-    return out
-
-
 def label_channels(spec: str, d: int) -> int:
     """``"D/4"`` or ``"16"`` -> r for head_dim ``d`` (at least 1, at most D)."""
     spec = spec.strip().upper()
@@ -76,29 +61,6 @@ def byte_limit(d: int, e: int, r: int, bits: int, frac: float) -> tuple[float, f
     return dense, ds, dense / ds
 
 
-def _timer(device, clock: str, flush_mb: float):
-    import torch
-
-    junk = torch.empty(int(flush_mb * 2**18), dtype=torch.float32, device=device) if flush_mb > 0 else None
-    now = time.process_time if clock == "cpu" else time.perf_counter
-
-    def run(fn, repeats: int, warmup: int) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            if junk is not None:
-                junk.fill_(1.0)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = now()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(now() - t0)
-        return statistics.median(times) * 1e3
-
-    return run
 
 
 def run(args) -> int:
@@ -107,13 +69,13 @@ def run(args) -> int:
     from tqdm import tqdm
 
     import dsc.kernels  # noqa: F401  (registers torch.ops.dsc)
-    from dsc.bench.common import format_table, machine_info, parse_list, write_json
+    from dsc.bench.common import format_table, machine_info, median_timer, parse_list, parse_shapes, write_json
     from dsc.kernels import alloc_labels
 
     lengths = parse_list(args.lengths, int, "length")
     batches = parse_list(args.batch, int, "batch size")
     budgets = parse_list(args.budgets, float, "budget")
-    shapes = _shapes(args.shapes)
+    shapes = parse_shapes(args.shapes, "--shapes")
     formats = []
     for f in args.formats.split(","):
         if f.strip().lower() not in FORMATS:
@@ -130,7 +92,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     e = torch.finfo(dtype).bits // 8
     flush = args.flush_mb if args.flush_mb is not None else (64.0 if device.type == "cpu" else 0.0)
-    timer = _timer(device, args.clock, flush)
+    timer = median_timer(device, args.clock, flush)
     group = not args.per_head
 
     configs = [(sh, b, s) for sh in shapes for b in batches for s in lengths]

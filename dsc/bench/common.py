@@ -30,6 +30,50 @@ def parse_list(text: str, kind=int, name: str = "value") -> list:
     return out
 
 
+def parse_shapes(text: str, name: str = "--shape") -> list[tuple[int, int, int]]:
+    """``"32x8x128,9x3x64"`` -> ``[(Hq, Hkv, D), ...]``, checked (Hq a multiple of Hkv)."""
+    out = []
+    for part in text.split(","):
+        try:
+            hq, hkv, d = (int(x) for x in part.lower().strip().split("x"))
+        except ValueError:
+            raise ValueError(f"{name}: cannot read {part!r}; expected HqxHkvxD, e.g. 32x8x128") from None
+        if hkv < 1 or hq % hkv or d < 1:
+            raise ValueError(f"{name}: {part!r} needs Hq a multiple of Hkv and D >= 1")
+        out.append((hq, hkv, d))
+    return out
+
+
+def median_timer(device, clock: str = "wall", flush_mb: float = 0.0):
+    """``run(fn, repeats, warmup) -> median ms``; the device is synchronised around each call, and ``flush_mb``
+    of memory is written before each so inputs start cold."""
+    import statistics
+    import time
+
+    import torch
+
+    junk = torch.empty(int(flush_mb * 2**18), dtype=torch.float32, device=device) if flush_mb > 0 else None
+    now = time.process_time if clock == "cpu" else time.perf_counter
+
+    def run(fn, repeats: int, warmup: int) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            if junk is not None:
+                junk.fill_(1.0)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = now()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(now() - t0)
+        return statistics.median(times) * 1e3
+
+    return run
+
+
 def machine_info() -> dict:
     import torch
 

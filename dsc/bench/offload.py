@@ -16,9 +16,8 @@ with a large pinned host -> device copy, so ``bus floor`` = bytes / rate is the 
 from __future__ import annotations
 
 import math
-import statistics
 
-from dsc.bench.common import format_table, machine_info, parse_list, write_json
+from dsc.bench.common import format_table, machine_info, median_timer, parse_list, parse_shapes, write_json
 
 
 def add_arguments(p):
@@ -37,28 +36,6 @@ def add_arguments(p):
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
 
-def _timer(device):
-    import time
-
-    import torch
-
-    def run(fn, repeats, warmup):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3
-
-    return run
-
-
 def bus_rate(device, mb: int = 1024) -> float:
     """Host -> device bytes per second of one large copy from pinned memory (the bus ceiling)."""
     import torch
@@ -67,7 +44,7 @@ def bus_rate(device, mb: int = 1024) -> float:
         return float("nan")
     src = torch.empty(mb << 20, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty_like(src, device=device)
-    ms = _timer(device)(lambda: dst.copy_(src, non_blocking=True), 5, 2)
+    ms = median_timer(device)(lambda: dst.copy_(src, non_blocking=True), 5, 2)
     return src.numel() / (ms / 1e3)
 
 
@@ -75,19 +52,20 @@ def _layer(b, hkv, s, d, r, dtype, device, gen, pinned):
     """One layer: host K/V (filled on the device in chunks, then copied), channels and 16-bit labels on device."""
     import torch
 
+    from dsc.kernels import alloc_labels
+
     hk = torch.empty(b, hkv, s, d, dtype=dtype, pin_memory=pinned)
     hv = torch.empty(hk.shape, dtype=dtype, pin_memory=pinned)
     channels = torch.stack([torch.randperm(d, generator=gen, device=device)[:r] for _ in range(hkv)])
-    labels = torch.empty(b, hkv, s, r, dtype=dtype, device=device)
+    labels = alloc_labels(b, hkv, s, r, 16, dtype, device)
     step = max(1, (1 << 27) // (b * hkv * d))  # ~256 MB of fp16 per chunk
     for lo in range(0, s, step):
         hi = min(s, lo + step)
         k = torch.randn(b, hkv, hi - lo, d, generator=gen, device=device).to(dtype)
-        labels[:, :, lo:hi] = k.gather(-1, channels[None, :, None, :].expand(b, hkv, hi - lo, r))
+        torch.ops.dsc.label_write(k, channels, torch.arange(lo, hi, device=device), *labels, 16)
         hk[:, :, lo:hi].copy_(k)
         hv[:, :, lo:hi].copy_(torch.randn(b, hkv, hi - lo, d, generator=gen, device=device).to(dtype))
-    empty = torch.empty(0, device=device)
-    return hk, hv, (channels, labels, empty, empty, 16)
+    return hk, hv, (channels, *labels, 16)
 
 
 def run(args) -> int:
@@ -99,19 +77,16 @@ def run(args) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype)
-    try:
-        hq, hkv, d = (int(x) for x in args.shape.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"--shape: cannot read {args.shape!r}; expected HqxHkvxD, e.g. 32x8x128") from None
-    if hq % hkv or not 1 <= args.r <= d:
-        raise ValueError(f"--shape/--r: need Hq a multiple of Hkv and 1 <= r <= D, got {args.shape}, r={args.r}")
+    (hq, hkv, d), = parse_shapes(args.shape)
+    if not 1 <= args.r <= d:
+        raise ValueError(f"--r: need 1 <= r <= D = {d}, got {args.r}")
     (frac,) = parse_list(args.budget, float, "budget")
     cuda = device.type == "cuda"
     e = torch.finfo(dtype).bits // 8
     group = args.gqa == "group"
     hsel = hkv if group else hq
     sm = d ** -0.5
-    timer = _timer(device)
+    timer = median_timer(device)
     rate = bus_rate(device)
     rows, checks = [], []
     for s in parse_list(args.contexts, int, "context"):
@@ -136,11 +111,7 @@ def run(args) -> int:
                 vd.copy_(hv, non_blocking=True)
                 F.scaled_dot_product_attention(q, kd, vd, enable_gqa=True, scale=sm)
 
-        stores = []
-        for hk, hv, _ in layers:
-            st = HostKV.__new__(HostKV)
-            st.k, st.v, st.pending, st.pinned, st.zero_copy = hk, hv, [], cuda, False
-            stores.append(st)
+        stores = [HostKV.over(hk, hv) for hk, hv, _ in layers]
 
         def staged():
             for st, (_, _, lab) in zip(stores, layers):

@@ -55,6 +55,13 @@ class HostKV:
         self.v = torch.zeros((b, hkv, capacity, like_v.shape[-1]), dtype=like_v.dtype, pin_memory=self.pinned)
         self.pending: list = []  # (event, positions, k rows, v rows): device -> host copies in flight
 
+    @classmethod
+    def over(cls, k: Tensor, v: Tensor) -> "HostKV":
+        """A store over existing host tensors, gathered on the host (the staged path; benchmarks)."""
+        host = cls.__new__(cls)
+        host.k, host.v, host.pending, host.pinned, host.zero_copy = k, v, [], k.is_pinned(), False
+        return host
+
     @property
     def capacity(self) -> int:
         return self.k.shape[2]
@@ -202,10 +209,10 @@ def host_kv(entry: store.Entry, k: Tensor, v: Tensor, new_positions: Optional[Te
 
 def attend(host: HostKV, q: Tensor, k: Tensor, v: Tensor, idx: Optional[Tensor], new_positions: Optional[Tensor],
            scale: float, bias: Optional[Tensor], predicted: Optional[tuple] = None,
-           fresh: Optional[tuple] = None) -> Tensor:
+           new_rows: Optional[tuple] = None) -> Tensor:
     """Exact attention of decode queries ``q`` ``[B, Hq, 1, D]`` over the selected rows ``idx`` ``[B, Hsel, 1, K]``,
-    read from the host store; rows written this step come from the device instead: ``fresh`` (``(new_k, new_v)``,
-    the rows at ``new_positions``, when ``k``/``v`` are placeholders) or the device cache ``k``/``v``.
+    read from the host store; rows written this step come from the device instead: ``new_rows`` (``(new_k,
+    new_v)``, the rows at ``new_positions``, when ``k``/``v`` are placeholders) or the device cache ``k``/``v``.
     ``predicted``: a :func:`prefetch` result (selection + rows already fetched) used instead of ``idx``; the rows
     written this step (``new_positions``, 1-D) are appended from the device: the current token is always attended."""
     b, hq, lq, _ = q.shape
@@ -221,12 +228,12 @@ def attend(host: HostKV, q: Tensor, k: Tensor, v: Tensor, idx: Optional[Tensor],
         ks, vs, rows = host.fetch(idx[:, :, 0], q.device)
         rows = rows.to(q.device, non_blocking=True)
         if new_positions is not None and new_positions.numel() and k.device.type != "cpu":
-            ks, vs = _overlay_new_rows(ks, vs, rows, new_positions, k, v, fresh)
+            ks, vs = _overlay_new_rows(ks, vs, rows, new_positions, k, v, new_rows)
     else:
         idx, ks, vs, rows = predicted
         t = new_positions.numel()
         rows = torch.cat([rows.to(q.device, non_blocking=True), new_positions.expand(b, rows.shape[1], t)], -1)
-        new_k, new_v = fresh if fresh is not None else (k.index_select(2, new_positions), v.index_select(2, new_positions))
+        new_k, new_v = new_rows or (k.index_select(2, new_positions), v.index_select(2, new_positions))
         ks = torch.cat([ks, new_k], 2)
         vs = torch.cat([vs, new_v], 2)
         idx = torch.cat([idx, new_positions.expand(b, idx.shape[1], lq, t)], -1)
@@ -283,18 +290,18 @@ def count_overlap(predicted_idx: Tensor, own: Tensor, new_positions: Tensor) -> 
     store.STATS["overlap_total"] += int(own_m.sum())
 
 
-def _overlay_new_rows(ks, vs, rows, new_positions, k, v, fresh_rows=None):
+def _overlay_new_rows(ks, vs, rows, new_positions, k, v, new_rows=None):
     """Replace block rows written this step (their host copy may still be in flight) with the device rows, so the
     current token is attended without waiting for the device -> host copy. The device rows are read from the cache
-    ``k``/``v`` at the block's positions, or from ``fresh_rows`` (the rows at ``new_positions``, [B, Hkv, T, D])."""
+    ``k``/``v`` at the block's positions, or from ``new_rows`` (the rows at ``new_positions``, [B, Hkv, T, D])."""
     pos = new_positions if new_positions.dim() == 2 else new_positions[None]
     hit = rows[..., None] == pos[:, None, None, :]  # [B, Hkv, U, T]
-    if fresh_rows is None:
+    if new_rows is None:
         at = rows.clamp_min(0)[..., None]
         src_k, src_v = (t.gather(2, at.expand(-1, -1, -1, t.shape[3])) for t in (k, v))
     else:
         at = hit.int().argmax(-1)[..., None]  # which new row each block row is (where it is one)
-        src_k, src_v = (t.gather(2, at.expand(-1, -1, -1, t.shape[3])) for t in fresh_rows)
+        src_k, src_v = (t.gather(2, at.expand(-1, -1, -1, t.shape[3])) for t in new_rows)
     fresh = hit.any(-1)[..., None]
     return torch.where(fresh, src_k, ks), torch.where(fresh, src_v, vs)
 

@@ -149,7 +149,7 @@ def site_attention(site: int, q: Tensor, k: Tensor, v: Tensor, past_k: Optional[
         rows_now = (new_k, new_v) if placeholder else None
         if use_prediction:
             return offload.attend(host, q, k, v, None, new_positions, scale, bias, predicted, rows_now).contiguous()
-        return offload.attend(host, q, k, v, own, new_positions, scale, bias, fresh=rows_now).contiguous()
+        return offload.attend(host, q, k, v, own, new_positions, scale, bias, new_rows=rows_now).contiguous()
     out = _ds_decode(q, k, v, channels, data, sc, zero, spec.label.bits, valid, bias, None,
                      spec.budget, spec.frac, spec.sink, spec.recent, group, scale)
     return out.contiguous()
@@ -167,34 +167,31 @@ def _(site, q, k, v, past_k, new_k, positions, attn_mask, is_causal, scale, cach
     return q.new_empty((b, hq, lq, v.shape[-1]))
 
 
-@torch.library.custom_op("dsc::kv_placeholder", mutates_args=())
-def kv_placeholder(past: Optional[Tensor], new: Tensor) -> Tensor:
+def _kv_placeholder(past: Optional[Tensor], new: Tensor) -> Tensor:
     """What an offloaded dynamic cache holds on the device instead of ``cat([past, new], dim=-2)``: a tensor of that
     shape whose every element is one stored zero (stride 0), so HF's bookkeeping (lengths, masks) sees the right
     shape while the rows live in the host store. Its values are never read."""
-    return _placeholder(past, new)
-
-
-@kv_placeholder.register_fake
-def _(past, new):
-    return _placeholder(past, new)
-
-
-@torch.library.custom_op("dsc::kv_buffer_placeholder", mutates_args=())
-def kv_buffer_placeholder(size: list[int], dtype: Optional[torch.dtype], device: Optional[torch.device]) -> Tensor:
-    """What an offloaded static cache holds instead of its ``zeros(size)`` buffer: that shape, one stored zero."""
-    return torch.zeros((1, 1, 1, 1), dtype=dtype, device=device).expand(size)
-
-
-@kv_buffer_placeholder.register_fake
-def _(size, dtype, device):
-    return torch.zeros((1, 1, 1, 1), dtype=dtype, device=device).expand(size)
-
-
-def _placeholder(past: Optional[Tensor], new: Tensor) -> Tensor:
     p = past.shape[2] if past is not None and past.dim() == 4 else 0
     b, h, t, d = new.shape
-    return new.new_zeros((1, 1, 1, 1)).expand(b, h, p + t, d)
+    return _one_element((b, h, p + t, d), new.dtype, new.device)
+
+
+def _kv_buffer_placeholder(size: list[int], dtype: Optional[torch.dtype], device: Optional[torch.device]) -> Tensor:
+    """What an offloaded static cache holds instead of its ``zeros(size)`` buffer: that shape, one stored zero."""
+    return _one_element(size, dtype, device)
+
+
+def _one_element(size, dtype, device) -> Tensor:
+    """A tensor of ``size`` whose elements are all one stored zero (stride 0): the shape, without the memory."""
+    return torch.zeros((1, 1, 1, 1), dtype=dtype, device=device).expand(size)
+
+
+# The real and the fake kernels are the same function: it allocates one element.
+kv_placeholder = torch.library.custom_op("dsc::kv_placeholder", _kv_placeholder, mutates_args=())
+kv_placeholder.register_fake(_kv_placeholder)
+kv_buffer_placeholder = torch.library.custom_op("dsc::kv_buffer_placeholder", _kv_buffer_placeholder,
+                                                mutates_args=())
+kv_buffer_placeholder.register_fake(_kv_buffer_placeholder)
 
 
 @torch.library.custom_op("dsc::site_predict", mutates_args=())
@@ -211,7 +208,8 @@ def site_predict(site: int, q_pred: Tensor, label_key: Tensor, attn_mask: Option
         entry = store.lookup(spec.label, label_key)
         if entry is not None and entry.host is not None and entry.length:
             n = entry.length if cache == "dynamic" else label_key.shape[2]
-            store.ensure_capacity(spec.label, entry, label_key, n)  # a longer view of a placeholder buffer
+            if cache == "static":
+                store.ensure_capacity(spec.label, entry, label_key, n)  # a longer view of a placeholder buffer
             valid, _ = _valid_from_mask(attn_mask)
             if valid is not None or cache == "dynamic":
                 valid = offload.previous_tokens(valid, n, current_is_last=cache == "static")

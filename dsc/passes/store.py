@@ -146,6 +146,10 @@ def _note_static_miss(spec: LabelSpec) -> None:
             "place (the 'aot_eager' inner compiler does; inductor reinplaces it).", RuntimeWarning, stacklevel=3)
 
 
+_PLACEHOLDER_HINT = (", and the device holds only a placeholder. Start from a fresh cache, or compile without "
+                     "offload for such use.")
+
+
 def ensure_capacity(spec: LabelSpec, entry: Entry, like: torch.Tensor, n: int) -> None:
     """Grow ``entry`` to hold ``n`` positions. A placeholder buffer (stride 0) does not reveal its full length, so
     its labels start at the length first seen and grow when a longer view of it arrives."""
@@ -171,10 +175,8 @@ def labels_static(spec: LabelSpec, k: torch.Tensor, new_k: torch.Tensor, positio
                 entry = _build(spec, k, _static_capacity(k))
             else:
                 if int(positions.min()) != 0:  # once per sequence: the only host wait of a first sight
-                    raise ValueError(
-                        "dsparse offload: this static KV cache holds rows the compiled model never saw (it was "
-                        "filled elsewhere or by another model), and the device holds only a placeholder. Start "
-                        "from a fresh cache, or compile without offload for such use.")
+                    raise ValueError("dsparse offload: this static KV cache holds rows the compiled model never "
+                                     "saw (it was filled elsewhere or by another model)" + _PLACEHOLDER_HINT)
                 entry = Entry(spec, k, _static_capacity(k))
                 STATS["label_builds"] += 1
                 _write(spec, entry, new_k, positions)
@@ -203,11 +205,9 @@ def labels_dynamic(spec: LabelSpec, k: torch.Tensor, past_k: torch.Tensor | None
             if entry is not None and (entry.length != p or entry.batch != k.shape[0]):
                 entry = None
             if entry is None and not rebuild:
-                raise ValueError(
-                    "dsparse offload: this dynamic KV cache was changed outside the compiled model (cropped, "
-                    "reordered by beam search, copied, or filled by another model), so its offloaded rows are not "
-                    "in the host store and the device holds only a placeholder. Start from a fresh cache, or compile "
-                    "without offload for such use.")
+                raise ValueError("dsparse offload: this dynamic KV cache was changed outside the compiled model "
+                                 "(cropped, reordered by beam search, copied, or filled by another model), so its "
+                                 "offloaded rows are not in the host store" + _PLACEHOLDER_HINT)
             if entry is None:
                 STATS["label_rebuilds"] += 1
                 entry = _build(spec, past_k, max(2 * s, 64))
