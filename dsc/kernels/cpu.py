@@ -18,8 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from . import checks
-from .reference import label_write as _ref_label_write
-from .reference import quantize
 from .topk import topk_inplace as _topk_inplace
 
 # fp32 elements of converted label codes per scoring chunk (16 MB: about half an L3; fewer, larger chunks also
@@ -48,22 +46,42 @@ def _scratch(name: str, shape, dtype, device) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------- label write
 def label_write(keys, channels, positions, data, scale, zero, bits: int) -> None:
-    """Gather + quantize the new keys' channels (T new tokens only) and scatter them into the cache."""
+    """Gather + quantize the new keys' channels (T new tokens only) and scatter them into the cache.
+
+    One gather of the ``r`` channels of all T tokens, one quantization pass (in place on the gathered labels), then
+    a copy along the position dimension: a narrow slice for the decode step (T = 1, shared positions), one
+    ``index_copy_`` for shared positions ``[T]``, one per sequence for positions ``[B, T]``. Codes are bit-equal
+    to the reference (same fp32 operations in the same order: ``floor((x - min) / scale + 0.5)``)."""
     checks.check_label_write(keys, channels, positions, data, scale, zero, bits)
     b, hkv, t, _ = keys.shape
     r = channels.shape[1]
-    if t == 1 and positions.dim() == 1:  # the decode step: a narrow slice write, no advanced indexing
-        lab = keys[:, :, 0].gather(-1, channels[None].expand(b, hkv, r))  # [B, Hkv, r]
+    lab = keys.gather(-1, channels[None, :, None, :].expand(b, hkv, t, r))  # [B, Hkv, T, r], a fresh tensor
+    if bits == 16:
+        pairs = ((data, lab if lab.dtype == data.dtype else lab.to(data.dtype)),)
+    else:
+        levels = (1 << bits) - 1
+        lab = lab if lab.dtype == torch.float32 else lab.float()
+        lo = lab.amin(-1, keepdim=True)
+        sc = (lab.amax(-1, keepdim=True) - lo) / levels
+        flat = ~(sc > 0)  # constant labels (and a NaN range): scale 0, every code 0
+        codes = lab.sub_(lo).div_(sc.masked_fill(flat, 1.0)).add_(0.5).floor_().clamp_(0, levels)
+        codes = codes.masked_fill_(flat, 0).to(torch.uint8)
+        if bits == 4:  # channel 2j in the low nibble of byte j, 2j + 1 in the high nibble
+            packed = codes[..., 0::2].clone()
+            packed[..., : r // 2] |= codes[..., 1::2] << 4
+            codes = packed
+        pairs = ((data, codes), (scale, sc.squeeze(-1)), (zero, lo.squeeze(-1)))
+    if positions.dim() == 1 and t == 1:  # the decode step: a narrow slice write, no index tensor
         p = int(positions[0])  # a CPU tensor: reading it costs nothing
-        if bits == 16:
-            data.select(2, p).copy_(lab)
-            return
-        codes, sc, zp = quantize(lab, bits)
-        data.select(2, p).copy_(codes)
-        scale.select(2, p).copy_(sc)
-        zero.select(2, p).copy_(zp)
-        return
-    _ref_label_write(keys, channels, positions, data, scale, zero, bits)
+        for dst, src in pairs:
+            dst.select(2, p).copy_(src.select(2, 0))
+    elif positions.dim() == 1:
+        for dst, src in pairs:
+            dst.index_copy_(2, positions, src)
+    else:
+        for i in range(b):
+            for dst, src in pairs:
+                dst[i].index_copy_(1, positions[i], src[i])
 
 
 # ----------------------------------------------------------------------------------------------- scores
