@@ -16,6 +16,8 @@ def add_arguments(p):
     p.add_argument("--prompt", default=None, help="use this text as the prompt instead of essay text")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--budget", default="1/8", help="token budget: a fraction (1/8) or a token count")
+    p.add_argument("--min-length", type=int, default=None,
+                   help="caches shorter than this attend densely (default: derived from the budget, as DSConfig)")
     p.add_argument("--compile", choices=("eager", "inductor"), default="eager",
                    help="eager: dense runs eagerly and the rewritten graph without inductor (starts in seconds); "
                         "inductor: both compiled (minutes of compilation on a small CPU)")
@@ -24,13 +26,11 @@ def add_arguments(p):
 
 def attention_bytes(cfg, model_cfg, ds, batch: int, length: int) -> tuple[float, float]:
     """K/V bytes one decode step reads in all attention layers: dense vs Double Sparsity (ALGORITHM.md sec. 1)."""
-    import math
-
     from dsc.bench.attention import byte_limit
 
     d = getattr(model_cfg, "head_dim", None) or model_cfg.hidden_size // model_cfg.num_attention_heads
     hkv, layers = model_cfg.num_key_value_heads, model_cfg.num_hidden_layers
-    k = ds.budget if isinstance(ds.budget, int) else math.ceil(ds.budget * length)
+    k = ds.tokens_kept(length)
     if ds.gqa == "head":  # each query head of a group may pick its own rows
         k *= model_cfg.num_attention_heads // hkv
     dense_t, ds_t, _ = byte_limit(d, 4, ds.r, ds.label_bits, min(k, length) / length)  # fp32 cache
@@ -43,17 +43,16 @@ def run(args) -> int:
     import torch
 
     from dsc.assets import check_context, essay_text, load_model
-    from dsc.bench.common import machine_info, parse_list
+    from dsc.bench.common import machine_info
     from dsc.bench.decode import compiled_forward
     from dsc.calibration.default import default_config
-    from dsc.config import DSConfig
+    from dsc.config import DSConfig, parse_budget
     from dsc.generation import greedy_decode
     from dsc.passes.store import STATS
 
     if args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    budget = parse_list(args.budget, float, "budget")[0]
-    budget = int(budget) if budget >= 1 else budget
+    budget = parse_budget(args.budget)
 
     t0 = time.perf_counter()
     model, tok = load_model(args.model, dtype=args.dtype)
@@ -61,7 +60,8 @@ def run(args) -> int:
     t0 = time.perf_counter()
     channels = default_config(args.model, model=model, tokenizer=tok)
     calib_s = time.perf_counter() - t0
-    ds = DSConfig(channels=channels, budget=budget)
+    opts = {"channels": channels, "budget": budget, "min_length": args.min_length}
+    ds = DSConfig(**opts)
 
     if args.prompt is not None:
         ids = tok(args.prompt, return_tensors="pt").input_ids
@@ -73,7 +73,6 @@ def run(args) -> int:
     runs = {}
     for policy in ("dense", "dsparse"):
         torch._dynamo.reset()
-        opts = {"channels": channels, "budget": budget}
         forward = compiled_forward(model, args.compile, policy, opts)
         before = STATS["sparse_calls"]
         t0 = time.perf_counter()

@@ -56,7 +56,8 @@ def test_parse_list_fractions_and_errors():
 
 def test_cli_demo(capsys):
     # A prompt shorter than the budget: the sparse op runs, selects every token, and must agree with dense.
-    assert main(["demo", "--prompt", "The capital of France is", "--max-new-tokens", "4", "--budget", "64"]) == 0
+    assert main(["demo", "--prompt", "The capital of France is", "--max-new-tokens", "4", "--budget", "64",
+                 "--min-length", "0"]) == 0
     out = capsys.readouterr().out
     dense = re.search(r"dense +'(.*)'", out).group(1)
     sparse = re.search(r"dsparse +'(.*)'", out).group(1)

@@ -1,7 +1,7 @@
 """Double Sparsity ops: the reference and the fast CPU path against their contracts (DESIGN.md "Ops")."""
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import dsc.kernels  # noqa: F401  (registers torch.ops.dsc)
@@ -161,8 +161,10 @@ def test_sink_and_recent_forced_inside_budget(group):
     idx = C.select_topk(sc, 10, 0.0, 4, 3)
     for row in idx.reshape(-1, 10).tolist():
         assert {0, 1, 2, 3, 37, 38, 39} <= set(row) and max(row) < 40
-    idx = C.select_topk(sc, 5, 0.0, 4, 3)  # sinks take priority when forced positions exceed the budget
-    assert all(set(row) == {0, 1, 2, 3, 39} for row in idx.reshape(-1, 5).tolist())
+    idx = C.select_topk(sc, 5, 0.0, 4, 3)  # recent tokens (the current one first) win when forced ones overflow
+    assert all(set(row) == {0, 1, 37, 38, 39} for row in idx.reshape(-1, 5).tolist())
+    idx = C.select_topk(sc, 2, 0.0, 4, 3)
+    assert all(set(row) == {38, 39} for row in idx.reshape(-1, 2).tolist())
 
 
 def test_frac_budget_counts_valid_positions():
@@ -170,6 +172,51 @@ def test_frac_budget_counts_valid_positions():
     sc[..., 30:] = float("-inf")
     idx = torch.ops.dsc.select_topk(sc, 1, 0.1, 0, 0)
     assert idx.shape[-1] == 10 and int((idx >= 0).sum()) == 3
+
+
+def test_frac_budget_has_a_floor():
+    """A fraction never keeps fewer than its floor (the kernels' ``budget``): a short row is not left to its forced
+    sink/recent tokens alone (1/16 of 64 tokens would be 4 slots, all sinks, without the current token)."""
+    sc = torch.randn(1, 1, 1, 64)
+    for impl in (R, C):
+        idx = impl.select_topk(sc.clone(), 36, 1 / 16, 4, 16)
+        chosen = set(idx[idx >= 0].tolist())
+        assert len(chosen) == 36 and 63 in chosen and set(range(48, 64)) <= chosen and set(range(4)) <= chosen
+        idx = impl.select_topk(sc.clone(), 36, 1 / 16, 4, 16)
+        assert idx.shape[-1] == 36
+
+
+@given(s=st.integers(1, 300), budget=st.integers(1, 40), frac=st.sampled_from([0.0, 1 / 16, 1 / 8, 1.0]),
+       sink=st.integers(0, 8), recent=st.integers(1, 20), seed=st.integers(0, 2**16))
+@example(s=40, budget=36, frac=1 / 16, sink=4, recent=16, seed=0)   # the README's defaults on a short prompt
+@example(s=5, budget=2, frac=0.0, sink=4, recent=3, seed=1)         # forced tokens overflow the budget
+@example(s=300, budget=1, frac=1 / 16, sink=8, recent=1, seed=2)    # sinks would fill every slot before
+def test_current_token_always_selected(s, budget, frac, sink, recent, seed):
+    """With ``recent >= 1`` the newest valid position (the current token at a causal decode step) is always kept,
+    whatever the budget and sinks, in every implementation."""
+    gen = torch.Generator().manual_seed(seed)
+    sc = torch.randn(2, 2, 1, s, generator=gen)
+    sc[0, :, :, s // 2 + 1:] = float("-inf")  # row 0: the newest valid position is in the middle
+    for impl in (R, C):
+        idx = impl.select_topk(sc.clone(), budget, frac, sink, recent)
+        assert_valid_selection(sc, idx, budget, frac, sink, recent)
+        for row, last in ((0, s // 2), (1, s - 1)):
+            assert (idx[row] == last).any(-1).all()
+
+
+def test_nan_propagates_like_dense():
+    """A NaN query gives NaN attention, as dense SDPA does; it is never turned into a finite answer."""
+    c = make_case(2, 1, 2, 2, 1, 64, 32, 8, 16)
+    q = c.q.clone()
+    q[:, 0] = float("nan")
+    dense = dense_attention(q, c.k, c.v)
+    assert dense[:, 0].isnan().all() and not dense[:, 1:].isnan().any()
+    for impl in (R, C):
+        for group in (True, False):
+            out = impl.ds_decode(q, c.k, c.v, *c.labels, None, None, None, 8, 0.0, 1, 2, group, None)
+            assert out[:, 0].isnan().all(), (impl.__name__, group)
+            if not group:  # per-head selection: the other heads are unaffected
+                assert not out[:, 1:].isnan().any()
 
 
 def test_empty_rows_give_zero_output():

@@ -188,8 +188,8 @@ def add_speedups(rows: list[dict]) -> None:
 
 def dsparse_options(args, model, tok) -> dict:
     """Backend options for ``--policy dsparse``: the channel config and the budget from the command line."""
-    from dsc.bench.common import parse_list
     from dsc.calibration.config import ChannelConfig
+    from dsc.config import parse_budget
 
     if args.channels:
         cfg = ChannelConfig.load(args.channels)
@@ -197,8 +197,7 @@ def dsparse_options(args, model, tok) -> dict:
         from dsc.calibration.default import default_config
 
         cfg = default_config(args.model, model=model, tokenizer=tok)
-    budget = parse_list(args.budget, float, "budget")[0]
-    opts = {"channels": cfg, "budget": int(budget) if budget >= 1 else budget}
+    opts = {"channels": cfg, "budget": parse_budget(args.budget)}
     if getattr(args, "gqa", None):
         opts["gqa"] = args.gqa
     return opts
@@ -206,8 +205,6 @@ def dsparse_options(args, model, tok) -> dict:
 
 def memory_report(model, contexts, batches, ds_options) -> str:
     """Device bytes of the KV state per sequence, full cache vs offload (:func:`dsc.passes.offload.device_bytes`)."""
-    import math
-
     from dsc.config import DSConfig
     from dsc.passes.offload import device_bytes
 
@@ -217,7 +214,7 @@ def memory_report(model, contexts, batches, ds_options) -> str:
     rows = []
     for ctx in contexts:
         for b in batches:
-            k = cfg.budget_tokens or math.ceil(cfg.budget_frac * ctx)
+            k = cfg.tokens_kept(ctx)
             rep = device_bytes(layers=layers, sparse_layers=sparse, batch=b, kv_heads=hkv,
                                sel_heads=hq if cfg.gqa == "head" else hkv, length=ctx, head_dim=d, itemsize=item,
                                r=cfg.r, label_bits=cfg.label_bits, budget_tokens=k)

@@ -25,37 +25,18 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from fractions import Fraction
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from dsc.config import DEFAULT_GQA, GQA_MODES, LABEL_BITS, BudgetView, DSConfig
+from dsc.config import DEFAULT_GQA, GQA_MODES, LABEL_BITS, BudgetView, DSConfig, parse_budget
 from dsc.sites import layer_index
 
 POLICIES = ("dense", "dsparse", "oracle", "streaming", "quest", "sparq")
 ELEM_BYTES = 2  # bytes accounting assumes a 16-bit K/V cache (the serving dtype), whatever the eval dtype
 _SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
-
-
-def parse_budget(text) -> int | float:
-    """``"128"`` -> 128 tokens; ``"1/16"`` or ``"0.0625"`` -> a fraction of each row's valid tokens."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = text
-    else:
-        try:
-            value = float(Fraction(str(text).strip()))
-        except (ValueError, ZeroDivisionError) as e:
-            raise ValueError(f"budget {text!r} is not a number: pass tokens (e.g. 128) or a fraction "
-                             "(e.g. 1/16 or 0.0625)") from e
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"budget must be positive (tokens >= 1 or a fraction in (0, 1)), got {text!r}")
-    if value >= 1:
-        if value != int(value):
-            raise ValueError(f"budget {text!r} is >= 1 but not an integer token count")
-        return int(value)
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -75,7 +56,7 @@ class Policy(BudgetView):
     sink: int = DSConfig.sink
     recent: int = DSConfig.recent
     dense_layers: tuple[int, ...] = DSConfig.dense_layers
-    min_length: int = DSConfig.min_length
+    min_length: Optional[int] = DSConfig.min_length
     page: int = 16
     channels: object = field(default=None, compare=False, repr=False)
 
@@ -89,6 +70,8 @@ class Policy(BudgetView):
             raise ValueError(f"label_bits must be one of {LABEL_BITS}, got {self.label_bits!r}")
         for name in ("r", "page", "sink", "recent", "min_length"):
             v = getattr(self, name)
+            if v is None and name == "min_length":
+                continue
             lo = 1 if name in ("r", "page") else 0
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
@@ -205,9 +188,9 @@ class LayerScorer:
                 scale, zero = scale[:, :, :s], zero[:, :, :s]
             return _kernels().label_scores(q, self.ch, data[:, :, :s], scale, zero, p.label_bits,
                                            valid.expand(b, 1, c, s), None, self.group)
-        if p.name == "streaming":
+        if p.name == "streaming":  # newest first: after the forced sinks, top-k takes the most recent tokens
             hsel = hkv if self.group else hq
-            sc = torch.zeros(b, hsel, c, s, dtype=torch.float32, device=q.device)
+            sc = torch.arange(s, dtype=torch.float32, device=q.device).expand(b, hsel, c, s)
         elif p.name == "oracle":
             qg = _group_heads(q.float(), hkv)
             sc = _reduce(torch.einsum("bhgcd,bhsd->bhgcs", qg, k[:, :, :s].float()), self.group)
@@ -338,15 +321,15 @@ class SparseSDPA(TorchFunctionMode):
                     valid = valid.all(1, keepdim=True)  # a position is valid only if valid for every head
             bsz = valid.shape[0]
             sc = scorer.scores(q[:, :, a:e], valid.expand(max(b, bsz), 1, e - a, hi))
-            recent = hi if p.name == "streaming" else p.recent  # streaming: sinks, then the most recent
+            recent = 0 if p.name == "streaming" else p.recent  # streaming: its scores already rank by recency
             idx = kern.select_topk(sc, p.budget_tokens, p.budget_frac, p.sink, recent)
             sel = torch.zeros(*idx.shape[:3], hi + 1, dtype=torch.bool, device=q.device)
             sel.scatter_(-1, torch.where(idx >= 0, idx, hi), True)
             sel = sel[..., :hi]
-            # Dense rows: positions before the prefill and prefixes shorter than min_length.
+            # Dense rows: positions before the prefill and prefixes shorter than the budget's dense_below.
             nvalid = valid.sum(-1, keepdim=True)                     # [B|1, 1, C, 1]
             absolute = (s - lq + rows)[None, None, :, None]
-            dense_row = (absolute < self.prefill) | (nvalid < p.min_length)
+            dense_row = (absolute < self.prefill) | (nvalid < p.dense_below)
             sel = torch.where(dense_row, valid, sel)
             self._count(sel, valid, dense_row, hkv, sel.shape[1] == hkv)
             if sel.shape[1] == hkv:

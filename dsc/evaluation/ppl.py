@@ -51,7 +51,7 @@ def add_policy_arguments(p, many: bool = True):
     p.add_argument("--sink", type=int, default=D.sink, help="first valid tokens always selected (inside the budget)")
     p.add_argument("--recent", type=int, default=D.recent, help="last valid tokens always selected (inside the budget)")
     p.add_argument("--dense-layers", default=",".join(map(str, D.dense_layers)), help="comma-separated layers kept dense ('' = none)")
-    p.add_argument("--min-length", type=int, default=D.min_length, help="prefixes shorter than this attend densely")
+    p.add_argument("--min-length", type=int, default=D.min_length, help="prefixes shorter than this attend densely (default: derived from the budget, as DSConfig)")
     p.add_argument("--page", type=int, default=16, help="quest page size in tokens")
     p.add_argument("--prefill", type=int, default=0,
                    help="ppl: positions before this attend densely (a dense prefill of that many tokens)")

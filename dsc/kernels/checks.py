@@ -162,12 +162,22 @@ def check_label_scores(q, channels, data, scale, zero, bits, valid, lengths) -> 
 
 
 def topk_width(s: int, budget: int, frac: float):
-    """Slots per row: ``min(budget, S)`` when ``frac == 0``, else ``min(S, max(1, ceil(frac * S)))``."""
+    """Slots per row: ``min(budget, S)`` when ``frac == 0``, else ``min(S, max(budget, ceil(frac * S)))`` (with a
+    fraction, ``budget`` is its floor)."""
     if frac == 0:
         return torch.sym_min(budget, s) if not isinstance(s, int) else min(budget, s)
     if isinstance(s, int):
-        return min(s, max(1, math.ceil(frac * s)))
-    return torch.sym_min(s, torch.sym_max(1, math.ceil(frac * s)))
+        return min(s, max(budget, math.ceil(frac * s)))
+    return torch.sym_min(s, torch.sym_max(budget, math.ceil(frac * s)))
+
+
+def keep_count(nvalid: torch.Tensor, width, budget: int, frac: float) -> torch.Tensor:
+    """Slots each row keeps, from its valid count: ``min(n, budget)``, or ``min(n, max(budget, ceil(frac * n)))``
+    for a fraction (never more than the row's ``width`` slots)."""
+    if frac == 0:
+        return nvalid.clamp(max=width)
+    share = torch.ceil(nvalid.double() * frac).long().clamp(min=budget)
+    return torch.minimum(share, nvalid).clamp(max=width)
 
 
 def check_select(scores, budget, frac, sink, recent) -> None:
@@ -180,8 +190,8 @@ def check_select(scores, budget, frac, sink, recent) -> None:
 def check_budget(budget, frac, sink, recent) -> None:
     if isinstance(frac, bool) or not (isinstance(frac, (int, float)) and 0.0 <= frac <= 1.0):
         _fail("frac", f"must be a fraction in [0, 1] (0 = use the absolute budget), got {frac!r}")
-    if frac == 0 and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
-        _fail("budget", f"must be a positive number of tokens when frac == 0, got {budget!r}")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+        _fail("budget", f"must be a positive number of tokens (with frac > 0: the fraction's floor), got {budget!r}")
     if not isinstance(sink, int) or sink < 0:
         _fail("sink", f"must be an int >= 0 (forced first tokens), got {sink!r}")
     if not isinstance(recent, int) or recent < 0:

@@ -6,7 +6,7 @@ K/V rows (gathered by index from the HF-layout cache; never a repeated-KV copy, 
 - Scores use the identity ``q . label = scale * (q . code) + zero * sum(q)``; in group mode the G query heads are
   summed *before* the dot product (``sum_g q_g . l = (sum_g q_g) . l``), so group scoring costs one query per KV
   head. Codes are converted to fp32 one cache-sized chunk of tokens at a time (no fp32 copy of the label cache).
-- Top-k is ``torch.topk``; forced sink/recent positions are boosted to ``+inf`` in the (owned) score buffer.
+- Top-k is ``torch.topk``; forced recent/sink positions are boosted to ``+inf`` in the (owned) score buffer.
 - Attention over the selected rows is CPU SDPA (flash kernel, fp32 accumulation) over the gathered rows.
 """
 from __future__ import annotations
@@ -213,18 +213,16 @@ def _attend(q, k, v, idx, used, sm_scale: float, bias):
         if bias is not None:
             bsel = bias.expand(b, hq, lq, bias.shape[-1]).gather(-1, ii)
             mask = bsel.reshape(b, hq * lq, 1, kk).float().masked_fill(~mask, NEG_INF)
+    # Rows with nothing to attend (no slot, or every slot's bias -inf) give 0 by contract (SDPA would give NaN);
+    # a NaN from the data itself still propagates.
+    dead = ~mask.any(-1, keepdim=True) if mask.dtype == torch.bool else (mask == NEG_INF).all(-1, keepdim=True)
     if mask.dtype != torch.bool:
         mask = mask.to(q.dtype) if q.dtype != torch.float32 else mask
-    out = F.scaled_dot_product_attention(qq, kg, vg, attn_mask=mask, scale=sm_scale)
-    empty = ~used.any(-1)  # rows with no slot: 0 by contract (SDPA would give NaN)
+    out = F.scaled_dot_product_attention(qq, kg, vg, attn_mask=mask, scale=sm_scale).masked_fill(dead, 0)
     if hsel == hkv:
         out = out.view(b, hkv, lq, g, d).transpose(2, 3).reshape(b, hq, lq, d)
-        empty = empty[:, :, None].expand(b, hkv, g, lq).reshape(b, hq, lq)
     else:
         out = out.view(b, hq, lq, d)
-    out = out.masked_fill(empty[..., None], 0)
-    if bias is not None:
-        out = torch.nan_to_num(out, nan=0.0)  # every selected slot masked by bias = -inf
     return out.contiguous()
 
 

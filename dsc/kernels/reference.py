@@ -100,22 +100,28 @@ def label_scores(q, channels, data, scale, zero, bits: int, valid=None, lengths=
 
 
 def select_topk(scores, budget: int, frac: float = 0.0, sink: int = 0, recent: int = 0):
-    """Top-k positions per row (``-inf`` = invalid) with forced sink/recent positions; unused slots ``-1``.
+    """Top-k positions per row (``-inf`` = invalid; NaN counts as valid and ranks first) with forced recent/sink
+    positions; unused slots ``-1``.
 
-    Each row keeps ``min(K, n_valid)`` slots (``ceil(frac * n_valid)`` when ``frac > 0``). Forced positions fit
-    inside that: ``min(sink, keep)`` first valid positions, then ``min(recent, keep - sinks)`` last ones.
+    A row with ``n`` valid positions keeps ``min(n, budget)`` slots, or ``min(n, max(budget, ceil(frac * n)))``
+    when ``frac > 0`` (``budget`` is then the fraction's floor). Forced positions fit inside that: first the
+    ``min(recent, keep)`` last valid positions (the current token is the last), then ``min(sink, keep - n_recent)``
+    first ones; the remaining slots go to the best-scored other positions.
     """
     checks.check_select(scores, budget, frac, sink, recent)
     s = scores.shape[-1]
     kk = checks.topk_width(s, budget, frac)
-    ok = scores > float("-inf")
+    ok = ~(scores == float("-inf"))
     nvalid = ok.sum(-1)
-    keep = nvalid.clamp(max=kk) if frac == 0 else torch.ceil(nvalid.double() * frac).long().clamp(max=kk)
-    n_sink = keep.clamp(max=sink)
-    n_recent = (keep - n_sink).clamp(max=recent)
-    upto = ok.cumsum(-1)  # valid positions at or before p
-    after = nvalid[..., None] - upto + ok.long()  # valid positions at or after p
-    forced = ok & ((upto <= n_sink[..., None]) | (after <= n_recent[..., None]))
+    if frac == 0:
+        keep = torch.clamp(nvalid, max=budget)
+    else:
+        keep = torch.minimum(nvalid, torch.clamp(torch.ceil(nvalid.double() * frac).long(), min=budget))
+    n_recent = torch.clamp(keep, max=recent)
+    n_sink = torch.clamp(keep - n_recent, max=sink)
+    rank_first = ok.cumsum(-1)  # 1-based rank of a valid position from the start
+    rank_last = ok.flip(-1).cumsum(-1).flip(-1)  # ... and from the end
+    forced = ok & ((rank_first <= n_sink[..., None]) | (rank_last <= n_recent[..., None]))
     key = scores.float().masked_fill(forced, float("inf"))
     idx = key.topk(kk, dim=-1).indices
     slot = torch.arange(kk, device=scores.device)

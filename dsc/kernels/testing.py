@@ -65,30 +65,38 @@ def dense_attention(q, k, v, valid=None, lengths=None, bias=None, sm_scale=None)
 
 def assert_valid_selection(scores: torch.Tensor, idx: torch.Tensor, budget: int, frac: float = 0.0,
                            sink: int = 0, recent: int = 0) -> None:
-    """``idx`` obeys the select_topk contract for ``scores`` (any tie order): slot counts, no invalid or repeated
-    position, forced positions present, and every chosen unforced score >= every unchosen valid score."""
+    """``idx`` obeys the select_topk contract for ``scores`` (any tie order), checked row by row from the rule as
+    DESIGN.md states it: slot counts (a fraction's ``budget`` is its floor), no invalid or repeated position, the
+    ``recent`` newest valid positions and then the ``sink`` oldest present, and every chosen unforced score >=
+    every unchosen valid score (NaN is valid and ranks above everything)."""
     b, h, lq, s = scores.shape
-    kk = min(budget, s) if frac == 0 else min(s, max(1, math.ceil(frac * s)))
+    kk = min(budget, s) if frac == 0 else min(s, max(budget, math.ceil(frac * s)))
     assert idx.shape == (b, h, lq, kk), (idx.shape, kk)
     assert idx.dtype == torch.int64
     for row in range(b * h * lq):
         sc = scores.reshape(-1, s)[row]
         ix = idx.reshape(-1, kk)[row]
-        ok = torch.isfinite(sc) | (sc == float("inf"))
-        nv = int(ok.sum())
-        keep = min(kk, nv) if frac == 0 else min(kk, math.ceil(nv * frac))
+        vpos = [p for p in range(s) if not float(sc[p]) == float("-inf")]
+        nv = len(vpos)
+        keep = min(budget, nv) if frac == 0 else min(nv, max(budget, math.ceil(nv * frac)))
         chosen = ix[ix >= 0]
         assert chosen.numel() == keep, (row, chosen.numel(), keep)
         assert (ix[ix < 0] == -1).all()
         assert chosen.unique().numel() == keep, "repeated position"
-        assert ok[chosen].all(), "an invalid position was selected"
-        vpos = ok.nonzero().flatten()
-        n_sink = min(sink, keep)
-        n_recent = min(recent, keep - n_sink)
-        forced = set(vpos[:n_sink].tolist()) | set(vpos[nv - n_recent:].tolist() if n_recent else [])
+        assert set(chosen.tolist()) <= set(vpos), "an invalid position was selected"
+        n_recent = min(recent, keep)
+        n_sink = min(sink, keep - n_recent)
+        forced = set(vpos[:n_sink]) | set(vpos[nv - n_recent:])
         cs = set(chosen.tolist())
-        assert forced <= cs, "a forced sink/recent position is missing"
+        assert forced <= cs, "a forced recent/sink position is missing"
+        if recent and keep:
+            assert vpos[-1] in cs, "the newest valid position (the current token) is missing"
+
+        def rank(p):  # NaN first, then by score
+            v = float(sc[p])
+            return math.inf if math.isnan(v) else v
+
         free = [p for p in cs if p not in forced]
-        rest = [p for p in vpos.tolist() if p not in cs]
+        rest = [p for p in vpos if p not in cs]
         if free and rest:
-            assert float(sc[free].min()) >= float(sc[rest].max()), "a better-scoring position was left out"
+            assert min(map(rank, free)) >= max(map(rank, rest)), "a better-scoring position was left out"

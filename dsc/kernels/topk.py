@@ -1,4 +1,10 @@
-"""Top-k selection shared by the CPU and GPU paths (``torch.topk``; shape-static, no host synchronisation)."""
+"""Top-k selection shared by the CPU and GPU paths (``torch.topk``; shape-static, no host synchronisation).
+
+The budget rule lives in :func:`dsc.kernels.checks.keep_count` (slots per row) and here (which slots are forced):
+of a row's kept slots the ``recent`` newest valid positions are forced in first (the current token is the newest),
+then the ``sink`` oldest. A NaN score counts as valid (``topk`` ranks NaN first), so a NaN query or key yields
+NaN attention, as dense attention does, instead of silently dropping the position.
+"""
 from __future__ import annotations
 
 import torch
@@ -13,23 +19,20 @@ def topk_inplace(sc, budget: int, frac: float, sink: int, recent: int):
     s = sc.shape[-1]
     kk = checks.topk_width(s, budget, frac)
     if sink or recent or frac:
-        ok = sc > NEG_INF
+        ok = sc != NEG_INF
         nvalid = ok.sum(-1)
-        if frac:
-            keep = torch.ceil(nvalid.double() * frac).long().clamp(max=kk)
-        else:
-            keep = nvalid.clamp(max=kk)
+        keep = checks.keep_count(nvalid, kk, budget, frac)
         if sink or recent:
-            n_sink = keep.clamp(max=sink)
-            n_recent = (keep - n_sink).clamp(max=recent)
-            upto = ok.cumsum(-1, dtype=torch.int32)
-            forced = (upto <= n_sink[..., None]) if sink else torch.zeros_like(ok)
+            n_recent = keep.clamp(max=recent)
+            n_sink = (keep - n_recent).clamp(max=sink)
+            upto = ok.cumsum(-1, dtype=torch.int32)  # valid positions at or before p
+            forced = upto <= n_sink[..., None]
             if recent:
-                after = nvalid[..., None] - upto + ok.int()
+                after = nvalid[..., None] - upto + ok.int()  # valid positions at or after p
                 forced |= after <= n_recent[..., None]
             sc.masked_fill_(forced & ok, float("inf"))
         idx = sc.topk(kk, dim=-1, sorted=True).indices
         used = torch.arange(kk, device=sc.device) < keep[..., None]
         return idx, used
     vals, idx = sc.topk(kk, dim=-1, sorted=False)
-    return idx, vals > NEG_INF
+    return idx, vals != NEG_INF

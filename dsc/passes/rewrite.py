@@ -127,9 +127,9 @@ def rewrite(gm: GraphModule, cfg: DSConfig) -> list[Site]:
         repeat = _check_config(site, cfg)
         spec = ops.SiteSpec(
             label=ops.label_spec(cfg.channels, site.layer, cfg.r, cfg.label_bits, repeat),
-            layer=site.layer, budget=cfg.budget_tokens or 1, frac=cfg.budget_frac, sink=cfg.sink,
+            layer=site.layer, budget=cfg.budget_tokens, frac=cfg.budget_frac, sink=cfg.sink,
             recent=cfg.recent, group=cfg.gqa == "group", dense_prefill=cfg.prefill == "dense",
-            min_length=cfg.min_length, offload=cfg.offload)
+            min_length=cfg.dense_below, offload=cfg.offload)
         sid = ops.register_site(spec)
         site.extra["site_id"] = sid
         old = site.node
