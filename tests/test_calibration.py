@@ -3,7 +3,9 @@ layout detection, reference interchange, CLI and the cached default config."""
 from __future__ import annotations
 
 import json
+import os
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,14 +161,134 @@ def test_check_shapes_and_model_name_both_sides():
     with pytest.raises(ValueError, match="num_kv_heads: config 3 vs the model 4; head_dim: config 64 vs the model 128"):
         cfg.check_shapes(num_kv_heads=4, head_dim=128)
     other = tiny_llama(layers=2, hq=4, hkv=2, d=16)
-    with pytest.raises(ValueError, match="num_layers: config 30 vs the model 2"):
+    with pytest.raises(ValueError, match="calibrated for a model with num_layers=30, num_heads=9, num_kv_heads=3, "
+                                         "head_dim=64; this model has num_layers=2, num_heads=4, num_kv_heads=2, "
+                                         "head_dim=16. Calibrate this model: `dsc calibrate"):
         cfg.check_model(other)
-    with pytest.raises(ValueError, match="num_heads: config 9 vs the model 4"):
+    with pytest.raises(ValueError, match="num_heads=9.*num_heads=4"):
         cfg.check_model(other.config)
     mine = ChannelConfig.for_model(other, {0: torch.arange(16).repeat(2, 1)})
     mine.check_model(other)
-    with pytest.warns(UserWarning, match="fingerprint"):
-        mine.check_model(tiny_llama(layers=2, hq=4, hkv=2, d=16, seed=1))
+    stranger = tiny_llama(layers=2, hq=4, hkv=2, d=16, seed=1)  # same shapes, other weights
+    with pytest.raises(ValueError, match=r"other weights.*Calibrate this model.*check_model\(\.\.\., fingerprint=False\)"):
+        mine.check_model(stranger)
+    mine.check_model(stranger, fingerprint=False)  # the documented opt-out: shapes only
+
+
+SIZES = dict(num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64)
+
+
+@pytest.mark.parametrize("field,value", [("num_layers", 32), ("num_layers", 2), ("num_heads", 18),
+                                         ("num_heads", 3), ("num_kv_heads", 1), ("num_kv_heads", 9),
+                                         ("head_dim", 128), ("head_dim", 32)])
+def test_check_match_refuses_every_other_size(field, value):
+    """Issue 12 item 9: fewer KV heads (once silently repeated), other num_heads or num_layers are refused too."""
+    cfg = ChannelConfig.random(**SIZES)
+    cfg.check_match(**SIZES)
+    with pytest.raises(ValueError) as e:
+        cfg.check_match(**dict(SIZES, **{field: value}), what="the model at model.layers.5")
+    msg = str(e.value)
+    assert f"calibrated for a model with {field}={SIZES[field]}; the model at model.layers.5 has {field}={value}" in msg
+    assert "Calibrate this model: `dsc calibrate --model" in msg
+    assert [k for k in SIZES if f"{k}=" in msg] == [field]  # names only what differs
+    with pytest.raises(TypeError):  # every size is required
+        cfg.check_match(num_layers=30, num_heads=9, num_kv_heads=3)
+    with pytest.raises(ValueError, match="head_dim must be an int"):
+        cfg.check_match(**dict(SIZES, head_dim="64"))
+
+
+def test_check_match_fingerprint_and_opt_out():
+    cfg = ChannelConfig.from_dict(dict(ChannelConfig.random(**SIZES).to_dict(), fingerprint="sha256:aaaa"))
+    cfg.check_match(**SIZES, fingerprint="sha256:aaaa")
+    cfg.check_match(**SIZES)  # fingerprint=None: the opt-out, shapes only
+    with pytest.raises(ValueError, match=r"fingerprint sha256:aaaa\); this model has fingerprint sha256:bbbb.*"
+                                         r"skip the weight check with check_match\(\.\.\., fingerprint=None\)"):
+        cfg.check_match(**SIZES, fingerprint="sha256:bbbb")
+    with pytest.raises(ValueError, match=r"skip the weight check with options\['check_fingerprint'\]=False"):
+        cfg.check_match(**SIZES, fingerprint="sha256:bbbb", skip_hint="options['check_fingerprint']=False")
+    with pytest.raises(ValueError, match="num_kv_heads"):  # shapes are checked before weights
+        cfg.check_match(**dict(SIZES, num_kv_heads=1), fingerprint="sha256:aaaa")
+    imported = ChannelConfig.random(**SIZES)  # no fingerprint recorded (e.g. an imported reference config)
+    assert imported.fingerprint is None
+    imported.check_match(**SIZES, fingerprint="sha256:bbbb")
+
+
+def test_json_errors_are_clear(tmp_path):
+    cfg = ChannelConfig.random(3, 4, 2, 8)
+    path = cfg.save(tmp_path / "c.json")
+    text = path.read_text()
+    # a directory: say so, and what to pass
+    with pytest.raises(FileNotFoundError, match=r"is a directory holding c\.json, not a file; pass the JSON file"):
+        ChannelConfig.load(tmp_path)
+    # deep nesting: a ValueError, not a RecursionError
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        ChannelConfig.load(deep)
+    deep.write_text('{"rankings": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ValueError, match="nested too deeply"):
+        import_reference(deep)
+    # duplicate layer keys: "1" and "01" name one layer; an exact repeat is refused by the JSON reader
+    obj = json.loads(text)
+    rows = obj["rankings"]["1"]
+    dup = tmp_path / "dup.json"
+    dup.write_text(text.replace('"1": [', '"01": ' + json.dumps(rows) + ',\n   "1": [', 1))
+    assert '"01"' in dup.read_text()
+    with pytest.raises(ValueError, match="names layer 1 twice \\(keys '01' and '1'\\)"):
+        ChannelConfig.load(dup)
+    dup.write_text(text.replace('"1": [', '"1": ' + json.dumps(rows) + ',\n   "1": [', 1))
+    with pytest.raises(ValueError, match="repeats the key '1' within one object"):
+        ChannelConfig.load(dup)
+    dup.write_text(text.replace('"tokens": 0,', '"tokens": 0, "tokens": 5,', 1))
+    with pytest.raises(ValueError, match="repeats the key 'tokens'"):
+        ChannelConfig.load(dup)
+    with pytest.raises(ValueError, match="names layer 1 twice"):
+        ChannelConfig(rankings={1: cfg.rankings[1], "1": cfg.rankings[1]}, num_layers=3, num_heads=4,
+                      num_kv_heads=2, head_dim=8)
+    ref = export_reference(cfg)
+    key = next(iter(ref))
+    ref[key.replace("layers.0.", "layers.00.")] = ref[key]
+    with pytest.raises(ValueError, match="names layer 0's qk rows twice"):
+        import_reference(ref, num_heads=4, num_kv_heads=2)
+    with pytest.raises(FileNotFoundError, match="is a directory"):
+        import_reference(tmp_path)
+
+
+def test_saves_are_atomic_and_ordinary_files(tmp_path, monkeypatch):
+    """ChannelConfig.save and save_reference write a temp file in the same folder and os.replace it: a failure
+    leaves the previous file whole and no temp file behind."""
+    import stat
+
+    from dsc.calibration import config as config_mod
+    from dsc.calibration.interchange import save_reference
+
+    a, b = ChannelConfig.random(3, 4, 2, 8, seed=1), ChannelConfig.random(3, 4, 2, 8, seed=2)
+    old = os.umask(0o022)
+    try:
+        p1 = a.save(tmp_path / "c.json")
+        p2 = save_reference(a, tmp_path / "sub" / "r.json")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(p1.stat().st_mode) == 0o644 and stat.S_IMODE(p2.stat().st_mode) == 0o644
+    before = (p1.read_text(), p2.read_text())
+    seen = []
+
+    def failing_replace(src, dst):
+        seen.append((Path(src).parent, Path(dst)))
+        raise OSError("disk full")
+
+    monkeypatch.setattr(config_mod.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        b.save(p1)
+    with pytest.raises(OSError, match="disk full"):
+        save_reference(b, p2)
+    monkeypatch.undo()
+    assert seen == [(tmp_path, p1), (tmp_path / "sub", p2)]  # the temp file was beside the target
+    assert (p1.read_text(), p2.read_text()) == before
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["c.json", "r.json"]
+    assert ChannelConfig.load(b.save(p1)) == b and import_reference(save_reference(b, p2), num_heads=4,
+                                                                     num_kv_heads=2) == b.__class__.from_dict(
+        dict(b.to_dict(), method="imported"))
 
 
 def test_load_rejects_truncated_and_malformed(tmp_path):
@@ -467,6 +589,48 @@ def test_cli_calibrate(tiny_model_dir, tmp_path, capsys):
     assert import_reference(ref, num_heads=4, num_kv_heads=2).head_dim == 16
     assert main(["calibrate", "--model", str(tiny_model_dir), "--data", str(tmp_path / "nope.txt"),
                  "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize("case", ["dir", "suffix", "file_parent", "dtype", "block"])
+def test_cli_calibrate_checks_arguments_before_loading_the_model(case, tmp_path, monkeypatch, capsys):
+    """Issue 12: a wrong --out or --dtype fails at once with a clear message, not after calibrating."""
+    from dsc import assets
+    from dsc.cli import main
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(assets, "load_model", no_load)
+    (tmp_path / "afile").write_text("x")
+    out, extra = str(tmp_path / "cfg.json"), []
+    want = {"dir": "is a directory; pass the file to write, e.g. '" + str(tmp_path / "cfg.json") + "'",
+            "suffix": "must name a .json file (the config is JSON), e.g. '" + str(tmp_path / "cfg.json") + "'",
+            "file_parent": "cannot be created: '" + str(tmp_path / "afile") + "' is a file",
+            "dtype": "--dtype 'nosuch' is not a model dtype; use one of float32, bfloat16, float16, float64",
+            "block": "--block-size must be at least 2"}[case]
+    if case == "dir":
+        out = str(tmp_path)
+    elif case == "suffix":
+        out = str(tmp_path / "cfg")
+    elif case == "file_parent":
+        out = str(tmp_path / "afile" / "sub" / "cfg.json")
+    elif case == "dtype":
+        extra = ["--dtype", "nosuch"]
+    else:
+        extra = ["--block-size", "1"]
+    assert main(["calibrate", "--out", out, *extra]) == 2
+    assert want in capsys.readouterr().err
+
+
+def test_cli_calibrate_creates_missing_output_folders(tiny_model_dir, tmp_path):
+    from dsc.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 10)
+    out = tmp_path / "new" / "deeper" / "cfg.json"
+    assert main(["calibrate", "--model", str(tiny_model_dir), "--data", str(text), "--tokens", "32",
+                 "--dtype", "bfloat16", "--no-progress", "--out", str(out)]) == 0
+    assert ChannelConfig.load(out).tokens == 32
 
 
 def test_default_config_is_cached(tiny_model_dir, tmp_path, monkeypatch):

@@ -14,9 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,6 +30,7 @@ METHODS = ("qk", "q", "k", "imported")
 _META_KEYS = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "rope_layout", "method", "tokens",
               "fingerprint", "dsc_version", "pair_aware")
 _SHAPE_KEYS = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
+CALIBRATE_COMMAND = "`dsc calibrate --model PATH --out cfg.json` (or `dsc.calibrate(model, texts, tokenizer=tok)`)"
 
 
 def _dsc_version() -> str:
@@ -108,9 +109,13 @@ class ChannelConfig:
                              f"got {type(self.rankings).__name__}")
         if not self.rankings:
             raise ValueError("ChannelConfig.rankings is empty: a channel config needs at least one layer")
-        checked = {}
-        for layer, ranking in self.rankings.items():
-            layer = self._check_layer_key(layer)
+        checked, keys = {}, {}
+        for key, ranking in self.rankings.items():
+            layer = self._check_layer_key(key)
+            if layer in checked:
+                raise ValueError(f"ChannelConfig.rankings names layer {layer} twice (keys {keys[layer]!r} and "
+                                 f"{key!r}); keep one ranking per layer")
+            keys[layer] = key
             checked[layer] = self._check_ranking(layer, ranking)
         self.rankings = dict(sorted(checked.items()))
 
@@ -227,7 +232,8 @@ class ChannelConfig:
     # ------------------------------------------------------------------------------------------------ checks
     def check_shapes(self, *, num_layers: int | None = None, num_heads: int | None = None,
                      num_kv_heads: int | None = None, head_dim: int | None = None, what: str = "the model") -> None:
-        """Raise ValueError naming both sides if any given dimension differs from this config's."""
+        """Raise ValueError naming both sides if any *given* dimension differs from this config's (a partial
+        check; :meth:`check_match` checks every dimension and the weights)."""
         given = {"num_layers": num_layers, "num_heads": num_heads, "num_kv_heads": num_kv_heads,
                  "head_dim": head_dim}
         bad = [f"{k}: config {getattr(self, k)} vs {what} {v}" for k, v in given.items()
@@ -236,16 +242,47 @@ class ChannelConfig:
             raise ValueError(f"channel config does not match {what} ({'; '.join(bad)}); calibrate this model with "
                              "`dsc calibrate --model ...` or load the config made for it")
 
+    def check_match(self, *, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                    fingerprint: str | None = None, what: str = "this model", skip_hint: str | None = None) -> None:
+        """Refuse to apply this config to a model it was not calibrated for: ValueError unless all four sizes equal
+        this config's and, when ``fingerprint`` (:func:`model_fingerprint` of the model) is given and this config
+        records one, the two fingerprints are equal.
+
+        Opting out of the weight check: pass ``fingerprint=None`` (shapes are still checked). Configs without a
+        fingerprint (imported reference configs) are checked on shapes only. ``skip_hint`` tells the user how to
+        opt out at their level (e.g. a backend option); the default names this argument. Fingerprints do not depend
+        on dtype or weight quantization (see :func:`model_fingerprint`), so a config calibrated on the full
+        model passes for its bf16 or int8-quantized copy.
+        """
+        sizes = {"num_layers": num_layers, "num_heads": num_heads, "num_kv_heads": num_kv_heads,
+                 "head_dim": head_dim}
+        for k, v in sizes.items():
+            try:
+                sizes[k] = operator.index(v)
+            except TypeError:
+                raise ValueError(f"check_match: {k} must be an int, got {v!r}") from None
+        bad = [k for k, v in sizes.items() if v != getattr(self, k)]
+        if bad:
+            ours = ", ".join(f"{k}={getattr(self, k)}" for k in bad)
+            theirs = ", ".join(f"{k}={sizes[k]}" for k in bad)
+            raise ValueError(f"channel config was calibrated for a model with {ours}; {what} has {theirs}. "
+                             f"Calibrate this model: {CALIBRATE_COMMAND}")
+        if fingerprint is not None and self.fingerprint is not None and fingerprint != self.fingerprint:
+            skip = skip_hint or "check_match(..., fingerprint=None)"
+            raise ValueError(f"channel config was calibrated on other weights (fingerprint {self.fingerprint}); "
+                             f"{what} has fingerprint {fingerprint} (same shapes: another checkpoint or a "
+                             f"fine-tune). Calibrate this model: {CALIBRATE_COMMAND}; or, if you know these "
+                             f"rankings fit these weights, skip the weight check with {skip}")
+
     def check_model(self, model_or_config: Any, *, fingerprint: bool = True) -> None:
-        """Validate against a model (``nn.Module`` with ``.config``), an HF config or a dict of its fields.
-        Shape mismatches raise; a different weight fingerprint only warns (a fine-tune may share rankings)."""
-        self.check_shapes(**model_shapes(model_or_config))
+        """:meth:`check_match` against a model (``nn.Module`` with ``.config``), an HF config or a dict of its
+        fields. The weight fingerprint is compared for a module when ``fingerprint`` (the default); pass
+        ``fingerprint=False`` to check shapes only."""
+        theirs = None
         if fingerprint and self.fingerprint and isinstance(model_or_config, torch.nn.Module):
-            theirs = model_fingerprint(model_or_config)
-            if theirs != self.fingerprint:
-                warnings.warn(f"channel config was calibrated on a model with fingerprint {self.fingerprint}, "
-                              f"this model's is {theirs}: shapes match, but rankings may not fit these weights",
-                              stacklevel=2)
+            theirs = model_fingerprint(getattr(model_or_config, "_orig_mod", model_or_config))
+        self.check_match(**model_shapes(model_or_config), fingerprint=theirs,
+                         skip_hint="check_model(..., fingerprint=False)")
 
     # ------------------------------------------------------------------------------------------------- JSON
     def to_dict(self) -> dict:
@@ -296,33 +333,16 @@ class ChannelConfig:
             inner = ",\n".join(f"    {json.dumps(row, separators=(',', ':'))}" for row in rows)
             body.append(f"   {json.dumps(layer)}: [\n{inner}\n   ]")
         text = "{\n" + "\n".join(lines) + '\n  "rankings": {\n' + ",\n".join(body) + "\n  }\n}\n"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a config is an ordinary shareable file
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_text_atomic(path, text)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ChannelConfig":
         """Read and strictly validate a config written by :meth:`save`."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"channel config {str(path)!r} does not exist; make one with `dsc calibrate`")
-        text = path.read_text(encoding="utf-8")
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"channel config {str(path)!r} is not valid JSON ({e.msg} at line {e.lineno} column "
-                             f"{e.colno}; truncated or edited?); regenerate it with `dsc calibrate`") from e
-        return cls.from_dict(obj, source=f"channel config {str(path)!r}")
+        what = f"channel config {str(path)!r}"
+        check_json_file(path, what, "pass the JSON file written by `dsc calibrate --out cfg.json`")
+        obj = parse_json(path.read_text(encoding="utf-8"), what, "regenerate it with `dsc calibrate`")
+        return cls.from_dict(obj, source=what)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ChannelConfig):
@@ -381,20 +401,108 @@ def model_shapes(model_or_config: Any) -> dict[str, int]:
 
 
 def model_fingerprint(model: torch.nn.Module, sample: int = 256) -> str:
-    """A cheap identity of a model's weights: names, shapes and a sample of values of every parameter (rounded to
-    bf16 so fp32 and bf16 loads of one checkpoint agree). Different checkpoints practically never collide."""
+    """A cheap identity of a model's checkpoint that weight quantization and dtype do not change.
+
+    Hashed: the model type; every parameter's name and logical shape (tied names included); and a sample of the
+    values (rounded to bf16, so fp32 and bf16 loads agree) of the parameters that weight quantizers leave in full
+    precision: embedding tables and 1-D tensors (norms, biases). The weights of linear layers contribute their
+    names and shapes only: int8/int4 weight-only quantization (torchao ``quantize_``, which swaps them for tensor
+    subclasses that cannot even be reshaped) changes their values, yet the channel rankings calibrated on the full
+    model are the ones to use on its quantized copy, so both must give one fingerprint (and one cached default
+    calibration). Random or different checkpoints differ in their embeddings; a fine-tune that changes only
+    linear weights (a merged LoRA, say) keeps its base model's fingerprint. Quantized embeddings or norms are read
+    dequantized: then the fingerprint differs from the full model's (a clear mismatch, never a crash).
+    """
     h = hashlib.sha256()
     cfg = getattr(model, "config", None)
     h.update(str(getattr(cfg, "model_type", type(model).__name__)).encode())
-    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        flat = p.detach().reshape(-1)
-        n = flat.numel()
-        m = min(sample, n)
-        idx = torch.arange(m, dtype=torch.int64) * (n - 1) // max(m - 1, 1)
-        vals = flat[idx.to(flat.device)].to(torch.bfloat16).to(torch.float32).cpu()
+    tables = {f"{name}.weight" if name else "weight" for name, m in model.named_modules(remove_duplicate=False)
+              if isinstance(m, torch.nn.Embedding)}
+    for name, p in sorted(model.named_parameters(remove_duplicate=False), key=lambda kv: kv[0]):
         h.update(f"{name}:{tuple(p.shape)};".encode())
-        h.update(vals.numpy().tobytes())
+        if name in tables or p.dim() <= 1:
+            h.update(_sampled_values(p, sample))
     return "sha256:" + h.hexdigest()[:32]
+
+
+def dense_values(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of ``t``'s values: ``t`` itself, or its dequantized values for a quantized tensor subclass
+    (torchao), which supports few ops."""
+    t = t.detach()
+    if type(t) in (torch.Tensor, torch.nn.Parameter):
+        return t
+    if hasattr(t, "dequantize"):
+        return t.dequantize()
+    raise ValueError(f"cannot read the values of a {type(t).__name__} tensor (no dequantize())")
+
+
+def _sampled_values(p: torch.Tensor, sample: int) -> bytes:
+    flat = dense_values(p).reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        return b""
+    m = min(sample, n)
+    idx = torch.arange(m, dtype=torch.int64) * (n - 1) // max(m - 1, 1)
+    return flat[idx.to(flat.device)].to(torch.bfloat16).to(torch.float32).cpu().numpy().tobytes()
+
+
+# --------------------------------------------------------------------------------------------------- files
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically: a temp file in the same folder, then ``os.replace``; readers see the
+    old file or the new one, never a partial one. The file gets ordinary permissions (``0666 & ~umask``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a config is an ordinary shareable file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def check_json_file(path: Path, what: str, hint: str) -> None:
+    """FileNotFoundError with a message saying what is there instead (a directory) and what to pass. (One exception
+    type for both, so callers and the CLI that handle a missing file handle a directory too.)"""
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.json"))[:3]
+        inside = f" holding {', '.join(found)}" if found else ""
+        raise FileNotFoundError(f"{what} is a directory{inside}, not a file; {hint}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} does not exist; make one with `dsc calibrate`")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def parse_json(text: str, what: str, hint: str) -> Any:
+    """``json.loads`` with clear ValueErrors: invalid JSON, a key repeated within one object (JSON would keep the
+    last silently), nesting too deep for the parser (instead of a RecursionError)."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise ValueError(f"{what} repeats the key {e.args[0]!r} within one object; keep one entry per key") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; truncated or "
+                         f"edited?); {hint}") from e
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply to be a channel config (a config is an object of "
+                         f"layer -> rows of channel ids); {hint}") from None
 
 
 def _span(layers: list[int]) -> str:

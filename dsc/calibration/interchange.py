@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import torch
 
-from dsc.calibration.config import ChannelConfig, model_shapes
+from dsc.calibration.config import ChannelConfig, check_json_file, model_shapes, parse_json, write_text_atomic
 
 KINDS = ("qk", "q", "k")
 _KEY = re.compile(r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.self_attn\.(?P<kind>qk|q|k)_proj$")
@@ -44,10 +44,8 @@ def export_reference(cfg: ChannelConfig, kind: str | None = None,
 
 
 def save_reference(cfg: ChannelConfig, path: str | os.PathLike, kind: str | None = None) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(export_reference(cfg, kind)) + "\n", encoding="utf-8")
-    return path
+    """Write :func:`export_reference` JSON atomically (a temp file in the same folder, then ``os.replace``)."""
+    return write_text_atomic(path, json.dumps(export_reference(cfg, kind)) + "\n")
 
 
 def borda_merge(rows: torch.Tensor) -> torch.Tensor:
@@ -74,13 +72,8 @@ def import_reference(source: str | os.PathLike | Mapping[str, Any], *, model: An
     if not isinstance(source, Mapping):
         path = Path(source)
         where = f"reference channel config {str(path)!r}"
-        if not path.is_file():
-            raise FileNotFoundError(f"{where} does not exist")
-        try:
-            source = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; "
-                             "truncated?)") from e
+        check_json_file(path, where, "pass the reference JSON file itself")
+        source = parse_json(path.read_text(encoding="utf-8"), where, "check the file")
         if not isinstance(source, dict):
             raise ValueError(f"{where}: expected a JSON object of 'model.layers.N.self_attn.KIND_proj' keys")
     by_kind: dict[str, dict[int, Any]] = {}
@@ -88,7 +81,12 @@ def import_reference(source: str | os.PathLike | Mapping[str, Any], *, model: An
         m = _KEY.match(str(key))
         if not m:
             raise ValueError(f"{where}: key {key!r} is not of the form 'model.layers.N.self_attn.(q|k|qk)_proj'")
-        by_kind.setdefault(m["kind"], {})[int(m["layer"])] = rows
+        same = by_kind.setdefault(m["kind"], {})
+        layer = int(m["layer"])
+        if layer in same:
+            raise ValueError(f"{where}: names layer {layer}'s {m['kind']} rows twice (key {key!r} and an earlier "
+                             "one with the same layer number); keep one entry per layer")
+        same[layer] = rows
     if not by_kind:
         raise ValueError(f"{where}: holds no layer")
     if kind is None:

@@ -356,13 +356,14 @@ def calibrate(model: torch.nn.Module, data: Any, method: str = "qk", tokens: int
     _check_method(method)
     if rope_layout not in ("auto", None, *ROPE_LAYOUTS):
         raise ValueError(f"rope_layout must be 'auto', None, or one of {ROPE_LAYOUTS}, got {rope_layout!r}")
+    fingerprint = model_fingerprint(getattr(model, "_orig_mod", model))  # before the long part: fails early
     st = collect_stats(model, data, tokens=tokens, block_size=block_size, tokenizer=tokenizer, progress=progress)
     layout = st.rope_layout if rope_layout == "auto" else rope_layout
     if pair_aware and layout is None:
         raise ValueError("pair_aware=True needs the model's RoPE layout, which could not be detected; pass "
                          "rope_layout='rotate_half' (HF convention) or 'interleaved' (Meta/gpt-fast)")
     return config_from_stats(st, method=method, pair_aware=pair_aware, rope_layout=layout,
-                             fingerprint=model_fingerprint(getattr(model, "_orig_mod", model)))
+                             fingerprint=fingerprint)
 
 
 def config_from_stats(st: ChannelStats, *, method: str = "qk", pair_aware: bool = False,
