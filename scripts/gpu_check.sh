@@ -2,13 +2,17 @@
 # The GPU checks, in one call on a machine with a CUDA GPU and its own PyTorch/Triton (no network, no venv):
 #   correctness of the compiled Triton kernels, zero-copy offload attention, the backend end to end, then the
 #   offload and attention benchmarks. Logs and JSON go to $OUT (default ./gpu-out).
-# Optional: wheels in .whl/ (e.g. the pinned transformers) are installed to /tmp/site first.
+# Optional: wheels in .whl/ (e.g. the pinned transformers) are installed first, into a private temp folder
+# (mktemp -d, removed on exit) that goes on PYTHONPATH; nothing is read from or left in a shared /tmp path.
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
+PRIVATE=$(mktemp -d "${TMPDIR:-/tmp}/dsc-gpu-check.XXXXXXXX") || exit 1
+trap 'rm -rf "$PRIVATE"' EXIT
+trap 'exit 130' INT TERM
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 HYPOTHESIS_PROFILE=ci TOKENIZERS_PARALLELISM=false
-export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor DSC_CACHE=/tmp/dsc-cache
-SITE=/tmp/site
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PRIVATE/inductor} DSC_CACHE=${DSC_CACHE:-$PRIVATE/dsc-cache}
+SITE=$PRIVATE/site
 mkdir -p "$SITE/dsc-0.1.0.dist-info"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
