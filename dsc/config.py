@@ -77,12 +77,13 @@ class BudgetView:
 
     @property
     def dense_below(self) -> int:
-        """Cache length below which attention stays dense: ``min_length`` when set, else where the budget starts
-        to bind (``k``, or ``floor / f`` for a fraction: below it the floor keeps more than ``f`` of the row)."""
+        """Cache length below which attention stays dense: ``min_length`` when set, else, for a fraction ``f``,
+        where it starts to bind (``floor / f``: below it the floor keeps more than ``f`` of the row); 0 for an int
+        budget (a row with ``<= k`` valid tokens keeps them all: exact either way)."""
         if self.min_length is not None:
             return self.min_length
         if isinstance(self.budget, int):
-            return self.budget
+            return 0
         return math.ceil(self.budget_tokens / self.budget)
 
     def tokens_kept(self, n: int) -> int:
@@ -132,8 +133,8 @@ class DSConfig(BudgetView):
       ``sink + recent + 16`` tokens (see :class:`BudgetView` for the whole rule).
     - ``r``: label channels per KV head; ``label_bits``: 16 (key dtype), 8 or 4 (quantized labels).
     - ``dense_layers``: layers kept dense (the reference kept 0-1); ``min_length``: caches shorter than this
-      attend densely (a host-side shape check). ``None`` (default) derives it from the budget: ``k`` for an int
-      budget, ``(sink + recent + 16) / f`` for a fraction ``f`` (576 tokens at 1/16 with the default sink/recent).
+      attend densely (a host-side shape check). ``None`` (default) derives it from the budget: ``(sink + recent +
+      16) / f`` for a fraction ``f`` (576 tokens at 1/16 with the default sink/recent), 0 for an int budget.
     - ``gqa``: ``"head"`` (one selection per query head; the default on the device: on SmolLM2 at 2K context and
       1/16 budget it costs +1.5% perplexity vs +3.9% for ``"group"``) or ``"group"`` (one per KV head, fewest bytes
       read; the default with ``offload``, where bytes over the bus are the cost: per-head selection moves up to G

@@ -187,6 +187,8 @@ def host_kv(entry: store.Entry, k: Tensor, v: Tensor, new_positions: Optional[Te
     s = k.shape[2]
     host = entry.host
     if host is None:
+        if new_rows is None and new_positions is not None and new_positions.numel():
+            _check_filled(k, new_positions)
         host = entry.host = HostKV(k, v, max(entry.capacity, s))
         if new_rows is not None:  # the label store has refused a placeholder cache it did not see filled
             host.write(new_positions, *new_rows)
@@ -205,6 +207,20 @@ def host_kv(entry: store.Entry, k: Tensor, v: Tensor, new_positions: Optional[Te
             host.write(new_positions, k.gather(2, pos.expand(-1, k.shape[1], -1, k.shape[3])),
                        v.gather(2, pos.expand(-1, v.shape[1], -1, v.shape[3])))
     return host
+
+
+def _check_filled(k: Tensor, new_positions: Tensor) -> None:
+    """A device cache first seen at a later step must hold the rows before it. All zeros there means it was
+    materialised from an offload placeholder (e.g. beam search's reorder of a static cache, or a copy): the rows live
+    only in a host store this cache no longer reaches, so attending them would be silently wrong. One host read,
+    once per new cache."""
+    first = int(new_positions.min())
+    if first > 0 and not bool(k[:, :, :first].any()):
+        raise ValueError(
+            "dsparse offload: this KV cache reached the model holding zeros where its first "
+            f"{first} rows should be: it was rebuilt from an offloaded (placeholder) cache outside the compiled model, "
+            "e.g. reordered by beam search or copied. Offload cannot follow that; use offload=False for beam search "
+            "(or num_beams=1), or a fresh cache.")
 
 
 def attend(host: HostKV, q: Tensor, k: Tensor, v: Tensor, idx: Optional[Tensor], new_positions: Optional[Tensor],

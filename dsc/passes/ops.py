@@ -108,6 +108,8 @@ def site_attention(site: int, q: Tensor, k: Tensor, v: Tensor, past_k: Optional[
     """
     spec = SITES[site]
     placeholder = new_v is not None
+    if placeholder and cache == "static":
+        _check_in_bounds(positions, k.shape[2])
     if cache == "static":
         entry = store.labels_static(spec.label, k, new_k, positions, rebuild=not placeholder)
         new_positions = positions
@@ -153,6 +155,18 @@ def site_attention(site: int, q: Tensor, k: Tensor, v: Tensor, past_k: Optional[
     out = _ds_decode(q, k, v, channels, data, sc, zero, spec.label.bits, valid, bias, None,
                      spec.budget, spec.frac, spec.sink, spec.recent, group, scale)
     return out.contiguous()
+
+
+def _check_in_bounds(positions: Tensor, capacity: int) -> None:
+    """The bounds check of the static cache write the rewrite dropped (offload placeholders): writing past
+    ``max_cache_len`` is an error, as in the plain model. Free on the CPU; on a GPU a device-side assert."""
+    if positions.device.type == "cpu":
+        if positions.numel() and int(positions.max()) >= capacity:
+            raise IndexError(f"dsparse offload: writing position {int(positions.max())} into a static KV cache of "
+                             f"{capacity} positions (max_cache_len): the sequence outgrew its cache; allocate a "
+                             "longer static cache")
+    else:
+        torch._assert_async((positions < capacity).all())
 
 
 def _group(spec: SiteSpec, valid: Optional[Tensor]) -> bool:

@@ -57,7 +57,7 @@ class Entry:
     """One label cache: ``data``/``scale``/``zero`` with ``capacity`` positions, ``length`` of them written;
     ``host``: the layer's K/V rows in host memory when the site offloads (:mod:`dsc.passes.offload`)."""
 
-    __slots__ = ("data", "scale", "zero", "capacity", "length", "batch", "key", "host", "__weakref__")
+    __slots__ = ("data", "scale", "zero", "capacity", "length", "batch", "key", "host", "next", "__weakref__")
 
     def __init__(self, spec: LabelSpec, like: torch.Tensor, capacity: int):
         from dsc.kernels import alloc_labels
@@ -67,6 +67,7 @@ class Entry:
         self.data, self.scale, self.zero = alloc_labels(b, hkv, capacity, r, spec.bits, dtype=like.dtype,
                                                         device=like.device)
         self.capacity, self.length, self.batch, self.key, self.host = capacity, 0, b, None, None
+        self.next = None  # static caches: the position a continuing step writes next (None: not known)
 
     def view(self, s: int, bits: int):
         """The first ``s`` positions, as the kernels want them (``scale``/``zero`` stay ``[0]`` at 16 bits)."""
@@ -141,9 +142,10 @@ def _note_static_miss(spec: LabelSpec) -> None:
     n = _MISSES[id(spec)] = _MISSES.get(id(spec), 0) + 1
     if n == _MISS_WARN:
         warnings.warn(
-            "dsparse: a static KV cache reaches the attention op at a new address on every step, so its labels are "
-            "rebuilt each time (correct, but slow): the compiled graph copies the cache instead of updating it in "
-            "place (the 'aot_eager' inner compiler does; inductor reinplaces it).", RuntimeWarning, stacklevel=3)
+            "dsparse: a static KV cache reaches the attention op as a new tensor on every step, so its labels are "
+            "rebuilt each time (correct, but slow): the cache is replaced between steps, e.g. beam search reorders "
+            "it (index_select makes a copy) or the 'aot_eager' inner compiler copies it (inductor updates it in "
+            "place). Use a dynamic cache for beam search.", RuntimeWarning, stacklevel=3)
 
 
 _PLACEHOLDER_HINT = (", and the device holds only a placeholder. Start from a fresh cache, or compile without "
@@ -162,7 +164,11 @@ def labels_static(spec: LabelSpec, k: torch.Tensor, new_k: torch.Tensor, positio
                   rebuild: bool = True) -> Entry:
     """Labels of a static cache ``k`` (already holding ``new_k`` at ``positions``): write only the new tokens;
     on first sight of the buffer (or a changed shape) label all of ``k``. ``rebuild=False`` (``k`` is an offload
-    placeholder): a first sight must be the buffer's first write (from position 0), labelled from ``new_k``."""
+    placeholder): a first sight must be the buffer's first write (from position 0), labelled from ``new_k``.
+
+    A step that neither starts a sequence (position 0) nor continues the last one is checked against the cache:
+    rows written outside the compiled model (an eager prefill into a reused cache) make the labels stale, and they
+    are rebuilt from ``k`` (or, over a placeholder, refused)."""
     with _LOCK:
         entry = _ENTRIES.get(_key(spec, k))
         if not rebuild and entry is not None and entry.batch == k.shape[0]:
@@ -182,11 +188,51 @@ def labels_static(spec: LabelSpec, k: torch.Tensor, new_k: torch.Tensor, positio
                 _write(spec, entry, new_k, positions)
                 entry.length = k.shape[2]
             _bind(spec, k, entry)
+            entry.next = _next_position(positions)
             return entry
         _MISSES[id(spec)] = 0
-        _write(spec, entry, new_k, positions)
+        if not _continues(spec, entry, k, positions):
+            if not rebuild:
+                raise ValueError("dsparse offload: this static KV cache was written outside the compiled model (e.g. "
+                                 "an eager prefill into a reused cache), so its offloaded rows are not in the host "
+                                 "store" + _PLACEHOLDER_HINT)
+            STATS["label_rebuilds"] += 1
+            del _ENTRIES[entry.key]
+            entry = _build(spec, k, entry.capacity)  # its host store (offload) is copied afresh from k too
+            _bind(spec, k, entry)
+        else:
+            _write(spec, entry, new_k, positions)
         entry.length = max(entry.length, k.shape[2])
+        entry.next = _next_position(positions)
         return entry
+
+
+def _next_position(positions: torch.Tensor) -> int | None:
+    """The position a continuing step writes next (one position vector on the CPU; else None: not tracked)."""
+    if positions.dim() == 1 and positions.device.type == "cpu" and positions.numel():
+        return int(positions[-1]) + 1
+    return None
+
+
+def _continues(spec: LabelSpec, entry: Entry, k: torch.Tensor, positions: torch.Tensor) -> bool:
+    """Whether the entry's labels still describe ``k`` before this step's ``positions``. A step from position 0
+    (a new sequence) or right after the last one is trusted; any other (a gap, a rewind) is checked by relabelling
+    the row just before it and comparing with the stored label. Needs the first position on the host: done for
+    CPU position vectors, where reading it is free (on a GPU it would be a host wait per layer and step)."""
+    if positions.dim() != 1 or positions.device.type != "cpu" or not positions.numel():
+        return True
+    first = int(positions[0])
+    if first == 0 or first == entry.next:
+        return True
+    if first > entry.length:  # rows in between were written elsewhere
+        return False
+    row = k[:, :, first - 1:first]
+    probe = Entry(spec, row, 1)
+    torch.ops.dsc.label_write(row, spec.on(k.device), torch.zeros(1, dtype=torch.long), probe.data, probe.scale,
+                              probe.zero, spec.bits)
+    pairs = [(entry.data, probe.data)] + ([(entry.scale, probe.scale), (entry.zero, probe.zero)]
+                                          if spec.bits != 16 else [])
+    return all(torch.equal(have[:, :, first - 1], want[:, :, 0]) for have, want in pairs)
 
 
 def labels_dynamic(spec: LabelSpec, k: torch.Tensor, past_k: torch.Tensor | None, new_k: torch.Tensor,
