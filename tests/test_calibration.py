@@ -198,19 +198,25 @@ def test_check_match_refuses_every_other_size(field, value):
 
 
 def test_check_match_fingerprint_and_opt_out():
-    cfg = ChannelConfig.from_dict(dict(ChannelConfig.random(**SIZES).to_dict(), fingerprint="sha256:aaaa"))
-    cfg.check_match(**SIZES, fingerprint="sha256:aaaa")
+    cfg = ChannelConfig.from_dict(dict(ChannelConfig.random(**SIZES).to_dict(), fingerprint="sha256-v2:aaaa"))
+    cfg.check_match(**SIZES, fingerprint="sha256-v2:aaaa")
     cfg.check_match(**SIZES)  # fingerprint=None: the opt-out, shapes only
-    with pytest.raises(ValueError, match=r"fingerprint sha256:aaaa\); this model has fingerprint sha256:bbbb.*"
+    with pytest.raises(ValueError, match=r"fingerprint sha256-v2:aaaa\); this model has fingerprint sha256-v2:bbbb.*"
                                          r"skip the weight check with check_match\(\.\.\., fingerprint=None\)"):
-        cfg.check_match(**SIZES, fingerprint="sha256:bbbb")
+        cfg.check_match(**SIZES, fingerprint="sha256-v2:bbbb")
     with pytest.raises(ValueError, match=r"skip the weight check with options\['check_fingerprint'\]=False"):
-        cfg.check_match(**SIZES, fingerprint="sha256:bbbb", skip_hint="options['check_fingerprint']=False")
+        cfg.check_match(**SIZES, fingerprint="sha256-v2:bbbb", skip_hint="options['check_fingerprint']=False")
     with pytest.raises(ValueError, match="num_kv_heads"):  # shapes are checked before weights
-        cfg.check_match(**dict(SIZES, num_kv_heads=1), fingerprint="sha256:aaaa")
+        cfg.check_match(**dict(SIZES, num_kv_heads=1), fingerprint="sha256-v2:aaaa")
     imported = ChannelConfig.random(**SIZES)  # no fingerprint recorded (e.g. an imported reference config)
     assert imported.fingerprint is None
-    imported.check_match(**SIZES, fingerprint="sha256:bbbb")
+    imported.check_match(**SIZES, fingerprint="sha256-v2:bbbb")
+    # a config saved by a dsc whose fingerprints hashed every weight: not comparable, so a warning, not a refusal
+    older = ChannelConfig.from_dict(dict(cfg.to_dict(), fingerprint="sha256:aaaa"))
+    with pytest.warns(UserWarning, match="computed by another dsc version.*weights not checked"):
+        older.check_match(**SIZES, fingerprint="sha256-v2:bbbb")
+    with pytest.raises(ValueError, match="num_heads"):
+        older.check_match(**dict(SIZES, num_heads=3), fingerprint="sha256-v2:bbbb")
 
 
 def test_json_errors_are_clear(tmp_path):

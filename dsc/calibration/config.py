@@ -17,6 +17,7 @@ import math
 import operator
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,6 +31,9 @@ METHODS = ("qk", "q", "k", "imported")
 _META_KEYS = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "rope_layout", "method", "tokens",
               "fingerprint", "dsc_version", "pair_aware")
 _SHAPE_KEYS = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
+# The fingerprint's scheme, its prefix: fingerprints of different schemes cannot be compared ("sha256": dsc before
+# quantization-invariant fingerprints, which hashed every weight's values).
+FINGERPRINT_SCHEME = "sha256-v2"
 CALIBRATE_COMMAND = "`dsc calibrate --model PATH --out cfg.json` (or `dsc.calibrate(model, texts, tokenizer=tok)`)"
 
 
@@ -268,6 +272,11 @@ class ChannelConfig:
             raise ValueError(f"channel config was calibrated for a model with {ours}; {what} has {theirs}. "
                              f"Calibrate this model: {CALIBRATE_COMMAND}")
         if fingerprint is not None and self.fingerprint is not None and fingerprint != self.fingerprint:
+            if _scheme(fingerprint) != _scheme(self.fingerprint):
+                warnings.warn(f"channel config's weight fingerprint {self.fingerprint} was computed by another dsc "
+                              f"version than {what}'s ({fingerprint}); weights not checked (shapes were). "
+                              f"Recalibrate to record a current fingerprint: {CALIBRATE_COMMAND}", stacklevel=2)
+                return
             skip = skip_hint or "check_match(..., fingerprint=None)"
             raise ValueError(f"channel config was calibrated on other weights (fingerprint {self.fingerprint}); "
                              f"{what} has fingerprint {fingerprint} (same shapes: another checkpoint or a "
@@ -422,7 +431,11 @@ def model_fingerprint(model: torch.nn.Module, sample: int = 256) -> str:
         h.update(f"{name}:{tuple(p.shape)};".encode())
         if name in tables or p.dim() <= 1:
             h.update(_sampled_values(p, sample))
-    return "sha256:" + h.hexdigest()[:32]
+    return f"{FINGERPRINT_SCHEME}:" + h.hexdigest()[:32]
+
+
+def _scheme(fingerprint: str) -> str:
+    return fingerprint.rsplit(":", 1)[0] if ":" in fingerprint else ""
 
 
 def dense_values(t: torch.Tensor) -> torch.Tensor:
