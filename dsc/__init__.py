@@ -6,6 +6,8 @@ Double Sparsity attention. Public API (imported lazily so ``import dsc`` stays c
 - :class:`DSConfig` – backend options (channel config, token budget, label format, ...)
 - :class:`ChannelConfig` and :func:`calibrate` – offline channel calibration, save/load, reference interchange
 - :func:`explain` – what the backend does at each attention site, and why
+- :func:`compile` – ``model.compile(backend="dsparse")`` with the channel config checked against the model and a
+  recompile budget of the model's own
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ _LAZY = {
     "ChannelConfig": "dsc.calibration.config",
     "calibrate": "dsc.calibration.stats",
     "explain": "dsc.passes.explain",
+    "compile": "dsc.backend",
 }
 
 __all__ = ["__version__", *_LAZY]

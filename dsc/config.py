@@ -215,6 +215,8 @@ class DSConfig(BudgetView):
                              f"pick r <= {chans.head_dim} (head_dim / 4 = {max(1, chans.head_dim // 4)} is a "
                              f"sensible choice)")
         for name in ("dense_layers", "sync_layers"):
+            if getattr(self, name) == _FIELD_DEFAULTS[name] or (name == "sync_layers" and not self.predict):
+                continue  # the defaults fit any depth; sync_layers only matter with predict
             bad = [x for x in getattr(self, name) if x >= chans.num_layers]
             if bad:
                 raise ValueError(f"DSConfig.{name} {bad} out of range: the channel config's model has "
@@ -245,3 +247,6 @@ class DSConfig(BudgetView):
         if unknown:
             raise ValueError(f"unknown dsparse option(s) {unknown}; known options: {sorted(known | {'config'})}")
         return replace(base, **opts) if base is not None else cls(**opts)
+
+
+_FIELD_DEFAULTS = {f.name: f.default for f in fields(DSConfig)}

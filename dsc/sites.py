@@ -12,10 +12,11 @@ _TOKEN = re.compile(r"[A-Za-z_]\w*|\d+")
 
 
 def layer_index(module_path: str) -> int | None:
-    """The decoder-layer index in a module path (the number after ``layers``/``h``/``blocks``), else ``None``."""
+    """The decoder-layer index in a module path: the number after the outermost ``layers``/``h``/``blocks``
+    container (T5's ``decoder.block.3.layer.1.EncDecAttention`` is block 3; its inner ``layer.N`` numbers the
+    sub-layers), else ``None``."""
     tokens = [t for t in _TOKEN.findall(module_path) if t != "_modules"]
-    found = None
     for name, nxt in zip(tokens, tokens[1:]):
         if name in _LAYER_CONTAINERS and nxt.isdigit():
-            found = int(nxt)
-    return found
+            return int(nxt)
+    return None

@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers as T
 
+from dsc.calibration.config import ChannelConfig
 from dsc.passes import store
 from test_passes_models import _dynamo  # noqa: F401  (the autouse fixture: a clean Dynamo per test)
 from test_passes_models import CHANNELS, compiled, generate, tiny
@@ -70,3 +71,124 @@ def test_static_cache_written_outside_the_compiled_model_relabels():
     assert store.STATS["label_rebuilds"] > rebuilds
     assert tokens == want_tokens[1:]
     torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ case 5
+def _ten_models(compile_one):
+    """Sparse decode calls of each of 10 tiny models (each with its own channel config) compiled in turn, under
+    Dynamo's default recompile limit."""
+    from test_passes_models import HKV, HQ, LAYERS, D
+
+    calls = []
+    with torch._dynamo.config.patch(recompile_limit=8):  # Dynamo's default (the autouse fixture raises it)
+        for i in range(10):
+            model = tiny("llama")
+            options = {"channels": ChannelConfig.random(LAYERS, HQ, HKV, D, seed=100 + i), "inner": "eager",
+                       "dense_layers": (0,), "r": 8, "budget": 256}
+            compile_one(model, options)
+            before = store.STATS["sparse_calls"]
+            generate(model, torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(i)), 3)
+            calls.append(store.STATS["sparse_calls"] - before)
+    return calls
+
+
+def test_ten_models_in_one_process_each_stay_sparse_with_dsc_compile():
+    """Case 5: HF models of one class share one forward code object, hence Dynamo's recompile limit; dsc.compile
+    gives each model its own, so the 10th model is as sparse as the first."""
+    import dsc
+
+    calls = _ten_models(lambda model, options: dsc.compile(model, **options))
+    assert calls == [4] * 10, calls
+
+
+def test_hitting_the_recompile_limit_warns_that_the_model_runs_dense():
+    """Case 5 with plain ``model.compile``: past the shared limit later models run uncompiled; the user is told."""
+    with pytest.warns(RuntimeWarning, match="recompile limit.*WITHOUT the dsparse backend"):
+        calls = _ten_models(lambda model, options: model.compile(backend="dsparse", options=options))
+    assert 0 in calls  # what the warning is about: some model decoded densely
+
+
+# ------------------------------------------------------------------------------------------------ cases 7, 8
+def test_layer_index_takes_the_outermost_container():
+    """Case 7: T5 numbers sub-layers inside each block (``block.3.layer.1``): the block is the decoder layer."""
+    from dsc.sites import layer_index
+
+    assert layer_index("decoder.block.3.layer.1.EncDecAttention") == 3
+    assert layer_index("L['self'].decoder.block[2].layer[0].SelfAttention") == 2
+    assert layer_index("model.layers.7.self_attn") == 7
+    assert layer_index("lm_head") is None
+
+
+def _encoder_decoder(kind):
+    if kind == "bart":
+        cfg = T.BartConfig(vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                           decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=0,
+                           eos_token_id=2, decoder_start_token_id=0)
+        cls = T.BartForConditionalGeneration
+    else:
+        cfg = T.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2,
+                         num_heads=4, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+        cls = T.T5ForConditionalGeneration
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return cls(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["bart", "t5"])
+def test_cross_attention_stays_dense_and_layers_are_named_by_block(kind):
+    """Case 8: cross-attention K is ``cat(empty, encoder keys)`` at the first step, which looks like a dynamic
+    cache; it must stay dense (its keys are not the decoder's tokens). Case 7: self- and cross-attention of one
+    block carry the block's layer number."""
+    from dsc.backend import REPORTS
+
+    model = _encoder_decoder(kind)
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=5, do_sample=False)
+    n0 = len(REPORTS)
+    model.forward = torch.compile(model.forward, backend="dsparse", options={
+        "channels": ChannelConfig.random(2, 4, 4, 16, seed=1), "inner": "eager", "dense_layers": (), "r": 4,
+        "budget": 3, "sink": 0, "recent": 1})
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    del model.forward
+    sites = [s for rep in REPORTS[n0:] for s in rep]
+    cross = [s for s in sites if "encoder_attn" in s.module_path or "EncDecAttention" in s.module_path]
+    own = [s for s in sites if s not in cross]
+    assert cross and all(s.action == "dense" for s in cross), [(s.module_path, s.reason) for s in cross]
+    assert any("cross-attention" in s.reason for s in cross)
+    assert own and all(s.action == "sparse" for s in own)
+    assert {s.layer for s in cross} == {s.layer for s in own} == {0, 1}
+    # budget 3 binds on the decoder's self-attention only from its 4th token; the first steps are exact
+    assert out[0, :4].tolist() == ref[0, :4].tolist()
+
+
+# ------------------------------------------------------------------------------------------------ case 9
+@pytest.mark.parametrize("sizes, what", [((3, 4, 1, 16), "num_kv_heads"), ((3, 8, 2, 16), "num_heads"),
+                                         ((2, 4, 2, 16), "num_layers")])
+def test_channel_config_for_another_model_is_refused(sizes, what):
+    """Case 9: fewer KV heads were silently repeated, other head or layer counts accepted."""
+    model = tiny("llama")
+    wrong = ChannelConfig.random(*sizes, seed=4, layers=[1])
+    with compiled(model, channels=wrong, **BINDING):
+        with pytest.raises(Exception, match=what):
+            generate(model, torch.randint(3, 128, (1, 10)), 2)
+
+
+def test_dsc_compile_checks_the_weight_fingerprint():
+    """Case 9, weights: a config calibrated on another checkpoint of the same shape is refused by dsc.compile,
+    unless the user opts out."""
+    import dataclasses
+
+    import dsc
+    from dsc.calibration.config import model_fingerprint
+
+    model, other = tiny("llama"), tiny("llama", rope_theta=5000.0)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.5)
+    cfg = dataclasses.replace(CHANNELS, fingerprint=model_fingerprint(other))
+    with pytest.raises(ValueError, match="other weights.*check_fingerprint=False"):
+        dsc.compile(model, channels=cfg, inner="eager")
+    dsc.compile(model, channels=cfg, inner="eager", check_fingerprint=False)
+    assert generate(model, torch.randint(3, 128, (1, 10)), 2).sequences.shape == (1, 12)

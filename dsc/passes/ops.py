@@ -47,16 +47,14 @@ _SITE_LOCK = threading.Lock()
 _SPEC_INTERN: dict[tuple, tuple] = {}  # key -> (LabelSpec, the config it came from, kept alive for id())
 
 
-def label_spec(channels_cfg, layer: int, r: int, bits: int, repeat: int = 1) -> store.LabelSpec:
-    """One LabelSpec per (config object, layer, r, bits, repeat): prefill and decode graphs of a model share it,
-    hence share the label caches."""
-    key = (id(channels_cfg), layer, r, bits, repeat)
+def label_spec(channels_cfg, layer: int, r: int, bits: int) -> store.LabelSpec:
+    """One LabelSpec per (config object, layer, r, bits): prefill and decode graphs of a model share it, hence
+    share the label caches."""
+    key = (id(channels_cfg), layer, r, bits)
     with _SITE_LOCK:
         hit = _SPEC_INTERN.get(key)
         if hit is None:
             ch = channels_cfg.channels(layer, r)
-            if repeat > 1:
-                ch = ch.repeat_interleave(repeat, dim=0)
             hit = _SPEC_INTERN[key] = (store.LabelSpec(channels=ch.contiguous(), bits=bits), channels_cfg)
         return hit[0]
 

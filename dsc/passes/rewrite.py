@@ -24,19 +24,21 @@ def analyze_module(gm: GraphModule, cfg: DSConfig) -> list[Site]:
                    dense_prefill=cfg.prefill == "dense")
 
 
-def _check_config(site: Site, cfg: DSConfig) -> int:
-    """Raise if the channel config is for another model; return how often its KV heads repeat in the graph."""
-    chans = cfg.channels
+def _check_config(site: Site, cfg: DSConfig) -> None:
+    """Raise if the channel config is for another model: every size the graph shows must equal the config's
+    (query heads, KV heads, head_dim, the layer within its layer count)."""
     hq, hkv = site.heads
     d = site.node.args[0].meta["example_value"].shape[-1]
-    if isinstance(d, int) and d != chans.head_dim:
-        chans.check_shapes(head_dim=d, what=f"the attention at {site.module_path}")
-    if hkv == chans.num_kv_heads:
-        return 1
-    if hkv % chans.num_kv_heads == 0:
-        return hkv // chans.num_kv_heads
-    chans.check_shapes(num_kv_heads=hkv, what=f"the attention at {site.module_path}")
-    return 1
+    cfg.channels.check_shapes(num_heads=hq, num_kv_heads=hkv, head_dim=d if isinstance(d, int) else None,
+                              what=f"the attention at {site.module_path}")
+
+
+def _check_layers(sites: list[Site], cfg: DSConfig) -> None:
+    """Raise if the graph has a decoder layer the channel config's model does not (any site, sparse or not)."""
+    deepest = max((s for s in sites if s.layer is not None), key=lambda s: s.layer, default=None)
+    if deepest is not None and deepest.layer >= cfg.channels.num_layers:
+        cfg.channels.check_shapes(num_layers=deepest.layer + 1,
+                                  what=f"this model (its attention at {deepest.module_path} is layer {deepest.layer})")
 
 
 def _drop_dead(nodes: list) -> None:
@@ -120,13 +122,14 @@ def rewrite(gm: GraphModule, cfg: DSConfig) -> list[Site]:
     """Rewrite ``gm`` in place; return every SDPA site with its decision."""
     cfg.require_channels()
     sites = analyze_module(gm, cfg)
+    _check_layers(sites, cfg)
     graph = gm.graph
     for site in sites:
         if site.action != "sparse":
             continue
-        repeat = _check_config(site, cfg)
+        _check_config(site, cfg)
         spec = ops.SiteSpec(
-            label=ops.label_spec(cfg.channels, site.layer, cfg.r, cfg.label_bits, repeat),
+            label=ops.label_spec(cfg.channels, site.layer, cfg.r, cfg.label_bits),
             layer=site.layer, budget=cfg.budget_tokens, frac=cfg.budget_frac, sink=cfg.sink,
             recent=cfg.recent, group=cfg.gqa == "group", dense_prefill=cfg.prefill == "dense",
             min_length=cfg.dense_below, offload=cfg.offload)
