@@ -6,7 +6,7 @@
 4. compare the two continuations.
 
     python examples/quickstart.py                      # 1K-token prompt, 1/8 budget, inductor
-    python examples/quickstart.py --prompt-tokens 64 --max-new-tokens 4 --inner eager   # a quick smoke run
+    python examples/quickstart.py --prompt-tokens 640 --max-new-tokens 4 --inner eager   # a quick smoke run
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompt-tokens", type=int, default=1024, help="prompt length in tokens (default 1024)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--budget", type=float, default=1 / 8, help="fraction < 1 or token count (default 1/8)")
+    p.add_argument("--budget", default="1/8", help="a fraction (1/8) or a token count (default 1/8)")
     p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
     p.add_argument("--cache", choices=("static", "dynamic"), default="static")
     p.add_argument("--inner", choices=("inductor", "aot_eager", "eager"), default="inductor",
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import dsc
+    import dsc.config
     from dsc.assets import cache_dir, calibration_essays, essay_text, load_model
 
     model, tok = load_model()
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         dense_s = time.perf_counter() - t0
 
     # 3. Double Sparsity: compile with the dsparse backend, then generate as usual.
-    budget = int(args.budget) if args.budget >= 1 else args.budget
+    budget = dsc.config.parse_budget(args.budget)
     model.compile(backend="dsparse", options={"channels": cfg, "budget": budget, "inner": args.inner})
     with torch.no_grad():
         t0 = time.perf_counter()

@@ -83,7 +83,8 @@ def test_eighth_budget_runs_sparse_and_stays_fluent(model, tokenizer, channels, 
     n = 10
     ref = generate(model, prompt, n, "static")
     calls0 = store.STATS["sparse_calls"]
-    opts = dict(channels=channels, budget=1 / 8, inner="eager", dense_layers=DENSE_LAYERS)
+    # 256 tokens lie below the default dense_below of 1/8 (288): min_length=0 makes every step sparse
+    opts = dict(channels=channels, budget=1 / 8, inner="eager", dense_layers=DENSE_LAYERS, min_length=0)
     with compiled(model, **opts):
         out = generate(model, prompt, n, "static")
     assert store.STATS["sparse_calls"] - calls0 == (n - 1) * (30 - len(DENSE_LAYERS))
@@ -99,3 +100,22 @@ def test_eighth_budget_runs_sparse_and_stays_fluent(model, tokenizer, channels, 
                      max_new_tokens=2, cache_implementation="static")
     print(ex)
     assert ex.counts() == {"sites": 60, "sparse": 56, "dense": 4}
+
+
+def test_short_chat_prompt_answers_like_dense(model, tokenizer, channels):
+    """Issue 12 case 1: the README's options (budget 1/16, sink 4, recent 16) on a short chat prompt once attended
+    only the first tokens (1/16 of 40 = 3 slots, all sinks, not even the current token) and answered garbage. Now
+    such a cache is below the budget's dense_below and attends densely, and even forced sparse (min_length=0) the
+    fraction's floor keeps the current token, the recent window and 16 scored tokens."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                         add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert ids.shape[1] < 64
+    ref = generate(model, ids, 8, "dynamic")
+    assert "Paris" in tokenizer.decode(ref.sequences[0, ids.shape[1]:])
+    for min_length, sparse in ((None, False), (0, True)):
+        calls0 = store.STATS["sparse_calls"]
+        with compiled(model, channels=channels, budget=1 / 16, inner="eager", min_length=min_length):
+            out = generate(model, ids, 8, "dynamic")
+        assert (store.STATS["sparse_calls"] > calls0) == sparse
+        assert out.sequences.tolist() == ref.sequences.tolist(), tokenizer.decode(out.sequences[0, ids.shape[1]:])

@@ -192,3 +192,18 @@ def test_dsc_compile_checks_the_weight_fingerprint():
         dsc.compile(model, channels=cfg, inner="eager")
     dsc.compile(model, channels=cfg, inner="eager", check_fingerprint=False)
     assert generate(model, torch.randint(3, 128, (1, 10)), 2).sequences.shape == (1, 12)
+
+
+def test_offloaded_cache_read_by_the_plain_model_gives_nan_not_garbage():
+    """Hygiene: an offloaded cache handed back to the user holds placeholders; continuing with the plain
+    (uncompiled) model must not look plausible: it yields NaN."""
+    model = tiny("llama")
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(13))
+    eager = model.forward
+    with compiled(model, offload=True, **BINDING):
+        cache = T.DynamicCache(config=model.config)
+        generate(model, ids, 3, "dynamic", past_key_values=cache)
+    n = cache.get_seq_length()
+    with torch.no_grad():
+        logits = eager(input_ids=ids[:, :1], past_key_values=cache, cache_position=torch.arange(n, n + 1)).logits
+    assert logits.isnan().all()

@@ -239,11 +239,17 @@ class LayerScorer:
 # ------------------------------------------------------------------------------------------- interception
 @dataclass
 class Stats:
-    """Counters over sparse rows: rows, mean selected rows fetched per KV head (union over the group)."""
+    """Counters over sparse rows: rows, mean selected rows fetched per KV head (union over the group); and over
+    every decoding row (past the dense prefill, dense rows included): the mean share of its valid tokens kept."""
 
     rows: int = 0
     fetched: float = 0.0   # sum over (row, KV head) of distinct selected positions
     valid: float = 0.0     # sum over (row, KV head) of valid positions
+    kept: float = 0.0      # sum over (decoding row, selection head) of the share of valid tokens attended
+    kept_rows: int = 0
+
+    def kept_frac(self) -> float:
+        return self.kept / self.kept_rows if self.kept_rows else 1.0
 
     def fetched_frac(self) -> float:
         return self.fetched / self.valid if self.valid else 1.0
@@ -332,12 +338,19 @@ class SparseSDPA(TorchFunctionMode):
             dense_row = (absolute < self.prefill) | (nvalid < p.dense_below)
             sel = torch.where(dense_row, valid, sel)
             self._count(sel, valid, dense_row, hkv, sel.shape[1] == hkv)
+            self._count_kept(sel, valid, absolute >= self.prefill)
             if sel.shape[1] == hkv:
                 sel = sel.repeat_interleave(g, 1)
             mask = sel if bias is None else torch.where(sel, bias, float("-inf")).to(q.dtype)
             out[:, :, a:e] = F.scaled_dot_product_attention(q[:, :, a:e], k[:, :, :hi], v[:, :, :hi],
                                                             attn_mask=mask, scale=sm_scale, enable_gqa=True)
         return out
+
+    def _count_kept(self, sel, valid, decoding):
+        share = sel.sum(-1).float() / valid.sum(-1).clamp(min=1).float()   # [B, Hsel, C]
+        rows = decoding[..., 0].expand_as(share)
+        self.stats.kept += float(share[rows].sum())
+        self.stats.kept_rows += int(rows.sum())
 
     def _count(self, sel, valid, dense_row, hkv, grouped):
         sparse = ~dense_row[..., 0]                                   # [B|1, 1, C]

@@ -75,7 +75,8 @@ def parse_layers(text: str) -> tuple[int, ...]:
 
 def policies_from_args(args, model, tokenizer) -> list:
     """One :class:`Policy` per (policy, budget) named on the command line (dense first, once)."""
-    from dsc.evaluation.policies import POLICIES, Policy, parse_budget
+    from dsc.config import parse_budget
+    from dsc.evaluation.policies import POLICIES, Policy
 
     names = [n.strip() for n in str(args.policy).split(",") if n.strip()]
     bad = [n for n in names if n not in POLICIES]
@@ -141,7 +142,9 @@ def perplexity(model, windows, forward=None, progress: bool = True, policy=None,
 
     forward = forward or model
     total, count = 0.0, 0
-    fetched = valid = 0.0
+    after, after_count = 0.0, 0  # NLL of the tokens predicted after the prefill (the decode-like figure)
+    fetched = valid = kept = 0.0
+    kept_rows = 0
     with torch.no_grad():
         for w in tqdm(windows, desc=desc, unit="win", disable=not progress):
             ctx = apply_policy(model, policy, prefill=prefill, chunk=chunk) if policy is not None \
@@ -151,10 +154,16 @@ def perplexity(model, windows, forward=None, progress: bool = True, policy=None,
             if mode is not None:
                 fetched += mode.stats.fetched
                 valid += mode.stats.valid
-            nll = torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum")
-            total += nll.item()
+                kept += mode.stats.kept
+                kept_rows += mode.stats.kept_rows
+            nll = torch.nn.functional.cross_entropy(logits, w[1:], reduction="none")
+            total += nll.sum().item()
             count += w.numel() - 1
-    res = {"ppl": math.exp(total / count), "nll": total / count, "tokens": count, "windows": len(windows)}
+            after += nll[max(prefill - 1, 0):].sum().item()  # logits row p predicts token p + 1
+            after_count += nll[max(prefill - 1, 0):].numel()
+    res = {"ppl": math.exp(total / count), "nll": total / count, "tokens": count, "windows": len(windows),
+           "ppl_after_prefill": math.exp(after / after_count) if after_count else float("nan"),
+           "kept_frac": kept / kept_rows if kept_rows else 1.0}
     if policy is not None:
         _, hq, hkv, d = check_model(model)
         frac = fetched / valid if valid else 1.0
@@ -234,12 +243,18 @@ def run(args) -> int:
             res.update(context=args.context)
             results.append(res)
     dense = results[0]["ppl"]
-    print(f"evaluation essays: {results[0]['windows']} windows of {args.context} tokens, prefill {args.prefill}")
-    print(f"{'policy':<60} {'ppl':>9} {'vs dense':>9} {'fetched':>8} {'bytes':>7}")
+    dense_after = results[0].get("ppl_after_prefill", float("nan"))
+    print(f"evaluation essays: {results[0]['windows']} windows of {args.context} tokens, prefill {args.prefill}; "
+          f"'all': every position scored (the paper's convention); 'decode': only the tokens after the prefill; "
+          f"'kept': mean share of each decoding row's valid tokens attended")
+    print(f"{'policy':<60} {'ppl all':>9} {'vs dense':>9} {'decode':>9} {'vs dense':>9} {'kept':>7} "
+          f"{'fetched':>8} {'bytes':>7}")
     for res in results:
         res["rel"] = res["ppl"] / dense - 1
+        res["rel_after_prefill"] = res.get("ppl_after_prefill", float("nan")) / dense_after - 1
         extra = f"  prediction overlap {res['overlap']:.3f}" if "overlap" in res else ""
-        print(f"{res['label']:<60} {res['ppl']:9.3f} {100 * res['rel']:+8.2f}% {res['fetched_frac']:8.4f} "
-              f"{res['bytes_frac']:7.4f}{extra}")
+        print(f"{res['label']:<60} {res['ppl']:9.3f} {100 * res['rel']:+8.2f}% "
+              f"{res.get('ppl_after_prefill', float('nan')):9.3f} {100 * res['rel_after_prefill']:+8.2f}% "
+              f"{res.get('kept_frac', float('nan')):7.4f} {res['fetched_frac']:8.4f} {res['bytes_frac']:7.4f}{extra}")
     write_json(args.json, results if len(results) > 1 else results[0])
     return 0

@@ -102,7 +102,8 @@ def run(args) -> int:
     from dsc.assets import check_context, load_model
     from dsc.bench.common import parse_list
     from dsc.evaluation import retrieval
-    from dsc.evaluation.policies import Policy, check_model, parse_budget
+    from dsc.config import parse_budget
+    from dsc.evaluation.policies import Policy, check_model
     from dsc.evaluation.ppl import eval_windows, load_channels, parse_layers, perplexity
 
     _need_matplotlib()  # fail before the long run, not after it

@@ -210,14 +210,14 @@ def host_kv(entry: store.Entry, k: Tensor, v: Tensor, new_positions: Optional[Te
 
 
 def _check_filled(k: Tensor, new_positions: Tensor) -> None:
-    """A device cache first seen at a later step must hold the rows before it. All zeros there means it was
+    """A device cache first seen at a later step must hold the rows before it. Only NaN or zeros there means it was
     materialised from an offload placeholder (e.g. beam search's reorder of a static cache, or a copy): the rows live
     only in a host store this cache no longer reaches, so attending them would be silently wrong. One host read,
     once per new cache."""
     first = int(new_positions.min())
-    if first > 0 and not bool(k[:, :, :first].any()):
+    if first > 0 and not bool(k[:, :, :first].nan_to_num(0.0).any()):  # placeholders hold NaN, fresh buffers 0
         raise ValueError(
-            "dsparse offload: this KV cache reached the model holding zeros where its first "
+            "dsparse offload: this KV cache reached the model holding no values where its first "
             f"{first} rows should be: it was rebuilt from an offloaded (placeholder) cache outside the compiled model, "
             "e.g. reordered by beam search or copied. Offload cannot follow that; use offload=False for beam search "
             "(or num_beams=1), or a fresh cache.")

@@ -181,7 +181,7 @@ def _(site, q, k, v, past_k, new_k, positions, attn_mask, is_causal, scale, cach
 
 def _kv_placeholder(past: Optional[Tensor], new: Tensor) -> Tensor:
     """What an offloaded dynamic cache holds on the device instead of ``cat([past, new], dim=-2)``: a tensor of that
-    shape whose every element is one stored zero (stride 0), so HF's bookkeeping (lengths, masks) sees the right
+    shape whose every element is one stored NaN (stride 0), so HF's bookkeeping (lengths, masks) sees the right
     shape while the rows live in the host store. Its values are never read."""
     p = past.shape[2] if past is not None and past.dim() == 4 else 0
     b, h, t, d = new.shape
@@ -189,13 +189,14 @@ def _kv_placeholder(past: Optional[Tensor], new: Tensor) -> Tensor:
 
 
 def _kv_buffer_placeholder(size: list[int], dtype: Optional[torch.dtype], device: Optional[torch.device]) -> Tensor:
-    """What an offloaded static cache holds instead of its ``zeros(size)`` buffer: that shape, one stored zero."""
+    """What an offloaded static cache holds instead of its ``zeros(size)`` buffer: that shape, one stored NaN."""
     return _one_element(size, dtype, device)
 
 
 def _one_element(size, dtype, device) -> Tensor:
-    """A tensor of ``size`` whose elements are all one stored zero (stride 0): the shape, without the memory."""
-    return torch.zeros((1, 1, 1, 1), dtype=dtype, device=device).expand(size)
+    """A tensor of ``size`` whose elements are all one stored NaN (stride 0): the shape, without the memory. NaN,
+    not zero: a cache handed back to the user and read by the plain model yields NaN, never plausible garbage."""
+    return torch.full((1, 1, 1, 1), float("nan"), dtype=dtype, device=device).expand(size)
 
 
 # The real and the fake kernels are the same function: it allocates one element.
