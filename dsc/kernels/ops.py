@@ -96,3 +96,34 @@ def _(q, k, v, channels, data, scale, zero, bits, valid=None, bias=None, lengths
     checks.check_ds_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink,
                            recent, 1.0 if sm_scale is None else sm_scale)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+# ----------------------------------------------------------------------------------------------- paged KV cache
+def _paged_impl(t: Tensor):
+    """Paged sparse attention for tensors on ``t``'s device: CPU path, Triton on CUDA, else the reference."""
+    from . import paged
+
+    if t.device.type == "cpu":
+        return paged.cpu
+    if t.device.type == "cuda":
+        from .triton_paged import paged_sparse_attention as triton_paged
+
+        return triton_paged
+    return paged.reference
+
+
+@torch.library.custom_op("dsc::paged_sparse_attention", mutates_args=())
+def paged_sparse_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, lengths: Tensor,
+                           idx: Tensor, sm_scale: float) -> Tensor:
+    """Attention of ``q [B,Hq,Lq,D]`` over the logical positions ``idx [B,Hsel,Lq,K]`` of a paged KV cache
+    (``k_pages``/``v_pages`` ``[num_pages, page_size, Hkv, D]``, ``block_table [B, max_pages]``, ``lengths [B]``);
+    slots ``-1`` or ``>= lengths[b]`` are skipped. Layout and semantics: :mod:`dsc.kernels.paged`."""
+    return _paged_impl(q)(q, k_pages, v_pages, block_table, lengths, idx, sm_scale)
+
+
+@paged_sparse_attention.register_fake
+def _(q, k_pages, v_pages, block_table, lengths, idx, sm_scale):
+    from .paged import check_paged_attention
+
+    check_paged_attention(q, k_pages, v_pages, block_table, lengths, idx, sm_scale)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
