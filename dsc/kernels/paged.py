@@ -160,3 +160,46 @@ def cpu(q, k_pages, v_pages, block_table, lengths, idx, sm_scale: float):
     else:
         out = out.view(b, hq, lq, d)
     return out.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------- paged labels
+def alloc_label_pool(num_pages: int, page_size: int, hkv: int, r: int, bits: int, dtype=torch.float32,
+                     device="cpu"):
+    """A label cache paged like K: ``data [num_pages, page_size, Hkv, width]`` (``dtype`` at 16 bits, else uint8
+    codes), ``scale``/``zero`` fp32 ``[num_pages, page_size, Hkv]`` (empty at 16 bits). A token's labels live at
+    the same ``(page, offset)`` as its K row, so the engine's page allocation covers them."""
+    checks.check_bits(bits)
+    width = checks.label_width(r, bits)
+    if bits == 16:
+        empty = torch.empty(0, dtype=torch.float32, device=device)
+        return torch.zeros(num_pages, page_size, hkv, width, dtype=dtype, device=device), empty, empty.clone()
+    return (torch.zeros(num_pages, page_size, hkv, width, dtype=torch.uint8, device=device),
+            torch.zeros(num_pages, page_size, hkv, dtype=torch.float32, device=device),
+            torch.zeros(num_pages, page_size, hkv, dtype=torch.float32, device=device))
+
+
+def flat_label_view(data, scale, zero):
+    """Views of a label pool as one "sequence" of ``num_pages * page_size`` slots, ``[1, Hkv, slots, width]`` and
+    ``[1, Hkv, slots]``: ``dsc::label_write(keys, channels, slots, *view, bits)`` then writes the labels of the
+    new tokens ``keys [1, Hkv, T, D]`` (an engine's ``[T, Hkv, D]`` as ``.transpose(0, 1)[None]``) at their flat
+    slots ``page * page_size + offset`` (vLLM's slot mapping), for every request of the step in one call."""
+    n, p, hkv, w = data.shape
+    dv = data.view(n * p, hkv, w).transpose(0, 1)[None]
+    if scale.numel() == 0:
+        return dv, scale, zero
+    return dv, scale.view(n * p, hkv).t()[None], zero.view(n * p, hkv).t()[None]
+
+
+def gather_labels(data, scale, zero, block_table, s: int):
+    """Each request's label rows in logical order, contiguous ``[B, Hkv, s, width]`` / ``[B, Hkv, s]``: the input
+    of ``dsc::label_scores`` (with ``lengths``: positions past a request's length, which map to arbitrary rows
+    here, score ``-inf``). A stop-gap until a paged label-scores kernel exists: it copies ``r`` of each ``D``."""
+    page_size = data.shape[1]
+    pos = torch.arange(s, device=data.device)
+    logical = (pos // page_size).clamp(max=block_table.shape[1] - 1)
+    pages = block_table.long()[:, logical].clamp(0, data.shape[0] - 1)  # [B, s]; padding entries -> any page
+    off = (pos % page_size).expand_as(pages)
+    out = data[pages, off].permute(0, 2, 1, 3).contiguous()
+    if scale.numel() == 0:
+        return out, scale, zero
+    return out, scale[pages, off].transpose(1, 2).contiguous(), zero[pages, off].transpose(1, 2).contiguous()
