@@ -267,6 +267,8 @@ def _decide(site: Site, a: dict, order: dict, has_layer, dense_layers: set, r: i
             return f"attn_mask dtype {me.dtype} is neither bool nor float"
         if not _mask_ok(me, b, hq, lq, s):
             return f"attn_mask shape {tuple(me.shape)} does not broadcast to [B, Hq, Lq, S] = {(b, hq, lq, s)}"
+    if (bounded := bounded_window(site, kn, mask, order)) is not None:
+        return bounded
     if w is None:
         if _prefix_base(kn).op == "placeholder":
             return ("K is read from a cache buffer updated in a way not recognised (only index_copy_ and "
@@ -288,3 +290,137 @@ def _decide(site: Site, a: dict, order: dict, has_layer, dense_layers: set, r: i
     site.action = "sparse"
     seen = f", repeat_kv x{g} seen through" if g > 1 else ""
     return f"{site.cache} cache (layer {site.layer}, {site.mask} mask{seen})"
+
+
+# ------------------------------------------------------------------------------ bounded (sliding-window) sites
+# A sliding-window layer attends over at most W keys whatever the context, so it already reads a bounded slice of
+# its cache, and HF's caches for it do not grow by ``cat``/``index_copy_`` alone (the dynamic one keeps only its
+# last W - 1 rows, the static one rolls once full), so labels could not follow it step to step anyway. Such sites
+# stay dense by policy, with their window in the reason; Double Sparsity goes to the global layers.
+_SLIDING_ATTRS = ("cumulative_length_int",)  # HF's StaticSlidingWindowLayer counter (absent from full layers)
+_MASK_VIEWS = {"to", "expand", "view", "reshape", "contiguous", "bool", "float", "unsqueeze"}
+
+
+def _tail_rows(n: Any, base: Node) -> Optional[int]:
+    """``m`` when ``n`` is ``base[:, :, -m:]`` (the last ``m`` positions, ``m`` a constant), else None."""
+    if not (_is_fn(n, operator.getitem) and n.args[0] is base and isinstance(n.args[1], tuple)):
+        return None
+    idx = n.args[1]
+    if not (len(idx) in (3, 4) and _full(idx[0]) and _full(idx[1]) and all(_full(i) for i in idx[3:])):
+        return None
+    s = idx[2]
+    if (isinstance(s, slice) and isinstance(s.start, int) and s.start < 0 and s.stop is None
+            and s.step in (None, 1)):
+        return -s.start
+    return None
+
+
+def _stored(n: Node) -> Optional[str]:
+    """How ``n`` is kept for the next step: "output" (a graph output: Dynamo's write-back of a cache attribute)
+    or "copy" (the source of ``buf.copy_(n)``), else None."""
+    for u in n.users:
+        if u.op == "output":
+            return "output"
+        if (_is_method(u, "copy_") or _is_fn(u, torch.Tensor.copy_)) and len(u.args) > 1 and u.args[1] is n:
+            return "copy"
+    return None
+
+
+def source_name(n: Any) -> Optional[str]:
+    """The Dynamo source of a graph input (e.g. ``L['kwargs']['cache'].layers[1].keys``), else None."""
+    if not (isinstance(n, Node) and n.op == "placeholder"):
+        return None
+    name = getattr(getattr(n.meta.get("grapharg"), "source", None), "name", None)
+    if callable(name):
+        name = name()
+    return name if isinstance(name, str) else None
+
+
+def _mask_source(mask: Any) -> Optional[str]:
+    """The source name of the graph input ``mask`` is a view or cast of, else None."""
+    for _ in range(8):
+        if not isinstance(mask, Node):
+            return None
+        if mask.op == "placeholder":
+            return source_name(mask)
+        if _is_fn(mask, operator.getitem) or (mask.op == "call_method" and mask.target in _MASK_VIEWS):
+            mask = mask.args[0]
+        else:
+            return None
+    return None
+
+
+def _short_source(src: str) -> str:
+    """``L['kwargs']['attention_mask']['sliding_attention']`` -> ``attention_mask['sliding_attention']``."""
+    if src.startswith("L[") and "]" in src:
+        src = src[src.index("]") + 1:]
+    if src.startswith("['") and "']" in src:
+        j = src.index("']")
+        src = src[2:j] + src[j + 2:]
+    return src
+
+
+def _rolled_into(buf: Node, sdpa: Node, order: dict) -> bool:
+    """Whether ``buf`` is overwritten before ``sdpa`` by ``buf.copy_(x)`` with ``x`` a ``roll`` of ``buf`` along
+    positions (a static sliding-window cache once full)."""
+    for u in buf.users:
+        if (_is_method(u, "copy_") or _is_fn(u, torch.Tensor.copy_)) and u.args[0] is buf and order[u] < order[sdpa]:
+            src = u.args[1] if len(u.args) > 1 else None
+            if _is_method(src, "roll") and src.args[0] is buf:
+                dims = src.args[2] if len(src.args) > 2 else src.kwargs.get("dims")
+                if dims in (2, -2, (2,), (-2,), [2], [-2]):
+                    return True
+    return False
+
+
+def sliding_window(kn: Node, sdpa: Node, mask: Any, order: dict) -> Optional[tuple[Optional[int], str, str]]:
+    """``(W, cache kind, evidence)`` when the KV-native K ``kn`` read by ``sdpa`` belongs to a sliding-window
+    cache, else None. ``W`` is the window, the most keys one decode step attends (None where the graph does not
+    show it: a static window not yet full only shows its buffer, ``min(W, max_cache_len)`` rows).
+
+    Evidence, from the graph alone: the cache kept for the next step is the last rows of K (HF's dynamic
+    sliding layer stores ``cat(past, new)[:, :, -(W-1):]``; a static one copies the last W rows into its buffer
+    when a prefill overflows it); the buffer is rolled (a full static window); or, for a static window not yet
+    full (an ordinary ``index_copy_``), HF's per-layer-type mask ``attention_mask['sliding_attention']`` or the
+    sliding cache layer's own counter among the graph inputs."""
+    for u in kn.users:
+        rows = _tail_rows(u, kn)
+        how = _stored(u) if rows is not None else None
+        if how == "output":
+            return rows + 1, "dynamic", f"the cache keeps only its last {rows} rows"
+        if how == "copy":
+            return rows, "static", f"the cache buffer keeps only the last {rows} rows"
+    buf = _prefix_base(kn)
+    ev = _ev(buf)
+    rows = ev.shape[2] if ev is not None and ev.dim() == 4 and isinstance(ev.shape[2], int) else None
+    if _rolled_into(buf, sdpa, order):
+        return rows, "static", "the cache buffer rolls"
+    if find_cache_write(kn, sdpa, order) is None or _is_fn(kn, torch.cat, torch.concat, torch.concatenate):
+        return None
+    held = f"; its cache holds {rows} rows" if rows is not None else ""
+    src = _mask_source(mask)
+    if src is not None and "sliding" in src:
+        src = _short_source(src)
+        return None, "static", f"its mask is {src}{held}"
+    owner = source_name(buf)
+    if owner is not None and owner.endswith(".keys"):
+        prefix = owner[: -len("keys")]
+        for n in buf.graph.nodes:
+            if n.op != "placeholder":
+                break
+            name = source_name(n)
+            if name is not None and name.startswith(prefix) and name[len(prefix):] in _SLIDING_ATTRS:
+                return None, "static", f"its cache layer is HF's static sliding-window layer{held}"
+    return None
+
+
+def bounded_window(site: Site, kn: Node, mask: Any, order: dict) -> Optional[str]:
+    """The dense reason of a sliding-window site (recorded in ``site.extra["window"]``), else None."""
+    found = sliding_window(kn, site.node, mask, order)
+    if found is None:
+        return None
+    window, cache, evidence = found
+    site.cache = site.cache or cache
+    site.extra["window"] = window
+    size = f" of {window}" if window is not None else ""
+    return f"sliding window{size}: already bounded ({evidence}); dense by policy"

@@ -23,10 +23,22 @@ class SiteRow:
     cache: str | None
     becomes: str
     why: str
+    bounded: bool = False  # a sliding-window site (dense by policy: already bounded)
 
     @property
     def sparse(self) -> bool:
         return self.becomes.startswith("dsc.")
+
+
+def _phase(rows: list[SiteRow]) -> str:
+    """"decode, Lq=1" (every site has Lq == 1), "prefill, Lq=N" (Lq > 1), or the Lq values seen."""
+    lqs = [r.lq for r in rows]  # ints or SymInts (unhashable)
+    shown = "/".join(sorted({str(x) for x in lqs})) or "-"
+    if lqs and all(isinstance(x, int) and x == 1 for x in lqs):
+        return "decode, Lq=1"
+    if lqs and all(isinstance(x, int) and x > 1 for x in lqs):
+        return "prefill, Lq=" + shown
+    return "Lq=" + shown
 
 
 class Explanation:
@@ -48,8 +60,7 @@ class Explanation:
         out = []
         head = ("#", "layer", "module", "Lq", "S", "Hq/Hkv", "mask", "cache", "becomes", "why")
         for gi, rows in enumerate(self.graphs):
-            lq = {str(r.lq) for r in rows}
-            out.append(f"graph {gi}: {len(rows)} SDPA site(s), Lq={'/'.join(sorted(lq)) or '-'}")
+            out.append(f"graph {gi} ({_phase(rows)}): {sum(r.sparse for r in rows)} of {len(rows)} sites sparse")
             if not rows:
                 continue
             table = [head] + [(str(r.index), "-" if r.layer is None else str(r.layer), r.module, str(r.lq),
@@ -89,7 +100,7 @@ def _rows(gm, cfg, graph_index: int) -> list[SiteRow]:
         if "predict" in site.extra:
             why += "; " + site.extra["predict"]
         rows.append(SiteRow(graph_index, site.index, site.layer, _clean(site.module_path), site.lq, site.s,
-                            site.heads, site.mask, site.cache, becomes, why))
+                            site.heads, site.mask, site.cache, becomes, why, "window" in site.extra))
     return rows
 
 
@@ -97,7 +108,9 @@ def explain(model, example_inputs=None, options=None, *, max_new_tokens: int = 0
             **generate_kwargs) -> Explanation:
     """Trace ``model`` on ``example_inputs`` (a dict of keyword arguments, a tuple of positional ones, or one
     tensor) and report each SDPA site. ``max_new_tokens > 0`` runs ``model.generate`` instead, so the decode
-    graphs appear too (``generate_kwargs`` go to it, e.g. ``cache_implementation="static"``). ``options`` are
+    graphs appear too (``max_new_tokens`` forward steps: ``min_new_tokens`` defaults to it, so an early
+    end-of-sequence token cannot hide them; ``generate_kwargs`` go to ``generate``, e.g.
+    ``cache_implementation="static"``). ``options`` are
     the backend's; without a channel config every decoder layer is assumed calibrated. Runs under
     ``torch.no_grad()`` unless ``grad``."""
     import contextlib
@@ -133,6 +146,7 @@ def explain(model, example_inputs=None, options=None, *, max_new_tokens: int = 0
             saved = model.__dict__.get("forward")
             model.forward = torch.compile(model.forward, backend=capture)
             try:
+                generate_kwargs.setdefault("min_new_tokens", max_new_tokens)
                 model.generate(*args, **kwargs, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
             finally:
                 if saved is None:
@@ -157,6 +171,15 @@ def explain(model, example_inputs=None, options=None, *, max_new_tokens: int = 0
         how = f"{how}; {sel}; {gather}; {memory}"
         notes.append(f"offload: the K/V of the {n} sparse site(s) live in host memory; {how}" if n else
                      "offload=True but no site is sparse: compiling with these options raises (nothing to offload)")
+    bounded = [r for g in graphs for r in g if r.bounded]
+    if bounded:
+        layers = sorted({r.layer for r in bounded if r.layer is not None})
+        named = f" (layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))})" if layers else ""
+        notes.append(f"{len(bounded)} site(s) in sliding-window layers{named} stay dense: the window already bounds "
+                     "what each step reads, and their caches drop old rows, so labels could not follow them; Double "
+                     "Sparsity goes to the global layers")
+    if max_new_tokens > 1 and graphs and not any(g and _phase(g).startswith("decode") for g in graphs):
+        notes.append("no decode graph (Lq=1) was traced: did generation stop early?")
     if not graphs:
         notes.append("Dynamo produced no graph (was the model already compiled, or did every frame fall back?)")
     return Explanation(graphs, notes)
@@ -169,7 +192,9 @@ def add_arguments(p) -> None:
                                                   "every layer calibrated")
     p.add_argument("--cache", choices=("static", "dynamic"), default="static", help="KV cache kind (default static)")
     p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (default 16)")
-    p.add_argument("--max-new-tokens", type=int, default=2, help="decode steps traced (default 2)")
+    p.add_argument("--max-new-tokens", type=int, default=3,
+                   help="tokens generated (default 3: the prefill graph, the first decode step's graph and the one "
+                        "Dynamo recompiles once the length varies, which serves the rest of the decode)")
     p.add_argument("--budget", type=float, default=None, help="token budget: fraction < 1 or token count")
     p.add_argument("--dense-layers", default=None, help="comma-separated layers kept dense (default 0,1)")
     p.add_argument("--prefill", choices=("dense", "sparse"), default=None)

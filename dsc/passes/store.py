@@ -245,7 +245,7 @@ def labels_dynamic(spec: LabelSpec, k: torch.Tensor, past_k: torch.Tensor | None
     if p + t != s:
         raise ValueError(f"dsparse: dynamic cache step with past length {p} + new {t} != cache length {s}")
     with _LOCK:
-        entry = None
+        entry, rebuilt = None, False
         if p:
             entry = _ENTRIES.get(_key(spec, past_k))
             if entry is not None and (entry.length != p or entry.batch != k.shape[0]):
@@ -256,9 +256,10 @@ def labels_dynamic(spec: LabelSpec, k: torch.Tensor, past_k: torch.Tensor | None
                                  "offloaded rows are not in the host store" + _PLACEHOLDER_HINT)
             if entry is None:
                 STATS["label_rebuilds"] += 1
-                entry = _build(spec, past_k, max(2 * s, 64))
+                entry, rebuilt = _build(spec, past_k, max(2 * s, 64)), True
             else:
                 del _ENTRIES[entry.key]
+        _note_rebuild(spec, rebuilt)
         if entry is None:
             entry = Entry(spec, k, max(2 * s, 64))
         if entry.capacity < s:
@@ -268,6 +269,57 @@ def labels_dynamic(spec: LabelSpec, k: torch.Tensor, past_k: torch.Tensor | None
         entry.length = s
         _bind(spec, k, entry)
         return entry
+
+
+# A dynamic site whose labels are rebuilt on consecutive steps (its cache is replaced between steps: a sliding
+# window the analysis did not recognise, beam search reordering it, a cache edited outside the model) pays a
+# rebuild, which reads every key, on top of its attention: more than dense attention. After REBUILD_LIMIT such
+# steps in a row the label spec (one layer of one config) attends densely until a new sequence starts (a step with
+# no past), and says so once.
+REBUILD_LIMIT = 2
+_REBUILD_RUNS: dict[int, int] = {}  # id(spec) -> consecutive dynamic steps that rebuilt the labels
+_DENSE: set[int] = set()  # id(spec): attends densely until a new sequence starts
+_WARNED: set[int] = set()  # id(spec): the fallback was announced
+
+
+def _note_rebuild(spec: LabelSpec, rebuilt: bool) -> None:
+    """Count consecutive rebuilds of ``spec``'s dynamic labels; a step that continues (or starts) a chain resets
+    the count."""
+    if not rebuilt:
+        _REBUILD_RUNS.pop(id(spec), None)
+        return
+    n = _REBUILD_RUNS[id(spec)] = _REBUILD_RUNS.get(id(spec), 0) + 1
+    if n >= REBUILD_LIMIT and id(spec) not in _DENSE:
+        _DENSE.add(id(spec))
+        STATS["rebuild_fallbacks"] += 1
+
+
+def should_stay_dense(spec, past_k: torch.Tensor | None) -> bool:
+    """Whether a dynamic site should skip its labels and attend densely: its labels were rebuilt on
+    ``REBUILD_LIMIT`` consecutive steps of the sequence that ``past_k`` (the cache before this step) continues.
+    A step with no past starts a new sequence and gets labels again. ``spec``: the site's ``ops.SiteSpec`` (its
+    ``label`` and ``layer``; the first fallback warns once, naming the layer) or a bare :class:`LabelSpec`.
+    Host-side bookkeeping only."""
+    label = getattr(spec, "label", spec)
+    key = id(label)
+    with _LOCK:
+        if past_k is None or past_k.dim() != 4 or past_k.shape[2] == 0:
+            _DENSE.discard(key)
+            _REBUILD_RUNS.pop(key, None)
+            return False
+        if key not in _DENSE:
+            return False
+        if key not in _WARNED:
+            _WARNED.add(key)
+            layer = getattr(spec, "layer", None)
+            where = f"layer {layer}" if layer is not None else "an attention site"
+            warnings.warn(
+                f"dsparse: the labels of {where} were rebuilt from its whole dynamic KV cache on {REBUILD_LIMIT} "
+                "consecutive decode steps (the cache is replaced between steps: e.g. a sliding window, beam search "
+                "reordering it, or edits outside the compiled model). A rebuild reads every key, more than dense "
+                f"attention does, so {where} attends densely for the rest of this sequence (and of any other "
+                "that does the same).", RuntimeWarning, stacklevel=2)
+        return True
 
 
 def lookup(spec: LabelSpec, t: torch.Tensor) -> Entry | None:
