@@ -192,6 +192,40 @@ def _module_path(node: Node) -> Optional[str]:
     return None
 
 
+def _is_weight(n: Node) -> bool:
+    """A graph input that is a parameter or buffer of the model (Dynamo lifts them to placeholders)."""
+    ga = n.meta.get("grapharg")
+    src = getattr(getattr(ga, "source", None), "name", "")
+    src = src() if callable(src) else src
+    return isinstance(_ev(n), torch.nn.Parameter) or "._parameters[" in str(src) or "._buffers[" in str(src)
+
+
+def _data_inputs(n: Node) -> set:
+    """The graph inputs ``n``'s value depends on, the model's weights aside."""
+    seen, todo, found = set(), [n], set()
+    while todo:
+        x = todo.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        if x.op == "placeholder":
+            if not _is_weight(x):
+                found.add(x)
+        else:
+            todo.extend(x.all_input_nodes)
+    return found
+
+
+def _keys_of_this_step(q: Node, new_k: Node) -> bool:
+    """Self-attention: the keys written this step are this step's tokens, the query's own: as many as the query
+    rows, and computed from a common input. Cross-attention keys come from encoder states (their own length), even
+    when ``cat(empty, new)`` makes them look like a growing cache."""
+    qe, ke = _ev(q), _ev(new_k)
+    if qe is None or ke is None or not _same(qe.shape[2], ke.shape[2]):
+        return False
+    return bool(_data_inputs(q) & _data_inputs(new_k))
+
+
 def _mask_ok(mask_ev, b, hq, lq, s) -> bool:
     if mask_ev.dim() > 4:
         return False
@@ -270,11 +304,19 @@ def _decide(site: Site, a: dict, order: dict, has_layer, dense_layers: set, r: i
     if (bounded := bounded_window(site, kn, mask, order)) is not None:
         return bounded
     if w is None:
-        if _prefix_base(kn).op == "placeholder":
+        base = _prefix_base(kn)
+        if base.op == "placeholder" and not any(u.op == "call_method" and str(u.target).endswith("_")
+                                                for u in base.users):
+            return ("K is a cache input this graph reads but never writes (cross-attention over encoder states, "
+                    "or a cache filled elsewhere): nothing grows here to select from")
+        if base.op == "placeholder":
             return ("K is read from a cache buffer updated in a way not recognised (only index_copy_ and "
                     "cat(past, new) are, not e.g. a sliding-window roll)")
         kind = "non-causal (encoder) attention" if not is_causal and mask is None else "attention"
         return f"{kind} with no KV-cache write feeding K: nothing to decode"
+    if not _keys_of_this_step(q, w["new_k"]):
+        return ("cross-attention: K does not depend on the decoder's own tokens (encoder states), so there is "
+                "no growing cache to select from")
     if site.layer is None:
         return f"no decoder layer number in the module path {site.module_path!r}"
     if site.layer in dense_layers:
