@@ -8,6 +8,7 @@ Double Sparsity attention. Public API (imported lazily so ``import dsc`` stays c
 - :func:`explain` – what the backend does at each attention site, and why
 - :func:`compile` – ``model.compile(backend="dsparse")`` with the channel config checked against the model and a
   recompile budget of the model's own
+- :func:`sparse_backend` – the backend with options bound, for ``torch.compile(mode=...)`` and HF's ``CompileConfig``
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ _LAZY = {
     "calibrate": "dsc.calibration.stats",
     "explain": "dsc.passes.explain",
     "compile": "dsc.backend",
+    "sparse_backend": "dsc.backend",
 }
 
 __all__ = ["__version__", *_LAZY]

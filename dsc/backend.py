@@ -23,8 +23,10 @@ def dsparse(gm, example_inputs, mode=None, options=None):
 
     cfg = DSConfig.from_options(options)
     cfg.require_channels()
+    _refuse_cuda_graphs(mode, example_inputs)
     _watch_recompile_limit()
     sites = rewrite(gm, cfg)
+    _warn_if_silently_dense(gm, sites)
     for site in sites:  # keep the decisions, not the graph
         site.node = site.q = site.k = site.v = site.past_k = site.new_k = site.positions = site.attn_mask = None
     REPORTS.append(sites)
@@ -46,12 +48,91 @@ def _inner(cfg: DSConfig, gm, example_inputs, mode):
     return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 
+# Reasons a site stays dense by design (the configuration, or attention that has no growing cache to select from).
+_DELIBERATE = ("configured dense layer", "not in the channel config", "cross-attention", "sliding window",
+               "non-causal (encoder)", "reads but never writes", "autograd", "dropout_p=")
+SDPA_HINT = ("load the model with attn_implementation='sdpa' (or call model.set_attn_implementation('sdpa')), or "
+             "compile with dsc.compile(model, ...), which switches it")
+
+
+def _warn_if_silently_dense(gm, sites) -> None:
+    """Never silently dense: a graph with attention but no sparse site, for a reason other than the configuration,
+    gets a warning with the reason and the fix (``dsc.explain`` shows every site)."""
+    if any(s.action == "sparse" for s in sites):
+        return
+    if not sites:
+        kind = _non_sdpa_attention(gm.graph)
+        if kind:
+            warnings.warn(f"dsparse: this graph computes attention without scaled_dot_product_attention ({kind}), "
+                          f"so it stays dense: {SDPA_HINT}", RuntimeWarning, stacklevel=2)
+        return
+    odd = sorted({s.reason for s in sites if not any(d in s.reason for d in _DELIBERATE)})
+    if odd:
+        warnings.warn(f"dsparse: none of this graph's {len(sites)} attention sites became sparse: " + "; ".join(odd)
+                      + ". dsc.explain(model, inputs) shows each site.", RuntimeWarning, stacklevel=2)
+
+
+def _non_sdpa_attention(graph) -> str | None:
+    """What computes attention in a graph without SDPA nodes: flex attention, or eager matmul + softmax."""
+    for node in graph.nodes:
+        name = str(getattr(node.target, "__name__", node.target))
+        if "flex_attention" in name:
+            return "flex_attention"
+        if "softmax" in name:
+            ev = node.meta.get("example_value")
+            if ev is not None and getattr(ev, "dim", lambda: 0)() == 4:
+                return "eager attention: matmul + softmax"
+    return None
+
+
+def _refuse_cuda_graphs(mode, example_inputs) -> None:
+    """A mode that runs CUDA graphs (HF's default ``reduce-overhead``) would replay kernels without the label store's
+    host-side bookkeeping: stale labels, silently. Refused on CUDA until the decode step is graph-safe; on the CPU
+    the mode changes nothing (inductor's CUDA graphs only apply to CUDA tensors)."""
+    if not mode:
+        return
+    import torch
+    from torch._inductor import list_mode_options
+
+    cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+    if cuda and list_mode_options(mode).get("triton.cudagraphs"):
+        raise ValueError(f"dsparse: mode={mode!r} runs CUDA graphs, whose replays would skip the label cache's "
+                         "host-side bookkeeping (stale labels, silently); not supported yet. Compile with mode=None "
+                         "or 'default' (HF: CompileConfig(backend=dsc.sparse_backend(...), mode='default')).")
+
+
+class SparseBackend:
+    """The ``dsparse`` backend with its options bound, for callers that cannot pass ``options`` with a ``mode``:
+    ``torch.compile(m, backend=dsc.sparse_backend(channels=cfg), mode=...)`` or HF's
+    ``CompileConfig(backend=dsc.sparse_backend(...))`` (whose default mode is "reduce-overhead"). Options are
+    validated here, before anything is traced."""
+
+    def __init__(self, **options):
+        self.config = DSConfig.from_options(options)
+        self.config.require_channels()
+
+    def __call__(self, gm, example_inputs, mode=None, options=None):
+        if options:
+            raise ValueError("this dsparse backend has its options bound (dsc.sparse_backend(...)); pass them there, "
+                             f"not to torch.compile (got {sorted(options)})")
+        return dsparse(gm, example_inputs, mode=mode, options=self.config)
+
+    def __repr__(self) -> str:
+        return f"dsc.sparse_backend(budget={self.config.budget_text()!r}, r={self.config.r})"
+
+
+def sparse_backend(**options) -> SparseBackend:
+    """A ``dsparse`` backend callable with ``options`` bound (see :class:`SparseBackend`)."""
+    return SparseBackend(**options)
+
+
 def compile(model, *, check_fingerprint: bool = True, **options):
     """Compile ``model`` (in place, like ``model.compile``) with the ``dsparse`` backend and ``options``.
 
-    Over ``model.compile(backend="dsparse", options=...)`` it adds two things: the channel config is checked
+    Over ``model.compile(backend="dsparse", options=...)`` it adds three things: the channel config is checked
     against the model itself (its sizes and, unless ``check_fingerprint=False``, its weight fingerprint) before
-    anything is traced; and the model's compiled code keeps its own recompile budget (``isolate_recompiles``):
+    anything is traced; an eager/flex attention model is switched to SDPA (with a warning); and the model's
+    compiled code keeps its own recompile budget (``isolate_recompiles``):
     HF models of one class share one forward code object, so with plain ``torch.compile`` every model compiled
     in a process counts against Dynamo's one limit of 8 and, past it, later models silently run uncompiled (dense).
     Returns the model."""
@@ -63,6 +144,11 @@ def compile(model, *, check_fingerprint: bool = True, **options):
     theirs = model_fingerprint(model) if check_fingerprint and chans.fingerprint else None
     chans.check_match(**model_shapes(model), fingerprint=theirs, what="this model",
                       skip_hint="dsc.compile(..., check_fingerprint=False)")
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl not in (None, "sdpa") and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("sdpa")  # the same attention, in the form the rewrite recognises
+        warnings.warn(f"dsc.compile: switched the model from attn_implementation={impl!r} to 'sdpa' (the same "
+                      "attention; Double Sparsity rewrites SDPA calls)", RuntimeWarning, stacklevel=2)
     model.compile(backend="dsparse", options=options, isolate_recompiles=True)
     return model
 

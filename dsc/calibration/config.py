@@ -11,6 +11,7 @@ row are partners (``j`` and ``j + D/2`` for ``rope_layout="rotate_half"``, ``2j`
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -218,6 +219,22 @@ class ChannelConfig:
 
     def has_layer(self, layer: int) -> bool:
         return int(layer) in self.rankings
+
+    def shard(self, rank: int, world: int) -> "ChannelConfig":
+        """The rankings of the KV heads tensor-parallel rank ``rank`` of ``world`` holds: HF's (and Megatron's)
+        column-wise attention sharding gives each rank a contiguous block of ``num_kv_heads / world`` KV heads
+        with their query heads. Selection is per KV head, so a shard selects exactly what the whole model would
+        on those heads. Cached: every graph of a rank shares one shard (and so its label caches)."""
+        if self.num_kv_heads % world or self.num_heads % world or not 0 <= rank < world:
+            raise ValueError(f"cannot shard a channel config with {self.num_heads} query / {self.num_kv_heads} KV "
+                             f"heads over {world} tensor-parallel ranks (rank {rank}): heads must divide evenly")
+        cache = self.__dict__.setdefault("_shards", {})
+        if (rank, world) not in cache:
+            n = self.num_kv_heads // world
+            rows = {layer: r[rank * n:(rank + 1) * n].clone() for layer, r in self.rankings.items()}
+            cache[(rank, world)] = dataclasses.replace(self, rankings=rows, num_heads=self.num_heads // world,
+                                                       num_kv_heads=n)
+        return cache[(rank, world)]
 
     def channels(self, layer: int, r: int) -> torch.Tensor:
         """int64 ``[num_kv_heads, r]``: the top-``r`` channels of each KV head of ``layer``, sorted ascending

@@ -24,13 +24,28 @@ def analyze_module(gm: GraphModule, cfg: DSConfig) -> list[Site]:
                    dense_prefill=cfg.prefill == "dense")
 
 
-def _check_config(site: Site, cfg: DSConfig) -> None:
-    """Raise if the channel config is for another model: every size the graph shows must equal the config's
-    (query heads, KV heads, head_dim, the layer within its layer count)."""
+def _site_channels(site: Site, cfg: DSConfig):
+    """The channel config for ``site``: the configured one, or, under tensor parallelism (the graph holds
+    ``1/world`` of the config's heads), this rank's shard of it. Raises if the config is for another model: every
+    size the graph shows must equal the config's (query heads, KV heads, head_dim)."""
+    chans = cfg.channels
     hq, hkv = site.heads
     d = site.node.args[0].meta["example_value"].shape[-1]
-    cfg.channels.check_shapes(num_heads=hq, num_kv_heads=hkv, head_dim=d if isinstance(d, int) else None,
-                              what=f"the attention at {site.module_path}")
+    world, rank = _tensor_parallel()
+    if world > 1 and (hq * world, hkv * world) == (chans.num_heads, chans.num_kv_heads):
+        chans = chans.shard(rank, world)
+    chans.check_shapes(num_heads=hq, num_kv_heads=hkv, head_dim=d if isinstance(d, int) else None,
+                       what=f"the attention at {site.module_path}")
+    return chans
+
+
+def _tensor_parallel() -> tuple[int, int]:
+    """``(world size, rank)`` of torch.distributed's default group, ``(1, 0)`` outside a distributed run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
 
 
 def _check_layers(sites: list[Site], cfg: DSConfig) -> None:
@@ -127,9 +142,9 @@ def rewrite(gm: GraphModule, cfg: DSConfig) -> list[Site]:
     for site in sites:
         if site.action != "sparse":
             continue
-        _check_config(site, cfg)
+        chans = _site_channels(site, cfg)
         spec = ops.SiteSpec(
-            label=ops.label_spec(cfg.channels, site.layer, cfg.r, cfg.label_bits),
+            label=ops.label_spec(chans, site.layer, cfg.r, cfg.label_bits),
             layer=site.layer, budget=cfg.budget_tokens, frac=cfg.budget_frac, sink=cfg.sink,
             recent=cfg.recent, group=cfg.gqa == "group", dense_prefill=cfg.prefill == "dense",
             min_length=cfg.dense_below, offload=cfg.offload)

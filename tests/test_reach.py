@@ -1,0 +1,76 @@
+"""Issue 15, reach: every way HF users run a model gets Double Sparsity or says loudly why not (tiny models,
+eager inner compiler)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import transformers as T
+
+import dsc
+from dsc.passes import store
+from test_passes_models import _dynamo  # noqa: F401  (the autouse fixture: a clean Dynamo per test)
+from test_passes_models import CHANNELS, compiled, generate, tiny
+
+OPTS = dict(channels=CHANNELS, inner="eager", dense_layers=(0,), r=8)
+
+
+def test_hf_compile_config_with_its_default_mode():
+    """``generate(compile_config=CompileConfig(backend=dsc.sparse_backend(...)))`` with HF's default mode
+    (reduce-overhead; on the CPU it changes nothing): HF compiles the decode steps (its prefill stays eager, so
+    the labels are built from the cache at the first compiled step), exact at full budget."""
+    model = tiny("llama")
+    ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(1))
+    ref = generate(model, ids, 5, "static")
+    config = T.CompileConfig(backend=dsc.sparse_backend(budget=256, **OPTS))
+    config._compile_all_devices = True  # HF compiles generate on accelerators only unless told
+    assert config.mode == "reduce-overhead"
+    before = store.STATS["sparse_calls"]
+    out = generate(model, ids, 5, "static", compile_config=config)
+    assert out.sequences.tolist() == ref.sequences.tolist()
+    assert store.STATS["sparse_calls"] - before == 4 * 2  # 4 compiled decode steps x 2 sparse layers
+
+
+def test_sparse_backend_validates_early_and_keeps_its_options():
+    with pytest.raises(ValueError, match="unknown dsparse option"):
+        dsc.sparse_backend(channels=CHANNELS, budgett=3)
+    with pytest.raises(ValueError, match="channel config"):
+        dsc.sparse_backend(budget=3)
+    backend = dsc.sparse_backend(budget=3, **OPTS)
+    with pytest.raises(ValueError, match="options bound"):
+        backend(None, [], options={"budget": 4})
+
+
+def test_cuda_graph_modes_are_refused_on_cuda():
+    """Until the decode step is graph-safe, a CUDA-graph mode would replay kernels without the label bookkeeping."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dsc.backend import _refuse_cuda_graphs
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        on_cuda = [torch.empty(2, device="cuda")]
+    with pytest.raises(ValueError, match="CUDA graphs"):
+        _refuse_cuda_graphs("reduce-overhead", on_cuda)
+    _refuse_cuda_graphs("default", on_cuda)
+    _refuse_cuda_graphs("reduce-overhead", [torch.empty(2)])  # CPU: inductor's CUDA graphs do not apply
+
+
+@pytest.mark.parametrize("impl", ["eager", "flex_attention"])
+def test_non_sdpa_attention_warns_with_the_fix_and_dsc_compile_switches(impl):
+    model = tiny("llama")
+    model.set_attn_implementation(impl)
+    ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(2))
+    with pytest.warns(RuntimeWarning, match="without scaled_dot_product_attention.*attn_implementation='sdpa'"):
+        with compiled(model, budget=256):
+            generate(model, ids, 2)
+    torch._dynamo.reset()
+    ref = generate(model, ids, 3)
+    with pytest.warns(RuntimeWarning, match=f"switched the model from attn_implementation='{impl}'"):
+        dsc.compile(model, budget=256, **OPTS)
+    before = store.STATS["sparse_calls"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no silent-dense warning now
+        out = generate(model, ids, 3)
+    assert store.STATS["sparse_calls"] - before == 2 * 2
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), atol=1e-4, rtol=1e-4)
