@@ -163,8 +163,10 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
     return p
 
 
-def load_model(path: str | os.PathLike | None = None, dtype: str | "torch.dtype" = "float32"):
-    """Load ``(model, tokenizer)`` in eval mode on CPU; ``path=None`` is the embedded SmolLM2-135M-Instruct."""
+def load_model(path: str | os.PathLike | None = None, dtype: str | "torch.dtype" = "float32",
+               tp_plan: str | None = None):
+    """Load ``(model, tokenizer)`` in eval mode on CPU; ``path=None`` is the embedded SmolLM2-135M-Instruct.
+    ``tp_plan="auto"``: HF tensor parallelism (run under torchrun; each rank holds its share of the heads)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -172,7 +174,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: str | "torch.dtype"
     folder = resolve_model_path(path)
     try:
         tok = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **({"tp_plan": tp_plan} if tp_plan else {}))
     except (OSError, ValueError, KeyError) as e:
         raise AssetError(f"could not load a causal LM from {str(folder)!r}: {e}") from e
     model.eval()

@@ -66,7 +66,8 @@ def _warn_if_silently_dense(gm, sites) -> None:
             warnings.warn(f"dsparse: this graph computes attention without scaled_dot_product_attention ({kind}), "
                           f"so it stays dense: {SDPA_HINT}", RuntimeWarning, stacklevel=2)
         return
-    odd = sorted({s.reason for s in sites if not any(d in s.reason for d in _DELIBERATE)})
+    decoding = [s for s in sites if not (isinstance(s.lq, int) and s.lq > 1)]  # a prefill is dense by default
+    odd = sorted({s.reason for s in decoding if not any(d in s.reason for d in _DELIBERATE)})
     if odd:
         warnings.warn(f"dsparse: none of this graph's {len(sites)} attention sites became sparse: " + "; ".join(odd)
                       + ". dsc.explain(model, inputs) shows each site.", RuntimeWarning, stacklevel=2)
@@ -135,7 +136,8 @@ def compile(model, *, check_fingerprint: bool = True, **options):
     compiled code keeps its own recompile budget (``isolate_recompiles``):
     HF models of one class share one forward code object, so with plain ``torch.compile`` every model compiled
     in a process counts against Dynamo's one limit of 8 and, past it, later models silently run uncompiled (dense).
-    Returns the model."""
+    A model with accelerate hooks (``cpu_offload``, ``dispatch_model``) breaks the graph at every hooked module, so
+    its limit grows with their number. Returns the model."""
     from dsc.calibration.config import model_fingerprint, model_shapes
 
     cfg = DSConfig.from_options(options)
@@ -149,7 +151,9 @@ def compile(model, *, check_fingerprint: bool = True, **options):
         model.set_attn_implementation("sdpa")  # the same attention, in the form the rewrite recognises
         warnings.warn(f"dsc.compile: switched the model from attn_implementation={impl!r} to 'sdpa' (the same "
                       "attention; Double Sparsity rewrites SDPA calls)", RuntimeWarning, stacklevel=2)
-    model.compile(backend="dsparse", options=options, isolate_recompiles=True)
+    hooked = sum(1 for m in model.modules() if hasattr(m, "_hf_hook"))  # accelerate: a graph break per hooked module
+    model.compile(backend="dsparse", options=options, isolate_recompiles=True,
+                  recompile_limit=max(8, 8 + 4 * hooked))
     return model
 
 

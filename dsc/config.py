@@ -104,7 +104,14 @@ DEFAULT_GQA = "head"  # selection per query head: the accuracy default (see DSCo
 OFFLOAD_GQA = "group"  # per KV group with offload: each selected row crosses the bus once
 
 
-_INT_FIELDS = (("r", 1), ("sink", 0), ("recent", 0))
+_INT_FIELDS = (("sink", 0), ("recent", 0))
+DEFAULT_R = 16  # label channels when no channel config tells head_dim (head_dim 64, e.g. SmolLM2: 64 / 4)
+
+
+def default_r(head_dim: int) -> int:
+    """Label channels per KV head by default: a quarter of head_dim (16 at head_dim 64, 32 at 128, 64 at 256), so a
+    label sees the same share of each key whatever the head size; 16-bit labels then cost 1/4 of K's bytes."""
+    return max(1, head_dim // 4)
 
 
 def _check_int(name: str, value: Any, least: int) -> None:
@@ -131,7 +138,8 @@ class DSConfig(BudgetView):
     - ``budget``: tokens attended per decode step: an int ``k >= 1``, or a fraction in ``(0, 1]`` of each row's
       valid tokens (``1/16`` = the paper's 1/16 token sparsity; ``1.0`` = all). A fraction never keeps fewer than
       ``sink + recent + 16`` tokens (see :class:`BudgetView` for the whole rule).
-    - ``r``: label channels per KV head; ``label_bits``: 16 (key dtype), 8 or 4 (quantized labels).
+    - ``r``: label channels per KV head (default ``head_dim / 4`` of the channel config: 16 at head_dim 64, 32 at
+      128; a fixed 16 would see only 1/16 of a 256-wide key); ``label_bits``: 16 (key dtype), 8 or 4 (quantized).
     - ``dense_layers``: layers kept dense (the reference kept 0-1); ``min_length``: caches shorter than this
       attend densely (a host-side shape check). ``None`` (default) derives it from the budget: ``(sink + recent +
       16) / f`` for a fraction ``f`` (576 tokens at 1/16 with the default sink/recent), 0 for an int budget.
@@ -156,7 +164,7 @@ class DSConfig(BudgetView):
 
     channels: Any = None
     budget: float = 1 / 16
-    r: int = 16
+    r: Optional[int] = None
     label_bits: int = 16
     dense_layers: tuple[int, ...] = (0, 1)
     min_length: Optional[int] = None
@@ -183,7 +191,9 @@ class DSConfig(BudgetView):
             object.__setattr__(self, "budget", parse_budget(self.budget))
         except ValueError as e:
             raise ValueError(f"DSConfig.{e}") from None
-        for name, least in _INT_FIELDS:
+        if self.r is None:
+            object.__setattr__(self, "r", default_r(self.channels.head_dim) if self.channels is not None else DEFAULT_R)
+        for name, least in (("r", 1),) + _INT_FIELDS:
             _check_int(name, getattr(self, name), least)
         if self.min_length is not None:
             _check_int("min_length", self.min_length, 0)

@@ -1,15 +1,17 @@
 """DSConfig validation and the backend's entry: options, errors, ``mode=``, the entry point."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import dsc
 from dsc.backend import REPORTS, dsparse
 from dsc.calibration.config import ChannelConfig
-from dsc.config import DSConfig
+from dsc.config import DSConfig, parse_budget
 
 CH = ChannelConfig.random(2, 4, 2, 16, seed=0)
 
@@ -33,7 +35,7 @@ def test_options_from_dict_dataclass_and_base_with_overrides():
     assert base.dense_layers == (0, 1)
     assert DSConfig.from_options(base) is base
     cfg = DSConfig.from_options({"config": base, "budget": 0.25})
-    assert (cfg.budget_tokens, cfg.budget_frac, cfg.channels) == (0, 0.25, CH)
+    assert (cfg.budget_tokens, cfg.budget_frac, cfg.channels) == (4 + 16 + 16, 0.25, CH)  # a fraction's floor
     assert DSConfig.from_options({"channels": CH, "budget": 16.0}).budget == 16  # integral float -> tokens
     with pytest.raises(ValueError, match=r"options\['config'\] must be a DSConfig"):
         DSConfig.from_options({"config": {"budget": 3}})
@@ -46,10 +48,46 @@ def test_bad_budgets_rejected(budget):
         DSConfig(channels=CH, budget=budget)
 
 
-@given(st.one_of(st.integers(min_value=1, max_value=10**6), st.floats(min_value=1e-6, max_value=0.999)))
+@given(st.one_of(st.integers(min_value=1, max_value=10**6), st.floats(min_value=1e-6, max_value=1.0)))
+@example(1.0)   # a fraction: every token
+@example(1)     # an int: one token
 def test_good_budgets_split_into_tokens_or_fraction(budget):
+    """An int is tokens (no fraction); a fraction in (0, 1] keeps its share with a floor of sink + recent + 16."""
     cfg = DSConfig(channels=CH, budget=budget)
-    assert (cfg.budget_tokens > 0) != (cfg.budget_frac > 0)
+    if isinstance(budget, int):
+        assert (cfg.budget_tokens, cfg.budget_frac) == (budget, 0.0)
+    else:
+        assert (cfg.budget_tokens, cfg.budget_frac) == (cfg.sink + cfg.recent + 16, budget)
+        n = cfg.dense_below + 10
+        assert cfg.tokens_kept(n) == max(cfg.budget_tokens, math.ceil(budget * n))
+        assert cfg.tokens_kept(cfg.dense_below - 1) == cfg.dense_below - 1  # below it: dense, every token
+
+
+@pytest.mark.parametrize("text,value", [("128", 128), ("1/16", 1 / 16), ("0.0625", 0.0625), ("1.0", 1.0), ("2.0", 2),
+                                        (" 7 ", 7)])
+def test_one_budget_parser(text, value):
+    assert parse_budget(text) == value and type(parse_budget(text)) is type(value)
+
+
+@pytest.mark.parametrize("text", ["1.5", "0", "-1/16", "x", "1/0", "inf"])
+def test_budget_parser_refuses_instead_of_truncating(text):
+    with pytest.raises(ValueError, match="budget"):
+        parse_budget(text)
+
+
+def test_short_caches_attend_densely_by_default():
+    """Below where the fraction binds (its floor / f) a cache attends densely; min_length overrides."""
+    assert DSConfig(channels=CH, budget=1 / 16).dense_below == 36 * 16
+    assert DSConfig(channels=CH, budget=1 / 16, min_length=0).dense_below == 0
+    assert DSConfig(channels=CH, budget=64).dense_below == 0
+
+
+@pytest.mark.parametrize("field,value,match", [("label_bits", 8.0, "label_bits"), ("r", 17, "head_dim"),
+                                               ("dense_layers", [5], "out of range"),
+                                               ("sync_layers", [9], "out of range")])
+def test_config_errors_before_any_tracing(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        DSConfig(channels=CH, predict=field == "sync_layers", offload=field == "sync_layers", **{field: value})
 
 
 @pytest.mark.parametrize("field,value", [("label_bits", 12), ("gqa", "kv"), ("prefill", "auto"), ("inner", "tvm"),

@@ -82,10 +82,11 @@ def test_offload_equals_on_device_decode(cache, gqa, monkeypatch):
 
 
 def test_offload_moves_a_budget_sized_share_of_whole_layer_offload():
-    """At 1/16 of a 512-token cache, bytes moved host -> device per step are <= 1/10 of moving every layer's K/V."""
+    """At 1/16 of a 252-token cache (floor 1 + 2 + 16 = 19 tokens; sparse from the first step), bytes moved host ->
+    device per step are <= 1/10 of moving every layer's K/V."""
     model = tiny("llama")
     ids = torch.randint(3, 128, (1, 250), generator=torch.Generator().manual_seed(3))
-    with compiled(model, offload=True, budget=1 / 16, gqa="group", dense_layers=()):
+    with compiled(model, offload=True, budget=1 / 16, gqa="group", dense_layers=(), min_length=0, **OPTS_NO_BUDGET):
         store.STATS.clear()
         generate(model, ids, 3, "static")
     s = 252  # cache length at the last fetch (prompt + 2 generated tokens fed back)

@@ -74,3 +74,50 @@ def test_non_sdpa_attention_warns_with_the_fix_and_dsc_compile_switches(impl):
         out = generate(model, ids, 3)
     assert store.STATS["sparse_calls"] - before == 2 * 2
     torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_regional_compilation_names_layers_by_their_cache(cache):
+    """``layer.compile(...)`` per decoder layer (PyTorch's cold-start advice): the module path inside a layer has no
+    layer number, but the cache layer its keys are read from does (HF's layer_idx). Decode steps are sparse and
+    exact at full budget; with a binding budget they equal the whole-model compile."""
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(3))
+    runs = {}
+    for how in ("whole", "regional"):
+        for budget in (256, 6):
+            model = tiny("llama")
+            torch._dynamo.reset()
+            opts = dict(budget=budget, sink=1, recent=2, **OPTS)
+            if how == "whole":
+                model.compile(backend="dsparse", options=opts)
+            else:
+                for layer in model.model.layers:
+                    layer.compile(backend="dsparse", options=opts, isolate_recompiles=True)
+            before = store.STATS["sparse_calls"]
+            runs[how, budget] = generate(model, ids, 4, cache).sequences.tolist()
+            assert store.STATS["sparse_calls"] - before == 3 * 2  # 3 decode steps x 2 sparse layers
+    assert runs["regional", 256] == runs["whole", 256] == generate(tiny("llama"), ids, 4, cache).sequences.tolist()
+    assert runs["regional", 6] == runs["whole", 6]
+
+
+@pytest.mark.parametrize("hooks", ["cpu_offload", "dispatch_model"])
+def test_accelerate_hooks_with_dsc_compile(hooks):
+    """accelerate's hooks break the graph at every module (and hide the module path): dsc.compile raises the
+    recompile budget with the number of hooked modules, layers are named by their cache layer; decode is sparse
+    and exact at full budget."""
+    import accelerate
+
+    model = tiny("llama")
+    ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(4))
+    ref = generate(model, ids, 4, "dynamic").sequences.tolist()
+    if hooks == "cpu_offload":
+        accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    else:
+        parts = ["model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head"] + [
+            f"model.layers.{i}" for i in range(len(model.model.layers))]
+        model = accelerate.dispatch_model(model, device_map=dict.fromkeys(parts, "cpu"), main_device="cpu",
+                                          force_hooks=True)
+    dsc.compile(model, budget=256, **OPTS)
+    before = store.STATS["sparse_calls"]
+    assert generate(model, ids, 4, "dynamic").sequences.tolist() == ref
+    assert store.STATS["sparse_calls"] - before == 3 * 2

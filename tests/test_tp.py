@@ -65,3 +65,34 @@ def test_shard_takes_each_ranks_contiguous_kv_heads():
         assert cfg.shard(rank, 2) is part  # cached: every graph of a rank shares its label specs
     with pytest.raises(ValueError, match="divide evenly"):
         cfg.shard(0, 3)
+
+
+def test_bench_decode_tp_reports_each_rank(tmp_path):
+    """``dsc bench decode --tp 2`` relaunches itself under torchrun; each rank reports its tok/s and the KV cache
+    its own heads hold: half of the one-process cache."""
+    from transformers import AutoTokenizer
+
+    from dsc.assets import default_model_path
+    from dsc.calibration.config import ChannelConfig
+    from dsc.cli import main
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    import transformers as T
+
+    torch.manual_seed(0)
+    T.LlamaForCausalLM(T.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                     max_position_embeddings=256)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    ChannelConfig.random(3, 4, 2, 16, seed=2).save(tmp_path / "channels.json")
+    args = ["bench", "decode", "--model", str(tmp_path / "model"), "--contexts", "48", "--batch", "1", "--compile",
+            "eager", "--policy", "dense,dsparse", "--channels", str(tmp_path / "channels.json"), "--budget", "8",
+            "--steps", "2", "--warmup", "1"]
+    assert main(args + ["--json", str(tmp_path / "one.json")]) == 0
+    assert main(args + ["--tp", "2", "--json", str(tmp_path / "tp.json")]) == 0
+    one = json.loads((tmp_path / "one.json").read_text())["results"]
+    for rank in range(2):
+        rows = json.loads((tmp_path / f"tp.json.rank{rank}.json").read_text())["results"]
+        assert [r["policy"] for r in rows] == ["dense", "dsparse"]
+        for r, whole in zip(rows, one):
+            assert r["tok_per_s"] > 0 and r["kv_cache_mb"] == pytest.approx(whole["kv_cache_mb"] / 2)

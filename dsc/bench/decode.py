@@ -42,7 +42,22 @@ def add_arguments(p):
     p.add_argument("--warmup", type=int, default=3, help="untimed decode steps before timing")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default); 1 is steadier on a loaded machine")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor-parallel ranks: relaunch under torchrun with N processes, load the model with HF's "
+                        "tp_plan='auto' (gloo on CPU); each rank reports its own tok/s and KV cache MB "
+                        "(--json PATH writes PATH.rank<r>.json)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+
+
+def relaunch_tensor_parallel(args) -> int:
+    """Run this same command under ``torch.distributed.run`` with ``args.tp`` processes (the ranks see
+    ``WORLD_SIZE`` and load the model sharded)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.tp), "-m", "dsc",
+           *args.argv]
+    return subprocess.run(cmd).returncode
 
 
 def compiled_forward(model, compiler: str, policy: str = "dense", ds_options: dict | None = None):
@@ -91,7 +106,7 @@ def bench_one(model, tok, context: int, batch: int, compiler: str, steps: int, w
 
 
 def _kv_shape(model) -> tuple[int, int, int, int, int]:
-    """``(layers, Hq, Hkv, head_dim, bytes per element)`` of the model's KV cache."""
+    """``(layers, Hq, Hkv, head_dim, bytes per element)`` of the model's KV cache (whole model, all ranks)."""
     from dsc.evaluation.policies import check_model
 
     return (*check_model(model), next(model.parameters()).element_size())
@@ -112,8 +127,22 @@ def run(args) -> int:
     import torch
     from tqdm import tqdm
 
+    import os
+
     from dsc.assets import check_context, load_model
 
+    if args.tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {args.tp}")
+    rank = None
+    if args.tp > 1:
+        if args.offload or args.quant != "none":
+            raise ValueError("--tp runs dense and dsparse policies without --offload or --quant (not supported "
+                             "together yet)")
+        if "WORLD_SIZE" not in os.environ:
+            return relaunch_tensor_parallel(args)
+        rank = int(os.environ["RANK"])
+        if args.json:
+            args.json = f"{args.json}.rank{rank}.json"
     contexts = parse_list(args.contexts, int, "context length")
     batches = parse_list(args.batch, int, "batch size")
     dtypes = parse_list(args.dtype, str, "dtype")
@@ -147,7 +176,7 @@ def run(args) -> int:
     ds_options = None
     for dtype, quant, ctx, batch, compiler, policy in bar:
         if loaded != (dtype, quant):
-            model, tok = load_model(args.model, dtype=dtype)
+            model, tok = load_model(args.model, dtype=dtype, tp_plan="auto" if rank is not None else None)
             if quant == "int8":
                 quantize_int8(model)
             loaded = (dtype, quant)
@@ -163,6 +192,8 @@ def run(args) -> int:
         rows.append(row)
         tqdm.write(format_table([row], _COLUMNS).splitlines()[-1])
     add_speedups(rows)
+    if rank is not None:
+        print(f"tensor-parallel rank {rank} of {args.tp}: this rank's tok/s and the KV cache its own heads hold")
     print(format_table(rows, _COLUMNS + [("speedup", "vs dense"), ("speedup_best", "vs fastest dense")]))
     moved = [r for r in rows if "h2d_mb_per_step" in r]
     if moved:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from dsc.config import DEFAULT_GQA, GQA_MODES, LABEL_BITS, BudgetView, DSConfig, parse_budget
+from dsc.config import DEFAULT_GQA, DEFAULT_R, GQA_MODES, LABEL_BITS, BudgetView, DSConfig, default_r, parse_budget
 from dsc.sites import layer_index
 
 POLICIES = ("dense", "dsparse", "oracle", "streaming", "quest", "sparq")
@@ -50,7 +50,7 @@ class Policy(BudgetView):
     name: str = "dense"
     # Defaults are the backend's, so the evaluation measures what `backend="dsparse"` does out of the box.
     budget: int | float = DSConfig.budget
-    r: int = DSConfig.r
+    r: Optional[int] = DSConfig.r
     label_bits: int = DSConfig.label_bits
     gqa: str = DEFAULT_GQA
     sink: int = DSConfig.sink
@@ -64,6 +64,8 @@ class Policy(BudgetView):
         if self.name not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.name!r}")
         object.__setattr__(self, "budget", parse_budget(self.budget))
+        if self.r is None:  # as DSConfig: a quarter of head_dim when the channel config tells it
+            object.__setattr__(self, "r", default_r(self.channels.head_dim) if self.channels is not None else DEFAULT_R)
         if self.gqa not in GQA_MODES:
             raise ValueError(f"gqa must be one of {GQA_MODES}, got {self.gqa!r}")
         if self.label_bits not in LABEL_BITS:

@@ -43,7 +43,7 @@ def add_policy_arguments(p, many: bool = True):
                    help="comma-separated budgets: tokens (128; rows with <= 128 keys are exact) or fractions of "
                         "each row's own valid tokens (1/16, as DSConfig.budget)")
     p.add_argument("--channels", type=int, default=D.r, metavar="R",
-                   help="r: label channels per KV head (dsparse) or top-|q| channels (sparq)")
+                   help="r: label channels per KV head (dsparse) or top-|q| channels (sparq); default head_dim / 4")
     p.add_argument("--label-bits", type=int, default=D.label_bits, choices=LABEL_BITS,
                    help="dsparse label precision")
     p.add_argument("--gqa", default=DEFAULT_GQA, choices=GQA_MODES,

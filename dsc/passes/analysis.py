@@ -8,6 +8,7 @@ positions (dynamic caches). Anything else stays dense, with the reason recorded 
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -182,6 +183,22 @@ def find_cache_write(k: Node, sdpa: Node, order: dict) -> Optional[dict]:
     return None
 
 
+_CACHE_LAYER = re.compile(r"\.layers\[(\d+)\]\.(?:keys|values)\b")
+
+
+def cache_layer(*nodes: Any) -> Optional[int]:
+    """The layer index of the HF cache layer a K node reads (``past_key_values.layers[i].keys``, seen in the
+    Dynamo source of the graph input it is, or is a view of), else None. HF files each attention's cache under its
+    ``layer_idx``, so this names the layer whatever wraps the module: accelerate hooks, regional compilation, or
+    a model nested in another."""
+    for n in nodes:
+        n = _prefix_base(n) if isinstance(n, Node) else n
+        m = _CACHE_LAYER.search(source_name(n) or "")
+        if m:
+            return int(m.group(1))
+    return None
+
+
 def _module_path(node: Node) -> Optional[str]:
     stack = node.meta.get("nn_module_stack") or {}
     for path, _ in reversed(list(stack.values())):
@@ -275,6 +292,9 @@ def _decide(site: Site, a: dict, order: dict, has_layer, dense_layers: set, r: i
         site.mask = "causal"
     w = find_cache_write(kn, site.node, order)
     site.cache = w["cache"] if w else None
+    if w is not None:  # the cache layer HF files the keys under is the attention's own layer_idx
+        found = cache_layer(w.get("past_k"), kn)
+        site.layer = found if found is not None else site.layer
     if torch.is_grad_enabled() and qe.requires_grad:
         return "autograd: the inputs require grad (training); the sparse op has no backward"
     dropout = a["dropout_p"]

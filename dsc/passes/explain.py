@@ -82,7 +82,7 @@ def _clean(path: str | None) -> str:
 
 
 def _rows(gm, cfg, graph_index: int) -> list[SiteRow]:
-    from .rewrite import _check_config, analyze_module
+    from .rewrite import _site_channels, analyze_module
 
     rows = []
     sites = analyze_module(gm, cfg)
@@ -94,7 +94,7 @@ def _rows(gm, cfg, graph_index: int) -> list[SiteRow]:
         becomes, why = site.becomes, site.reason
         if site.action == "sparse" and cfg.channels is not None:
             try:
-                _check_config(site, cfg)
+                _site_channels(site, cfg)
             except ValueError as e:
                 becomes, why = "error", str(e)
         if "predict" in site.extra:
@@ -195,7 +195,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=3,
                    help="tokens generated (default 3: the prefill graph, the first decode step's graph and the one "
                         "Dynamo recompiles once the length varies, which serves the rest of the decode)")
-    p.add_argument("--budget", type=float, default=None, help="token budget: fraction < 1 or token count")
+    p.add_argument("--budget", default=None, help="token budget: a fraction (1/16) or a token count")
     p.add_argument("--dense-layers", default=None, help="comma-separated layers kept dense (default 0,1)")
     p.add_argument("--prefill", choices=("dense", "sparse"), default=None)
 
@@ -204,6 +204,7 @@ def run(args) -> int:
     import torch
 
     from dsc.assets import load_model
+    from dsc.config import parse_budget
 
     if args.prompt_tokens <= 0:
         raise ValueError(f"--prompt-tokens must be positive, got {args.prompt_tokens}")
@@ -213,7 +214,7 @@ def run(args) -> int:
     if args.config:
         options["channels"] = args.config
     if args.budget is not None:
-        options["budget"] = int(args.budget) if args.budget >= 1 else args.budget
+        options["budget"] = parse_budget(args.budget)
     if args.dense_layers is not None:
         try:
             options["dense_layers"] = tuple(int(x) for x in args.dense_layers.split(",") if x.strip())

@@ -106,7 +106,7 @@ def site_attention(site: int, q: Tensor, k: Tensor, v: Tensor, past_k: Optional[
     """
     spec = SITES[site]
     placeholder = new_v is not None
-    if cache == "dynamic" and not placeholder and store.should_stay_dense(spec.label, past_k):  # rebuilt each step
+    if cache == "dynamic" and not placeholder and store.should_stay_dense(spec, past_k):  # rebuilt each step
         store.STATS["dense_calls"] += 1
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1]).contiguous()
