@@ -356,6 +356,26 @@ def test_byte_limit_formula():
         label_channels("D/0x", 64)
 
 
+def test_bench_attention_dense_candidates_agree():
+    import torch
+
+    from dsc.bench.attention import best_dense, dense_candidates
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 6, 1, 16, generator=gen), torch.randn(2, 2, 50, 16, generator=gen),
+               torch.randn(2, 2, 50, 16, generator=gen))
+    cands = dense_candidates(q, k, v, 0.25)
+    expected = torch.repeat_interleave(k, 3, 1), torch.repeat_interleave(v, 3, 1)
+    expected = torch.softmax(q @ expected[0].transpose(-1, -2) * 0.25, -1) @ expected[1]
+    for name, fn in cands:
+        torch.testing.assert_close(fn(), expected, atol=1e-5, rtol=1e-5, msg=name)
+    best, times = best_dense(cands + [("broken", lambda: torch.ones(2).view(3))],
+                             lambda fn, repeats, warmup: 1.0 if fn is cands[1][1] else 2.0, 1, 0)
+    assert best == "packed-gqa" and set(times) == {n for n, _ in cands}  # the candidate that raised is skipped
+    with pytest.raises(RuntimeError, match="wrong differs"):
+        best_dense(cands + [("wrong", lambda: q)], lambda *a: 1.0, 1, 0)
+
+
 def test_bench_attention_command_runs(tmp_path):
     import json
 
@@ -368,4 +388,7 @@ def test_bench_attention_command_runs(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["labels"] for r in rows] == ["int4", "native"]
     assert all(r["k"] == 75 and r["r"] == 8 and r["dense_ms"] > 0 and r["ds_ms"] > 0 for r in rows)
+    names = {"sdpa-gqa", "packed-gqa", "matmul-softmax", "repeat-kv"}
+    assert all(set(r["dense"]) == names and r["dense_ms"] == min(r["dense"].values()) == r["dense"][r["best_dense"]]
+               and r["gqa_ms"] == r["dense"]["sdpa-gqa"] for r in rows)
     assert main(["bench", "attention", "--shapes", "4x3x32", "--repeats", "1"]) == 2  # Hq not a multiple of Hkv
