@@ -103,21 +103,26 @@ def test_regional_compilation_names_layers_by_their_cache(cache):
 @pytest.mark.parametrize("hooks", ["cpu_offload", "dispatch_model"])
 def test_accelerate_hooks_with_dsc_compile(hooks):
     """accelerate's hooks break the graph at every module (and hide the module path): dsc.compile raises the
-    recompile budget with the number of hooked modules, layers are named by their cache layer; decode is sparse
-    and exact at full budget."""
+    recompile budget with the number of hooked modules, layers are named by their cache layer; decode is sparse,
+    exact at full budget and equal to the whole-model compile at a binding budget."""
     import accelerate
 
-    model = tiny("llama")
-    ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(4))
-    ref = generate(model, ids, 4, "dynamic").sequences.tolist()
-    if hooks == "cpu_offload":
-        accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
-    else:
-        parts = ["model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head"] + [
-            f"model.layers.{i}" for i in range(len(model.model.layers))]
-        model = accelerate.dispatch_model(model, device_map=dict.fromkeys(parts, "cpu"), main_device="cpu",
-                                          force_hooks=True)
-    dsc.compile(model, budget=256, **OPTS)
-    before = store.STATS["sparse_calls"]
-    assert generate(model, ids, 4, "dynamic").sequences.tolist() == ref
-    assert store.STATS["sparse_calls"] - before == 3 * 2
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(4))
+    ref = generate(tiny("llama"), ids, 4, "dynamic").sequences.tolist()
+    whole = tiny("llama")
+    whole.compile(backend="dsparse", options=dict(budget=6, sink=1, recent=2, **OPTS))
+    binding = generate(whole, ids, 4, "dynamic").sequences.tolist()
+    for budget, want in ((256, ref), (6, binding)):  # exact at full budget; at a binding one, as the whole compile
+        torch._dynamo.reset()
+        model = tiny("llama")
+        if hooks == "cpu_offload":
+            accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+        else:
+            parts = ["model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head"] + [
+                f"model.layers.{i}" for i in range(len(model.model.layers))]
+            model = accelerate.dispatch_model(model, device_map=dict.fromkeys(parts, "cpu"), main_device="cpu",
+                                              force_hooks=True)
+        dsc.compile(model, budget=budget, sink=1, recent=2, **OPTS)
+        before = store.STATS["sparse_calls"]
+        assert generate(model, ids, 4, "dynamic").sequences.tolist() == want
+        assert store.STATS["sparse_calls"] - before == 3 * 2
