@@ -15,6 +15,7 @@ import dsc
 from dsc.backend import REPORTS
 from dsc.calibration.config import ChannelConfig
 from dsc.passes import ops, store
+from helpers import assert_same, generate  # noqa: F401  (also imported from here by other test modules)
 
 LAYERS, HQ, HKV, HIDDEN = 3, 4, 2, 64
 D = HIDDEN // HQ
@@ -60,21 +61,6 @@ def compiled(model, **options):
         yield model
     finally:
         del model.forward
-
-
-def generate(model, ids, n, kind="dynamic", **kw):
-    kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, return_dict_in_generate=True, output_logits=True,
-              pad_token_id=0, **kw)
-    if kind == "static":
-        kw.setdefault("cache_implementation", "static")
-    with torch.no_grad():
-        return model.generate(ids, **kw)
-
-
-def assert_same(ref, out, atol=1e-4):
-    assert ref.sequences.tolist() == out.sequences.tolist()
-    for a, b in zip(ref.logits, out.logits):
-        torch.testing.assert_close(b, a, atol=atol, rtol=1e-4)
 
 
 def left_pad(prompts):
