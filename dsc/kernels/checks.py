@@ -214,19 +214,28 @@ def check_kv(q, k, v) -> tuple[int, int]:
     return hkv, s
 
 
-def check_sparse_attention(q, k, v, idx, sm_scale, bias) -> None:
-    hkv, s = check_kv(q, k, v)
-    b, hq, lq, _ = q.shape
+def check_selection(idx, b: int, hq: int, hkv: int, lq: int) -> None:
+    """``idx [B, Hsel, Lq, K]`` int64 selected positions, ``Hsel`` = Hkv (per KV group) or Hq (per query head)."""
     _rank("idx", idx, 4, "[B, Hsel, Lq, K] int64 positions (-1 = unused slot)")
     if idx.dtype != torch.int64:
         _fail("idx", f"must be int64, got {idx.dtype}")
     if idx.shape[0] != b or idx.shape[1] not in (hkv, hq) or idx.shape[2] != lq:
         _fail("idx", f"has shape {tuple(idx.shape)}; expected [{b}, Hsel, {lq}, K] with Hsel = {hkv} (per KV "
                      f"group) or {hq} (per query head)")
-    if _has_values(idx) and (int(idx.min()) < -1 or int(idx.max()) >= s):
-        _fail("idx", f"positions must lie in [-1, {s}) (-1 marks an unused slot)")
+
+
+def check_sm_scale(sm_scale) -> None:
     if not isinstance(sm_scale, (int, float)) or not sm_scale > 0:
         _fail("sm_scale", f"must be a positive float (usually 1/sqrt(head_dim)), got {sm_scale!r}")
+
+
+def check_sparse_attention(q, k, v, idx, sm_scale, bias) -> None:
+    hkv, s = check_kv(q, k, v)
+    b, hq, lq, _ = q.shape
+    check_selection(idx, b, hq, hkv, lq)
+    if _has_values(idx) and (int(idx.min()) < -1 or int(idx.max()) >= s):
+        _fail("idx", f"positions must lie in [-1, {s}) (-1 marks an unused slot)")
+    check_sm_scale(sm_scale)
     check_mask("bias", bias, (b, hq, lq, s), "float")
     _same_device("q", q, idx=idx, bias=bias)
 
@@ -266,5 +275,4 @@ def check_ds_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, len
     check_mask("bias", bias, (b, hq, lq, s), "float")
     _same_device("q", q, bias=bias)
     check_budget(budget, frac, sink, recent)
-    if not isinstance(sm_scale, (int, float)) or not sm_scale > 0:
-        _fail("sm_scale", f"must be a positive float (usually 1/sqrt(head_dim)), got {sm_scale!r}")
+    check_sm_scale(sm_scale)

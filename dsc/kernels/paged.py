@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from . import checks
 from .checks import _fail, _has_values, _rank, _same_device
+from .reference import attend_rows
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -53,14 +54,8 @@ def check_paged_attention(q, k_pages, v_pages, block_table, lengths, idx, sm_sca
     if not isinstance(lengths, torch.Tensor) or lengths.dtype not in INDEX_DTYPES or tuple(lengths.shape) != (b,):
         _fail("lengths", f"must be an int32/int64 tensor [B] = [{b}] (tokens per request), got "
                          f"{getattr(lengths, 'dtype', type(lengths).__name__)} {tuple(getattr(lengths, 'shape', ()))}")
-    _rank("idx", idx, 4, "[B, Hsel, Lq, K] int64 logical positions (-1 = unused slot)")
-    if idx.dtype != torch.int64:
-        _fail("idx", f"must be int64, got {idx.dtype}")
-    if idx.shape[0] != b or idx.shape[1] not in (hkv, hq) or idx.shape[2] != lq:
-        _fail("idx", f"has shape {tuple(idx.shape)}; expected [{b}, Hsel, {lq}, K] with Hsel = {hkv} (per KV "
-                     f"group) or {hq} (per query head)")
-    if not isinstance(sm_scale, (int, float)) or not sm_scale > 0:
-        _fail("sm_scale", f"must be a positive float (usually 1/sqrt(head_dim)), got {sm_scale!r}")
+    checks.check_selection(idx, b, hq, hkv, lq)
+    checks.check_sm_scale(sm_scale)
     _same_device("q", q, k_pages=k_pages, v_pages=v_pages, block_table=block_table, lengths=lengths, idx=idx)
     cap = max_pages * page_size
     if _has_values(lengths) and (int(lengths.min()) < 0 or int(lengths.max()) > cap):
@@ -106,14 +101,7 @@ def reference(q, k_pages, v_pages, block_table, lengths, idx, sm_scale: float):
     vr = v_pages[page, off, head].float()
     kr = torch.where(used[..., None], kr, torch.zeros_like(kr))  # rows never read: whatever they hold is ignored
     vr = torch.where(used[..., None], vr, torch.zeros_like(vr))
-    logits = torch.einsum("bhld,bhlkd->bhlk", q.float(), kr) * sm_scale
-    logits = logits.masked_fill(~used, float("-inf"))
-    m = logits.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(logits - m)
-    den = p.sum(-1, keepdim=True)
-    out = torch.einsum("bhlk,bhlkd->bhld", p, vr) / torch.where(den > 0, den, torch.ones_like(den))
-    return out.to(q.dtype).contiguous()
+    return attend_rows(q, kr, vr, used, sm_scale)
 
 
 # ----------------------------------------------------------------------------------------------- CPU path

@@ -144,15 +144,22 @@ def sparse_attention(q, k, v, idx, sm_scale: float, bias=None):
     gather = ii.reshape(b, hq, lq * kk, 1).expand(b, hq, lq * kk, d)
     kg = kf.gather(2, gather).view(b, hq, lq, kk, d)
     vg = vf.gather(2, gather).view(b, hq, lq, kk, d)
-    logits = torch.einsum("bhld,bhlkd->bhlk", q.float(), kg) * sm_scale
+    bias_sel = None if bias is None else bias.float().expand(b, hq, lq, s).gather(-1, ii)
+    return attend_rows(q, kg, vg, used, sm_scale, bias_sel)
+
+
+def attend_rows(q, rows_k, rows_v, used, sm_scale: float, bias=None):
+    """Exact fp32 attention of ``q [B, Hq, Lq, D]`` over its gathered rows ``[B, Hq, Lq, K, D]``: slots with
+    ``used`` False are skipped (``bias``, per slot, added to the logits); a row with no slot gives 0."""
+    logits = torch.einsum("bhld,bhlkd->bhlk", q.float(), rows_k) * sm_scale
     if bias is not None:
-        logits = logits + bias.float().expand(b, hq, lq, s).gather(-1, ii)
+        logits = logits + bias
     logits = logits.masked_fill(~used, float("-inf"))
     m = logits.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(logits - m)
     den = p.sum(-1, keepdim=True)
-    out = torch.einsum("bhlk,bhlkd->bhld", p, vg) / torch.where(den > 0, den, torch.ones_like(den))
+    out = torch.einsum("bhlk,bhlkd->bhld", p, rows_v) / torch.where(den > 0, den, torch.ones_like(den))
     return out.to(q.dtype).contiguous()
 
 
