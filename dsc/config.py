@@ -53,12 +53,13 @@ def parse_budget(value: Any) -> int | float:
 
 
 class BudgetView:
-    """The selection knobs shared by :class:`DSConfig` and the evaluation ``Policy``, as the kernels take them.
+    """The budget rule, one place, for every holder of the selection knobs (:class:`Selection`, :class:`DSConfig`,
+    the evaluation ``Policy``).
 
-    The rule (one place): an int budget ``k`` keeps ``min(k, n)`` of a row's ``n`` valid tokens; a fraction ``f``
-    keeps ``min(n, max(ceil(f * n), floor))`` with ``floor = sink + recent + MIN_SCORED``, so a short row is never
-    left to its forced tokens alone. Of the kept slots, the ``recent`` newest valid tokens (the current token
-    first) are forced in before the ``sink`` oldest ones. Caches shorter than ``dense_below`` attend densely."""
+    An int budget ``k`` keeps ``min(k, n)`` of a row's ``n`` valid tokens; a fraction ``f`` keeps ``min(n,
+    max(ceil(f * n), floor))`` with ``floor = sink + recent + MIN_SCORED``, so a short row is never left to its
+    forced tokens alone. Of the kept slots, the ``recent`` newest valid tokens (the current token first) are forced
+    in before the ``sink`` oldest ones. Caches shorter than ``dense_below`` attend densely."""
 
     budget: float
     sink: int
@@ -102,9 +103,6 @@ class BudgetView:
 
 DEFAULT_GQA = "head"  # selection per query head: the accuracy default (see DSConfig.gqa)
 OFFLOAD_GQA = "group"  # per KV group with offload: each selected row crosses the bus once
-
-
-_INT_FIELDS = (("sink", 0), ("recent", 0))
 DEFAULT_R = 16  # label channels when no channel config tells head_dim (head_dim 64, e.g. SmolLM2: 64 / 4)
 
 
@@ -114,20 +112,109 @@ def default_r(head_dim: int) -> int:
     return max(1, head_dim // 4)
 
 
-def _check_int(name: str, value: Any, least: int) -> None:
-    if type(value) is not int or value < least:
-        raise ValueError(f"DSConfig.{name} must be an int >= {least}, got {value!r}")
+# ------------------------------------------------------------------------------------------------ validation
+# One table for every knob any holder (Selection, DSConfig, Policy) has: field -> (kind, argument).
+#   "budget": parse_budget; "int": an int >= argument; "int?": None or an int >= argument; "int in": one of the
+#   ints in argument; "in": one of argument; "bool": True or False; "layers": a sequence of layer numbers >= 0
+#   (normalized to a sorted tuple); "dict": a dict.
+RULES: dict[str, tuple[str, Any]] = {
+    "budget": ("budget", None),
+    "r": ("int", 1),
+    "label_bits": ("int in", LABEL_BITS),
+    "sink": ("int", 0),
+    "recent": ("int", 0),
+    "gqa": ("in", GQA_MODES),
+    "min_length": ("int?", 0),
+    "page": ("int", 1),
+    "dense_layers": ("layers", None),
+    "sync_layers": ("layers", None),
+    "prefill": ("in", PREFILL_POLICIES),
+    "inner": ("in", INNER_COMPILERS),
+    "offload": ("bool", None),
+    "predict": ("bool", None),
+    "zero_copy": ("bool", None),
+    "measure_overlap": ("bool", None),
+    "inductor_options": ("dict", None),
+}
 
 
-def _layer_numbers(name: str, value: Any) -> tuple[int, ...]:
-    """A sorted tuple of layer numbers (ints >= 0) from any sequence of them."""
-    try:
-        layers = tuple(sorted({int(x) for x in value}))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"DSConfig.{name} must be a sequence of layer numbers, got {value!r}") from e
-    if layers and layers[0] < 0:
-        raise ValueError(f"DSConfig.{name} holds a negative layer number: {layers[0]}")
-    return layers
+def check_value(owner: str, name: str, value: Any) -> Any:
+    """``value`` of knob ``name`` checked against :data:`RULES` (normalized: a parsed budget, a sorted layer
+    tuple); a ValueError names ``owner.name`` otherwise."""
+    kind, arg = RULES[name]
+    where = f"{owner}.{name}"
+    if kind == "budget":
+        try:
+            return parse_budget(value)
+        except ValueError as e:
+            raise ValueError(f"{owner}.{e}") from None
+    if kind == "int?" and value is None:
+        return value
+    if kind in ("int", "int?"):
+        if type(value) is not int or value < arg:
+            raise ValueError(f"{where} must be an int >= {arg}, got {value!r}")
+    elif kind == "int in":
+        if type(value) is not int or value not in arg:
+            raise ValueError(f"{where} must be one of the ints {arg}, got {value!r}")
+    elif kind == "in":
+        if value not in arg:
+            raise ValueError(f"{where} must be one of {arg}, got {value!r}")
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be True or False, got {value!r}")
+    elif kind == "layers":
+        try:
+            layers = tuple(sorted({int(x) for x in value}))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where} must be a sequence of layer numbers, got {value!r}") from e
+        if layers and layers[0] < 0:
+            raise ValueError(f"{where} holds a negative layer number: {layers[0]}")
+        return layers
+    elif kind == "dict":
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a dict of torch._inductor.config patches")
+    return value
+
+
+def check_fields(obj: Any, owner: str, names: Any) -> None:
+    """Check (and normalize in place, frozen dataclasses included) the knobs ``names`` of ``obj``."""
+    for name in names:
+        value = getattr(obj, name)
+        checked = check_value(owner, name, value)
+        if checked is not value:
+            object.__setattr__(obj, name, checked)
+
+
+def resolve_r(r: Optional[int], channels: Any) -> int:
+    """``r`` as given, else the default for the channel config's head_dim (:data:`DEFAULT_R` without one)."""
+    if r is not None:
+        return r
+    return default_r(channels.head_dim) if channels is not None else DEFAULT_R
+
+
+@dataclass(frozen=True)
+class Selection(BudgetView):
+    """The token-selection knobs, validated: what the selection ops (``label_write``/``label_scores``/
+    ``select_topk``) take, shared by the backend (:attr:`DSConfig.selection`) and the evaluation ``Policy``.
+
+    ``budget`` (int tokens or a fraction, see :func:`parse_budget` and :class:`BudgetView` for the rule), ``r``
+    (label channels per KV head), ``label_bits`` (16, 8 or 4), ``sink``/``recent`` (forced oldest/newest tokens),
+    ``gqa`` (``"head"``: a selection per query head, ``"group"``: one per KV head), ``min_length`` (caches shorter
+    than this attend densely; None derives it from the budget)."""
+
+    budget: int | float = 1 / 16
+    r: int = DEFAULT_R
+    label_bits: int = 16
+    sink: int = 4
+    recent: int = 16
+    gqa: str = DEFAULT_GQA
+    min_length: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        check_fields(self, type(self).__name__, SELECTION_FIELDS)
+
+
+SELECTION_FIELDS = tuple(f.name for f in fields(Selection))
 
 
 @dataclass(frozen=True)
@@ -160,6 +247,15 @@ class DSConfig(BudgetView):
     - ``predict`` (offload only): select layer ``l+1``'s rows during layer ``l`` from a predicted query (layer
       ``l+1``'s query path run on layer ``l``'s input hidden state) and fetch them ahead (:mod:`dsc.passes.predict`);
       ``sync_layers``: layers that always select with their own query.
+
+    Debug switches (both only matter with ``offload``):
+
+    - ``zero_copy`` (default True): on a GPU, the attention kernels read the selected rows straight from pinned
+      host memory; False stages them into a device buffer first (to compare the two paths).
+    - ``measure_overlap`` (default False; with ``predict``): also select with each site's own query and count the
+      overlap between that selection and the predicted one (costs a second selection per layer and step).
+
+    :attr:`selection` gives the selection knobs as a :class:`Selection`.
     """
 
     channels: Any = None
@@ -177,6 +273,8 @@ class DSConfig(BudgetView):
     offload: bool = False
     predict: bool = False
     sync_layers: tuple[int, ...] = (0, 1, 2)
+    zero_copy: bool = True
+    measure_overlap: bool = False
 
     def __post_init__(self) -> None:
         chans = self.channels
@@ -187,35 +285,21 @@ class DSConfig(BudgetView):
         elif chans is not None and not all(hasattr(chans, a) for a in ("channels", "has_layer", "check_shapes")):
             raise ValueError(f"DSConfig.channels must be a ChannelConfig or the path of its JSON file, got "
                              f"{type(chans).__name__}; {CALIBRATE_HINT}")
-        try:
-            object.__setattr__(self, "budget", parse_budget(self.budget))
-        except ValueError as e:
-            raise ValueError(f"DSConfig.{e}") from None
-        if self.r is None:
-            object.__setattr__(self, "r", default_r(self.channels.head_dim) if self.channels is not None else DEFAULT_R)
-        for name, least in (("r", 1),) + _INT_FIELDS:
-            _check_int(name, getattr(self, name), least)
-        if self.min_length is not None:
-            _check_int("min_length", self.min_length, 0)
-        if type(self.label_bits) is not int or self.label_bits not in LABEL_BITS:
-            raise ValueError(f"DSConfig.label_bits must be one of the ints {LABEL_BITS}, got {self.label_bits!r}")
-        for name in ("dense_layers", "sync_layers"):
-            object.__setattr__(self, name, _layer_numbers(name, getattr(self, name)))
+        check_fields(self, "DSConfig", ("budget", "offload"))  # the defaults of r and gqa depend on these
+        object.__setattr__(self, "r", resolve_r(self.r, self.channels))
         if self.gqa is None:
-            object.__setattr__(self, "gqa", OFFLOAD_GQA if self.offload is True else DEFAULT_GQA)
-        for name, allowed in (("gqa", GQA_MODES), ("prefill", PREFILL_POLICIES), ("inner", INNER_COMPILERS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"DSConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("offload", "predict"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"DSConfig.{name} must be True or False, got {getattr(self, name)!r}")
+            object.__setattr__(self, "gqa", OFFLOAD_GQA if self.offload else DEFAULT_GQA)
+        check_fields(self, "DSConfig", [f.name for f in fields(self) if f.name in RULES])
         if self.predict and not self.offload:
             raise ValueError("DSConfig.predict=True needs offload=True (prediction decides which host rows to fetch "
                              "ahead; without offload nothing is fetched)")
-        if not isinstance(self.inductor_options, dict):
-            raise ValueError("DSConfig.inductor_options must be a dict of torch._inductor.config patches")
         if self.channels is not None:
             self._check_against_channels()
+
+    @property
+    def selection(self) -> Selection:
+        """The selection knobs (budget, r, label_bits, sink, recent, gqa, min_length) as a :class:`Selection`."""
+        return Selection(**{name: getattr(self, name) for name in SELECTION_FIELDS})
 
     def _check_against_channels(self) -> None:
         """What the channel config already tells: head_dim bounds ``r``, num_layers bounds the layer lists."""
