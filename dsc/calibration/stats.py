@@ -23,14 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from dsc.calibration.config import ROPE_LAYOUTS, ChannelConfig, model_fingerprint, model_shapes, rope_partner
-from dsc.sites import layer_index
+from dsc.sites import is_sdpa, layer_index, module_stack, sdpa_arguments
 
 METHODS = ("qk", "q", "k")
-_SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 
 
 # ------------------------------------------------------------------------------------------ SDPA interception
@@ -43,35 +41,17 @@ class _SdpaSpy(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _SDPA:
-            q = args[0] if args else kwargs["query"]
-            k = args[1] if len(args) > 1 else kwargs["key"]
-            self.callback(self.stack[-1] if self.stack else "", q, k, kwargs)
+        if is_sdpa(func):
+            a = sdpa_arguments(args, kwargs)
+            self.callback(self.stack[-1] if self.stack else "", a["query"], a["key"], kwargs)
         return func(*args, **kwargs)
 
 
 @contextmanager
 def capture_sdpa(model: torch.nn.Module, callback: Callable[[str, torch.Tensor, torch.Tensor, dict], None]):
     """While active, every SDPA call inside ``model`` reports ``(innermost module path, q, k, sdpa kwargs)``."""
-    stack: list[str] = []
-    handles = []
-
-    def push(name):
-        return lambda mod, args: stack.append(name)
-
-    def pop(mod, args, out):
-        if stack:
-            stack.pop()
-
-    for name, mod in model.named_modules():
-        handles.append(mod.register_forward_pre_hook(push(name)))
-        handles.append(mod.register_forward_hook(pop, always_call=True))
-    try:
-        with _SdpaSpy(stack, callback):
-            yield
-    finally:
-        for h in handles:
-            h.remove()
+    with module_stack(model) as stack, _SdpaSpy(stack, callback):
+        yield
 
 
 @contextmanager

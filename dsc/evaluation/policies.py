@@ -25,62 +25,73 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from dsc.config import DEFAULT_GQA, DEFAULT_R, GQA_MODES, LABEL_BITS, BudgetView, DSConfig, default_r, parse_budget
-from dsc.sites import layer_index
+import dsc.kernels  # noqa: F401  (registers torch.ops.dsc.*)
+from dsc.attention_mask import causal_valid, valid_from_mask
+from dsc.config import SELECTION_FIELDS, BudgetView, Selection, check_value, parse_budget, resolve_r  # noqa: F401
+from dsc.sites import is_sdpa, layer_index, module_stack, sdpa_arguments
 
 POLICIES = ("dense", "dsparse", "oracle", "streaming", "quest", "sparq")
 ELEM_BYTES = 2  # bytes accounting assumes a 16-bit K/V cache (the serving dtype), whatever the eval dtype
-_SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Policy(BudgetView):
-    """One attention policy and its knobs (the dsparse fields mirror :class:`dsc.config.DSConfig`).
+    """One attention policy: its ``name``, the token-selection knobs (a :class:`dsc.config.Selection`, the same
+    object the backend's :attr:`DSConfig.selection` gives: one set of defaults and one validation), and the
+    policy-only knobs.
 
-    ``budget``: tokens per row (int) or a fraction of each row's valid tokens (float in (0, 1)). ``r``: label
-    channels (dsparse) or |q| channels (sparq). ``channels``: a ChannelConfig (dsparse only).
+    Built as ``Policy(name, budget=..., r=..., label_bits=..., gqa=..., sink=..., recent=..., min_length=...,
+    dense_layers=..., page=..., channels=...)`` (the selection knobs by name, defaults the backend's) or
+    ``Policy(name, selection=Selection(...), ...)``; ``dataclasses.replace(policy, budget=...)`` works too. The
+    selection knobs read as attributes (``policy.budget``, ``policy.r``, ...). ``budget``: tokens per row (int) or
+    a fraction of each row's valid tokens; ``r``: label channels (dsparse) or ``|q|`` channels (sparq; default
+    head_dim / 4 of ``channels``, else 16); ``channels``: a ChannelConfig (dsparse only); ``page``: Quest's page.
     """
 
-    name: str = "dense"
-    # Defaults are the backend's, so the evaluation measures what `backend="dsparse"` does out of the box.
-    budget: int | float = DSConfig.budget
-    r: Optional[int] = DSConfig.r
-    label_bits: int = DSConfig.label_bits
-    gqa: str = DEFAULT_GQA
-    sink: int = DSConfig.sink
-    recent: int = DSConfig.recent
-    dense_layers: tuple[int, ...] = DSConfig.dense_layers
-    min_length: Optional[int] = DSConfig.min_length
-    page: int = 16
-    channels: object = field(default=None, compare=False, repr=False)
+    name: str
+    selection: Selection
+    dense_layers: tuple[int, ...]
+    page: int
+    channels: object = field(compare=False, repr=False)
 
-    def __post_init__(self) -> None:
-        if self.name not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {self.name!r}")
-        object.__setattr__(self, "budget", parse_budget(self.budget))
-        if self.r is None:  # as DSConfig: a quarter of head_dim when the channel config tells it
-            object.__setattr__(self, "r", default_r(self.channels.head_dim) if self.channels is not None else DEFAULT_R)
-        if self.gqa not in GQA_MODES:
-            raise ValueError(f"gqa must be one of {GQA_MODES}, got {self.gqa!r}")
-        if self.label_bits not in LABEL_BITS:
-            raise ValueError(f"label_bits must be one of {LABEL_BITS}, got {self.label_bits!r}")
-        for name in ("r", "page", "sink", "recent", "min_length"):
-            v = getattr(self, name)
-            if v is None and name == "min_length":
-                continue
-            lo = 1 if name in ("r", "page") else 0
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-        object.__setattr__(self, "dense_layers", tuple(sorted({int(x) for x in self.dense_layers})))
-        if self.name == "dsparse" and self.channels is None:
+    def __init__(self, name: str = "dense", selection: Optional[Selection] = None, *,
+                 dense_layers=(0, 1), page: int = 16, channels: Any = None, **knobs):
+        unknown = sorted(set(knobs) - set(SELECTION_FIELDS))
+        if unknown:
+            raise TypeError(f"Policy got unknown knob(s) {unknown}; selection knobs: {list(SELECTION_FIELDS)}")
+        if name not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {name!r}")
+        if selection is None:
+            knobs["r"] = resolve_r(knobs.get("r"), channels)  # as DSConfig: a quarter of head_dim when known
+            selection = Selection(**knobs)
+        elif knobs:
+            selection = replace(selection, **knobs)
+        if not isinstance(selection, Selection):
+            raise ValueError(f"Policy.selection must be a dsc.config.Selection, got {type(selection).__name__}")
+        set_ = object.__setattr__
+        set_(self, "name", name)
+        set_(self, "selection", selection)
+        set_(self, "dense_layers", check_value("Policy", "dense_layers", dense_layers))
+        set_(self, "page", check_value("Policy", "page", page))
+        set_(self, "channels", channels)
+        if name == "dsparse" and channels is None:
             raise ValueError("the dsparse policy needs a channel config (channels=ChannelConfig); get one with "
                              "dsc.calibration.default_config(model=..., tokenizer=...) or `dsc calibrate`")
+
+    # The selection knobs, read through (BudgetView's rule reads budget/sink/recent/min_length from here).
+    budget = property(lambda self: self.selection.budget)
+    r = property(lambda self: self.selection.r)
+    label_bits = property(lambda self: self.selection.label_bits)
+    sink = property(lambda self: self.selection.sink)
+    recent = property(lambda self: self.selection.recent)
+    gqa = property(lambda self: self.selection.gqa)
+    min_length = property(lambda self: self.selection.min_length)
 
     def label(self) -> str:
         """A short human-readable name with the knobs that matter for this policy."""
@@ -97,9 +108,8 @@ class Policy(BudgetView):
 
     def backend_options(self, **extra) -> dict:
         """The ``dsparse`` backend options with this (dsparse) policy's knobs, plus ``extra``."""
-        return dict(channels=self.channels, budget=self.budget, r=self.r, label_bits=self.label_bits, gqa=self.gqa,
-                    sink=self.sink, recent=self.recent, dense_layers=self.dense_layers, min_length=self.min_length,
-                    **extra)
+        sel = {name: getattr(self.selection, name) for name in SELECTION_FIELDS}
+        return dict(channels=self.channels, dense_layers=self.dense_layers, **sel, **extra)
 
     def score_bytes(self, head_dim: int, group_size: int) -> float:
         """Bytes read per (cached token, KV head) to score it, with a 16-bit cache (ALGORITHM.md sec. 1)."""
@@ -129,12 +139,6 @@ class Policy(BudgetView):
 
 
 # ------------------------------------------------------------------------------------------------ scoring
-def _kernels():
-    from dsc.kernels import cpu
-
-    return cpu
-
-
 def _group_heads(q: torch.Tensor, hkv: int) -> torch.Tensor:
     """``[B, Hq, L, D]`` -> ``[B, Hkv, G, L, D]``."""
     b, hq, l, d = q.shape
@@ -161,11 +165,9 @@ class LayerScorer:
         if policy.name == "dsparse":
             cfg = policy.channels
             self.ch = cfg.channels(layer, policy.r).to(k.device)
-            kern = _kernels()
-            from dsc.kernels import alloc_labels
-
-            self.labels = alloc_labels(b, hkv, s, policy.r, policy.label_bits, dtype=k.dtype, device=k.device)
-            kern.label_write(k, self.ch, torch.arange(s, device=k.device), *self.labels, policy.label_bits)
+            self.labels = dsc.kernels.alloc_labels(b, hkv, s, policy.r, policy.label_bits, dtype=k.dtype,
+                                                   device=k.device)
+            torch.ops.dsc.label_write(k, self.ch, torch.arange(s, device=k.device), *self.labels, policy.label_bits)
         elif policy.name == "quest":
             pg = policy.page
             npg = -(-s // pg)
@@ -188,8 +190,8 @@ class LayerScorer:
             data, scale, zero = self.labels
             if p.label_bits != 16:
                 scale, zero = scale[:, :, :s], zero[:, :, :s]
-            return _kernels().label_scores(q, self.ch, data[:, :, :s], scale, zero, p.label_bits,
-                                           valid.expand(b, 1, c, s), None, self.group)
+            return torch.ops.dsc.label_scores(q, self.ch, data[:, :, :s], scale, zero, p.label_bits,
+                                              valid.expand(b, 1, c, s), None, self.group)
         if p.name == "streaming":  # newest first: after the forced sinks, top-k takes the most recent tokens
             hsel = hkv if self.group else hq
             sc = torch.arange(s, dtype=torch.float32, device=q.device).expand(b, hsel, c, s)
@@ -260,6 +262,11 @@ class Stats:
 class SparseSDPA(TorchFunctionMode):
     """Replaces each SDPA call of a model by per-row ``policy`` selection + exact attention over the selection.
 
+    Selection and attention are the backend's ops, dispatched by device: ``torch.ops.dsc.select_topk`` over the
+    policy's scores (for ``dsparse``: ``label_write`` + ``label_scores``, exactly what the backend calls), then
+    ``torch.ops.dsc.sparse_attention`` over the selected rows; the SDPA mask means what it means to the backend
+    (:func:`dsc.attention_mask.valid_from_mask`).
+
     ``stack`` holds the module paths entered (pushed by forward pre-hooks), so the innermost one names the layer
     (:func:`dsc.sites.layer_index`). ``prefill``: queries at absolute positions ``< prefill`` attend densely.
     ``chunk``: query rows handled together (bounds memory: about ``chunk * S * Hq`` floats at a time).
@@ -274,16 +281,14 @@ class SparseSDPA(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func not in _SDPA or self.policy.name == "dense":
+        if not is_sdpa(func) or self.policy.name == "dense":
             return func(*args, **kwargs)
         layer = layer_index(self.stack[-1]) if self.stack else None
         if layer is None or layer in self.policy.dense_layers:
             return func(*args, **kwargs)
         if self.policy.name == "dsparse" and not self.policy.channels.has_layer(layer):
             return func(*args, **kwargs)  # not calibrated: dense, as the backend does
-        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-        a = dict(zip(names, args))
-        a.update(kwargs)
+        a = sdpa_arguments(args, kwargs)
         if a.get("dropout_p", 0.0):
             raise ValueError("SparseSDPA evaluates inference only: SDPA was called with dropout_p > 0")
         if a["key"].shape[2] <= self.prefill:  # every query lies in the dense prefill
@@ -303,49 +308,53 @@ class SparseSDPA(TorchFunctionMode):
         if hq % hkv:
             raise ValueError(f"layer {layer}: {hq} query heads are not a multiple of {hkv} KV heads")
         p = self.policy
-        kern = _kernels()
         sm_scale = scale if scale is not None else d ** -0.5
         scorer = LayerScorer(p, layer, k)
         out = torch.empty_like(q)
         g = hq // hkv
-        pos = torch.arange(s, device=q.device)
+        mask_valid, mask_bias = valid_from_mask(attn_mask)
+        causal = causal_valid(lq, s, q.device) if is_causal else None
         for a in range(0, lq, self.chunk):
             e = min(lq, a + self.chunk)
             rows = torch.arange(a, e, device=q.device)
-            hi = min(s, e) if (is_causal and attn_mask is None) else s
+            hi = min(s, e) if (is_causal and attn_mask is None) else s  # top-left causal: rows < e see keys < e
             valid = torch.ones(1, 1, e - a, hi, dtype=torch.bool, device=q.device)
+            if causal is not None:
+                valid = valid & causal[a:e, :hi]
             bias = None
-            if is_causal:
-                valid = valid & (pos[:hi] <= rows[:, None])  # torch SDPA's is_causal: top-left aligned
-            if attn_mask is not None:
-                m = attn_mask[..., a:e, :hi] if attn_mask.shape[-2] > 1 else attn_mask[..., :hi]
-                if m.dtype == torch.bool:
-                    valid = valid & m
-                else:
-                    valid = valid & (m > float("-inf"))
-                    bias = m
+            if mask_valid is not None:
+                valid = valid & _rows(mask_valid, a, e, hi)
                 valid = valid if valid.dim() == 4 else valid.view(1, 1, *valid.shape[-2:])
                 if valid.shape[1] != 1:
                     valid = valid.all(1, keepdim=True)  # a position is valid only if valid for every head
+                if mask_bias is not None:
+                    bias = _rows(mask_bias, a, e, hi)
             bsz = valid.shape[0]
-            sc = scorer.scores(q[:, :, a:e], valid.expand(max(b, bsz), 1, e - a, hi))
-            recent = 0 if p.name == "streaming" else p.recent  # streaming: its scores already rank by recency
-            idx = kern.select_topk(sc, p.budget_tokens, p.budget_frac, p.sink, recent)
-            sel = torch.zeros(*idx.shape[:3], hi + 1, dtype=torch.bool, device=q.device)
-            sel.scatter_(-1, torch.where(idx >= 0, idx, hi), True)
-            sel = sel[..., :hi]
             # Dense rows: positions before the prefill and prefixes shorter than the budget's dense_below.
             nvalid = valid.sum(-1, keepdim=True)                     # [B|1, 1, C, 1]
             absolute = (s - lq + rows)[None, None, :, None]
             dense_row = (absolute < self.prefill) | (nvalid < p.dense_below)
-            sel = torch.where(dense_row, valid, sel)
+            qc = q[:, :, a:e].contiguous()
+            kc, vc = k[:, :, :hi], v[:, :, :hi]
+            dense_out = None
+            if bool(dense_row.any()):
+                dmask = valid if bias is None else torch.where(valid, bias, float("-inf")).to(q.dtype)
+                dense_out = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=dmask, scale=sm_scale,
+                                                           enable_gqa=True)
+            if bool(dense_row.all()):
+                sel = valid
+                out[:, :, a:e] = dense_out
+            else:
+                sc = scorer.scores(qc, valid.expand(max(b, bsz), 1, e - a, hi))
+                recent = 0 if p.name == "streaming" else p.recent  # streaming: its scores already rank by recency
+                idx = torch.ops.dsc.select_topk(sc, p.budget_tokens, p.budget_frac, p.sink, recent)
+                sparse_out = torch.ops.dsc.sparse_attention(qc, kc, vc, idx, float(sm_scale), bias)
+                sel = torch.zeros(*idx.shape[:3], hi + 1, dtype=torch.bool, device=q.device)
+                sel.scatter_(-1, torch.where(idx >= 0, idx, hi), True)
+                sel = torch.where(dense_row, valid, sel[..., :hi])
+                out[:, :, a:e] = sparse_out if dense_out is None else torch.where(dense_row, dense_out, sparse_out)
             self._count(sel, valid, dense_row, hkv, sel.shape[1] == hkv)
             self._count_kept(sel, valid, absolute >= self.prefill)
-            if sel.shape[1] == hkv:
-                sel = sel.repeat_interleave(g, 1)
-            mask = sel if bias is None else torch.where(sel, bias, float("-inf")).to(q.dtype)
-            out[:, :, a:e] = F.scaled_dot_product_attention(q[:, :, a:e], k[:, :, :hi], v[:, :, :hi],
-                                                            attn_mask=mask, scale=sm_scale, enable_gqa=True)
         return out
 
     def _count_kept(self, sel, valid, decoding):
@@ -368,36 +377,22 @@ class SparseSDPA(TorchFunctionMode):
         self.stats.rows += int(sparse.sum()) * b // sparse.shape[0]
 
 
+def _rows(mask: torch.Tensor, a: int, e: int, hi: int) -> torch.Tensor:
+    """Query rows ``a:e`` and keys ``:hi`` of an SDPA mask (a mask broadcasting one row keeps it)."""
+    return mask[..., a:e, :hi] if mask.shape[-2] > 1 else mask[..., :hi]
+
+
 @contextmanager
 def apply_policy(model: torch.nn.Module, policy: Policy, prefill: int = 0, chunk: int = 256):
     """While active, the model's attention follows ``policy`` (see :class:`SparseSDPA`); yields the mode,
     whose ``stats`` count the rows fetched. Restores the model (hooks removed) on exit."""
     check_model(model)
-    stack: list[str] = []
-    handles = []
-
-    def push(name):
-        def hook(mod, args):
-            stack.append(name)
-        return hook
-
-    def pop(mod, args, out):
-        if stack:
-            stack.pop()
-
-    for name, mod in model.named_modules():
-        if layer_index(name) is not None:
-            handles.append(mod.register_forward_pre_hook(push(name)))
-            handles.append(mod.register_forward_hook(pop, always_call=True))
     cfg = getattr(model, "config", None)
-    mode = SparseSDPA(policy, stack, prefill=prefill, chunk=chunk,
-                      num_kv_heads=getattr(cfg, "num_key_value_heads", None))
-    try:
+    with module_stack(model, keep=lambda name: layer_index(name) is not None) as stack:
+        mode = SparseSDPA(policy, stack, prefill=prefill, chunk=chunk,
+                          num_kv_heads=getattr(cfg, "num_key_value_heads", None))
         with mode:
             yield mode
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def check_model(model) -> tuple[int, int, int, int]:
