@@ -9,6 +9,7 @@ Double Sparsity attention. Public API (imported lazily so ``import dsc`` stays c
 - :func:`compile` – ``model.compile(backend="dsparse")`` with the channel config checked against the model and a
   recompile budget of the model's own
 - :func:`sparse_backend` – the backend with options bound, for ``torch.compile(mode=...)`` and HF's ``CompileConfig``
+- :func:`runtime_of` – the run-time state of a compiled model (counters ``.stats``, site reports ``.reports``)
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ _LAZY = {
     "explain": "dsc.passes.explain",
     "compile": "dsc.backend",
     "sparse_backend": "dsc.backend",
+    "runtime_of": "dsc.backend",
 }
 
 __all__ = ["__version__", *_LAZY]

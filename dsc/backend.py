@@ -9,28 +9,29 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 
 from dsc.config import DSConfig
 
-# The site reports of every compile in this process (newest last), for explain, tests and debugging. Never
-# trimmed: callers count new compiles by length, and a report is small (the graph itself is not kept).
-REPORTS: list = []
-
 
 def dsparse(gm, example_inputs, mode=None, options=None):
-    """Rewrite ``gm``'s SDPA sites into Double Sparsity, then compile it with the inner compiler."""
-    from dsc.passes.rewrite import rewrite
+    """The ``"dsparse"`` entry point: rewrite ``gm``'s SDPA sites into Double Sparsity, then compile it with the
+    inner compiler. Graphs compiled with one ``options`` object (one ``torch.compile`` call) share one
+    :class:`SparseBackend`, hence one runtime: the prefill and decode graphs of a model share its label caches."""
+    return _backend_for(options).compile_graph(gm, example_inputs, mode)
 
-    cfg = DSConfig.from_options(options)
-    cfg.require_channels()
-    _refuse_cuda_graphs(mode, example_inputs)
-    _watch_recompile_limit()
-    sites = rewrite(gm, cfg)
-    _warn_if_silently_dense(gm, sites)
-    for site in sites:  # keep the decisions, not the graph
-        site.node = site.q = site.k = site.v = site.past_k = site.new_k = site.positions = site.attn_mask = None
-    REPORTS.append(sites)
-    return _inner(cfg, gm, example_inputs, mode)
+
+# id(options) -> the SparseBackend of that options object (weak: it lives as long as a graph it compiled; the
+# backend holds the options object, so its id is not reused meanwhile).
+_BY_OPTIONS: "weakref.WeakValueDictionary[int, SparseBackend]" = weakref.WeakValueDictionary()
+
+
+def _backend_for(options) -> "SparseBackend":
+    backend = _BY_OPTIONS.get(id(options))
+    if backend is None or backend.options is not options:
+        backend = SparseBackend(_options=options)
+        _BY_OPTIONS[id(options)] = backend
+    return backend
 
 
 def _inner(cfg: DSConfig, gm, example_inputs, mode):
@@ -103,20 +104,45 @@ def _refuse_cuda_graphs(mode, example_inputs) -> None:
 
 
 class SparseBackend:
-    """The ``dsparse`` backend with its options bound, for callers that cannot pass ``options`` with a ``mode``:
-    ``torch.compile(m, backend=dsc.sparse_backend(channels=cfg), mode=...)`` or HF's
-    ``CompileConfig(backend=dsc.sparse_backend(...))`` (whose default mode is "reduce-overhead"). Options are
-    validated here, before anything is traced."""
+    """The ``dsparse`` backend with its options bound, and the owner of their run-time state: one
+    :class:`dsc.passes.runtime.Runtime` for every graph it compiles (label caches, host stores, counters, site
+    reports). ``torch.compile(m, backend=dsc.sparse_backend(channels=cfg), mode=...)`` or HF's
+    ``CompileConfig(backend=dsc.sparse_backend(...))`` (for callers that cannot pass ``options`` with a ``mode``).
+    Options are validated here, before anything is traced. Its compiled graphs keep it alive; it lives no longer."""
 
-    def __init__(self, **options):
-        self.config = DSConfig.from_options(options)
+    def __init__(self, _options=None, **options):
+        from dsc.passes.runtime import Runtime
+
+        self.options = _options if _options is not None else options
+        self.config = DSConfig.from_options(self.options)
         self.config.require_channels()
+        self.runtime = Runtime(self.config)
 
     def __call__(self, gm, example_inputs, mode=None, options=None):
         if options:
             raise ValueError("this dsparse backend has its options bound (dsc.sparse_backend(...)); pass them there, "
                              f"not to torch.compile (got {sorted(options)})")
-        return dsparse(gm, example_inputs, mode=mode, options=self.config)
+        return self.compile_graph(gm, example_inputs, mode)
+
+    def compile_graph(self, gm, example_inputs, mode=None):
+        """Rewrite ``gm`` (its sites join this backend's runtime), then hand it to the inner compiler. The compiled
+        callable holds this backend, so the runtime lives exactly as long as some graph that uses it."""
+        from dsc.passes.rewrite import rewrite
+
+        _refuse_cuda_graphs(mode, example_inputs)
+        _watch_recompile_limit()
+        sites = rewrite(gm, self.config, self.runtime)
+        _warn_if_silently_dense(gm, sites)
+        for site in sites:  # keep the decisions, not the graph
+            site.node = site.q = site.k = site.v = site.past_k = site.new_k = site.positions = site.attn_mask = None
+        self.runtime.reports.append(sites)
+        compiled = _inner(self.config, gm, example_inputs, mode)
+
+        def run(*args):
+            return compiled(*args)
+
+        run.dsparse_backend = self  # the owner: freed with the last compiled graph that uses it
+        return run
 
     def __repr__(self) -> str:
         return f"dsc.sparse_backend(budget={self.config.budget_text()!r}, r={self.config.r})"
@@ -152,9 +178,23 @@ def compile(model, *, check_fingerprint: bool = True, **options):
         warnings.warn(f"dsc.compile: switched the model from attn_implementation={impl!r} to 'sdpa' (the same "
                       "attention; Double Sparsity rewrites SDPA calls)", RuntimeWarning, stacklevel=2)
     hooked = sum(1 for m in model.modules() if hasattr(m, "_hf_hook"))  # accelerate: a graph break per hooked module
-    model.compile(backend="dsparse", options=options, isolate_recompiles=True,
-                  recompile_limit=max(8, 8 + 4 * hooked))
+    backend = SparseBackend(**options)
+    model.compile(backend=backend, isolate_recompiles=True, recompile_limit=max(8, 8 + 4 * hooked))
+    model.dsparse_runtime = backend.runtime
     return model
+
+
+def runtime_of(obj):
+    """The :class:`dsc.passes.runtime.Runtime` (label caches, counters ``.stats``, site reports ``.reports``) of a
+    model compiled by :func:`compile`, a :class:`SparseBackend`, or the ``options`` object passed to
+    ``torch.compile(..., backend="dsparse", options=...)`` (None before its first graph compiled)."""
+    if isinstance(obj, SparseBackend):
+        return obj.runtime
+    rt = getattr(obj, "dsparse_runtime", None)
+    if rt is not None:
+        return rt
+    backend = _BY_OPTIONS.get(id(obj))
+    return backend.runtime if backend is not None and backend.options is obj else None
 
 
 class _RecompileLimitAlarm(logging.Filter):

@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dsc.calibration.config import ChannelConfig
-from dsc.passes import ops, store
+from dsc.config import Selection
+from dsc.passes.runtime import Runtime, SiteSpec
 
 CFG = ChannelConfig.random(1, 4, 2, 16, seed=3)
 # Every example here brings a fresh static cache to the same site, which is what the store's "rebuilt each time"
@@ -19,10 +20,13 @@ CFG = ChannelConfig.random(1, 4, 2, 16, seed=3)
 pytestmark = pytest.mark.filterwarnings("ignore:dsparse. a static KV cache:RuntimeWarning")
 
 
-def _site(budget=64, frac=0.0, group=True, dense_prefill=False, bits=16, r=8, min_length=0):
-    spec = ops.SiteSpec(label=ops.label_spec(CFG, 0, r, bits), layer=0, budget=budget, frac=frac, sink=1, recent=1,
-                        group=group, dense_prefill=dense_prefill, min_length=min_length)
-    return ops.register_site(spec)
+def _site(budget=64, group=True, dense_prefill=False, bits=16, r=8, min_length=0) -> tuple[Runtime, int]:
+    """A fresh runtime (what a compiled model's backend owns) holding one site: ``(runtime, site index)``."""
+    rt = Runtime()
+    sel = Selection(budget=budget, r=r, label_bits=bits, sink=1, recent=1, gqa="group" if group else "head",
+                    min_length=min_length)
+    return rt, rt.add_site(SiteSpec(label=rt.label_spec(CFG, 0, r, bits), layer=0, selection=sel,
+                                    dense_prefill=dense_prefill))
 
 
 @st.composite
@@ -54,54 +58,55 @@ def test_full_budget_equals_sdpa(c):
                                                             torch.tensor(torch.finfo(torch.float32).min))
     is_causal = c["mask"] == "causal"
     scale = c["scale"] if c["scale"] is not None else 1 / math.sqrt(d)
-    site = _site(budget=64, group=c["group"], bits=c["bits"])
+    rt, site = _site(budget=64, group=c["group"], bits=c["bits"])
     t = min(lq, s)
     if c["cache"] == "static":
-        out = torch.ops.dsc.site_attention(site, q, k, v, None, k[:, :, s - t:], torch.arange(s - t, s), mask,
-                                           is_causal, scale, "static")
+        out = torch.ops.dsc.site_attention(rt.key, site, q, k, v, None, k[:, :, s - t:], torch.arange(s - t, s),
+                                           mask, is_causal, scale, "static")
     else:
-        out = torch.ops.dsc.site_attention(site, q, k, v, k[:, :, : s - t], k[:, :, s - t:], None, mask, is_causal,
-                                           scale, "dynamic")
+        out = torch.ops.dsc.site_attention(rt.key, site, q, k, v, k[:, :, : s - t], k[:, :, s - t:], None, mask,
+                                           is_causal, scale, "dynamic")
+    assert rt.stats["sparse_calls"] == 1 and not rt.stats["dense_calls"]  # the selection path, not SDPA
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(c["g"], 1), v.repeat_interleave(c["g"], 1),
                                          attn_mask=mask, is_causal=is_causal, scale=scale)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_prefill_is_dense_and_labels_written_for_new_tokens_only():
-    site = _site(budget=2, dense_prefill=True)
+    rt, site = _site(budget=2, dense_prefill=True)
     q, k, v = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
-    d0, w0 = store.STATS["dense_calls"], store.STATS["label_writes"]
-    out = torch.ops.dsc.site_attention(site, q, k, v, None, k, None, None, True, 0.25, "dynamic")
+    d0, w0 = rt.stats["dense_calls"], rt.stats["label_writes"]
+    out = torch.ops.dsc.site_attention(rt.key, site, q, k, v, None, k, None, None, True, 0.25, "dynamic")
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25, enable_gqa=True)
     torch.testing.assert_close(out, ref)
-    assert store.STATS["dense_calls"] - d0 == 1 and store.STATS["label_writes"] - w0 == 1
+    assert rt.stats["dense_calls"] - d0 == 1 and rt.stats["label_writes"] - w0 == 1
     # one decode step on the same chain: labels extended by one token, sparse path taken
     k2 = torch.cat([k, torch.randn(1, 2, 1, 16)], 2)
     v2 = torch.cat([v, torch.randn(1, 2, 1, 16)], 2)
-    s0, r0, w0 = store.STATS["sparse_calls"], store.STATS["label_rebuilds"], store.STATS["label_writes"]
-    torch.ops.dsc.site_attention(site, q[:, :, :1], k2, v2, k, k2[:, :, 5:], None, None, False, 0.25, "dynamic")
-    assert store.STATS["sparse_calls"] - s0 == 1 and store.STATS["label_writes"] - w0 == 1
-    assert store.STATS["label_rebuilds"] == r0  # the chain was found: only the new token was labelled
+    s0, r0, w0 = rt.stats["sparse_calls"], rt.stats["label_rebuilds"], rt.stats["label_writes"]
+    torch.ops.dsc.site_attention(rt.key, site, q[:, :, :1], k2, v2, k, k2[:, :, 5:], None, None, False, 0.25, "dynamic")
+    assert rt.stats["sparse_calls"] - s0 == 1 and rt.stats["label_writes"] - w0 == 1
+    assert rt.stats["label_rebuilds"] == r0  # the chain was found: only the new token was labelled
     # the same step from a copy of the past (out of sync): rebuilt from the copy, not wrong, not an error
-    torch.ops.dsc.site_attention(site, q[:, :, :1], k2.clone(), v2, k.clone(), k2[:, :, 5:], None, None, False,
+    torch.ops.dsc.site_attention(rt.key, site, q[:, :, :1], k2.clone(), v2, k.clone(), k2[:, :, 5:], None, None, False,
                                  0.25, "dynamic")
-    assert store.STATS["label_rebuilds"] == r0 + 1
+    assert rt.stats["label_rebuilds"] == r0 + 1
 
 
 def test_min_length_keeps_short_caches_dense():
-    site = _site(budget=2, min_length=100)
+    rt, site = _site(budget=2, min_length=100)
     q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
-    out = torch.ops.dsc.site_attention(site, q, k, v, None, k[:, :, 8:], torch.tensor([8]), None, False, 0.25,
+    out = torch.ops.dsc.site_attention(rt.key, site, q, k, v, None, k[:, :, 8:], torch.tensor([8]), None, False, 0.25,
                                        "static")
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.25, enable_gqa=True))
 
 
 def test_opcheck():
-    site = _site(budget=3)
+    rt, site = _site(budget=3)
     q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16)
     mask = torch.ones(1, 1, 1, 7, dtype=torch.bool)
     # the op keeps a side store, so opcheck's repeated calls must see a fresh cache each time: static writes are
     # idempotent (same positions, same keys)
     torch.library.opcheck(torch.ops.dsc.site_attention.default,
-                          (site, q, k, v, None, k[:, :, 6:], torch.tensor([6]), mask, False, 0.25, "static"),
+                          (rt.key, site, q, k, v, None, k[:, :, 6:], torch.tensor([6]), mask, False, 0.25, "static"),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

@@ -8,11 +8,11 @@ What lives where (per sparse layer, per sequence):
   the selected rows only.
 
 A decode step (:func:`attend`), label scores -> top-k on the device, then one of two gathers:
-- zero-copy (a GPU, the default): the sparse-attention kernel reads the selected rows straight from the pinned host
+- zero-copy (a GPU, the default; ``DSConfig.zero_copy``): the sparse-attention kernel reads the selected rows straight from the pinned host
   store over the bus (:func:`dsc.kernels.triton_ops.sparse_attention_host`); nothing else moves and the host never
   waits. New rows are written by a kernel into the pinned store in stream order (``write_rows``), so the current
   token's row is there before the attention kernel runs.
-- staged (CPU, next-layer prediction, or ``ZERO_COPY = False``): the selected indices go to the host; per KV head
+- staged (CPU, next-layer prediction, or ``zero_copy=False``): the selected indices go to the host; per KV head
   the union of its query heads' rows is gathered into one block and copied to the device in one transfer; exact
   attention runs over that block. On a GPU, new rows go to the host asynchronously (``non_blocking`` into pinned
   memory, an event recorded) and land before the next gather; the current step's rows are taken from the device,
@@ -25,30 +25,32 @@ dropped and the buffer HF allocates lazily inside the first compiled forward bec
 report). The site op gets this step's rows (``new_k``/``new_v``); a multi-token step over a placeholder reads the
 host rows (:meth:`HostKV.device_rows`). :func:`device_bytes` computes what an offloaded sequence needs.
 
-Traffic is counted in :data:`dsc.passes.store.STATS` (``h2d_bytes``: rows fetched; ``d2h_bytes``: rows written to
-the host; ``offload_fetches``: decode steps served from the host).
+Traffic is counted in the runtime's counters (:attr:`dsc.passes.runtime.Runtime.stats`, which each
+:class:`HostKV` adds to): ``h2d_bytes``: rows fetched; ``d2h_bytes``: rows written to the host;
+``offload_fetches``: decode steps served from the host.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import store
-
-
-ZERO_COPY = True  # on a GPU, attention kernels read the selected rows from pinned host memory themselves
+from .store import Entry
 
 
 class HostKV:
-    """All K/V rows of one sparse layer's cache, in host memory: ``k``/``v`` ``[B, Hkv, capacity, D]``."""
+    """All K/V rows of one sparse layer's cache, in host memory: ``k``/``v`` ``[B, Hkv, capacity, D]``.
+    ``stats``: the counters its traffic is added to (the runtime's); ``zero_copy``: on a GPU, attention kernels
+    read the selected rows from pinned host memory themselves."""
 
-    __slots__ = ("k", "v", "pending", "pinned", "zero_copy")
+    __slots__ = ("k", "v", "pending", "pinned", "zero_copy", "stats")
 
-    def __init__(self, like_k: Tensor, like_v: Tensor, capacity: int):
+    def __init__(self, like_k: Tensor, like_v: Tensor, capacity: int, stats: Counter, zero_copy: bool = True):
         self.pinned = like_k.device.type == "cuda"
-        self.zero_copy = self.pinned and ZERO_COPY
+        self.zero_copy = self.pinned and zero_copy
+        self.stats = stats
         b, hkv, _, d = like_k.shape
         # zeroed: a dense step over a static placeholder reads rows never written (masked, but must not be NaN)
         self.k = torch.zeros((b, hkv, capacity, d), dtype=like_k.dtype, pin_memory=self.pinned)
@@ -56,10 +58,11 @@ class HostKV:
         self.pending: list = []  # (event, positions, k rows, v rows): device -> host copies in flight
 
     @classmethod
-    def over(cls, k: Tensor, v: Tensor) -> "HostKV":
+    def over(cls, k: Tensor, v: Tensor, stats: Optional[Counter] = None) -> "HostKV":
         """A store over existing host tensors, gathered on the host (the staged path; benchmarks)."""
         host = cls.__new__(cls)
         host.k, host.v, host.pending, host.pinned, host.zero_copy = k, v, [], k.is_pinned(), False
+        host.stats = Counter() if stats is None else stats
         return host
 
     @property
@@ -79,7 +82,7 @@ class HostKV:
 
     def write(self, positions: Tensor, k_rows: Tensor, v_rows: Tensor) -> None:
         """Store rows ``k_rows``/``v_rows`` ``[B, Hkv, T, D]`` at ``positions`` (``[T]`` or ``[B, T]``)."""
-        store.STATS["d2h_bytes"] += k_rows.nbytes + v_rows.nbytes
+        self.stats["d2h_bytes"] += k_rows.nbytes + v_rows.nbytes
         if k_rows.device.type == "cpu":
             self._scatter(positions, k_rows, v_rows)
             return
@@ -129,7 +132,7 @@ class HostKV:
                 out.append(full)
             return out[0], out[1]
         self.flush()
-        store.STATS["h2d_bytes"] += (self.k[:, :, :s].nbytes + self.v[:, :, :s].nbytes)
+        self.stats["h2d_bytes"] += (self.k[:, :, :s].nbytes + self.v[:, :, :s].nbytes)
         return (self.k[:, :, :s].to(device, non_blocking=True), self.v[:, :, :s].to(device, non_blocking=True))
 
     def fetch(self, idx: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -151,8 +154,8 @@ class HostKV:
             block = torch.empty((rows.numel(), t.shape[-1]), dtype=t.dtype, pin_memory=self.pinned)
             torch.index_select(t.reshape(-1, t.shape[-1]), 0, rows, out=block)
             out.append(block.view(b, hkv, u, t.shape[-1]).to(device, non_blocking=True))
-            store.STATS["h2d_bytes"] += block.nbytes
-        store.STATS["offload_fetches"] += 1
+            self.stats["h2d_bytes"] += block.nbytes
+        self.stats["offload_fetches"] += 1
         return out[0], out[1], uniq
 
 
@@ -179,8 +182,8 @@ def block_slots(idx: Tensor, rows: Tensor) -> Tensor:
     return torch.where(idx >= 0, slot.view(b, hsel, lq, kk), torch.full_like(idx, -1))
 
 
-def host_kv(entry: store.Entry, k: Tensor, v: Tensor, new_positions: Optional[Tensor],
-            new_rows: Optional[tuple] = None) -> HostKV:
+def host_kv(entry: Entry, k: Tensor, v: Tensor, new_positions: Optional[Tensor], new_rows: Optional[tuple],
+            stats: Counter, zero_copy: bool = True) -> HostKV:
     """The host store beside label ``entry``, brought up to date with the device cache ``k``/``v``: on first sight
     (or after a label rebuild: a new entry) every row is copied; afterwards only the rows at ``new_positions``.
     ``new_rows`` (``k``/``v`` are placeholders): this step's rows, the only ones the device holds."""
@@ -189,7 +192,7 @@ def host_kv(entry: store.Entry, k: Tensor, v: Tensor, new_positions: Optional[Te
     if host is None:
         if new_rows is None and new_positions is not None and new_positions.numel():
             _check_filled(k, new_positions)
-        host = entry.host = HostKV(k, v, max(entry.capacity, s))
+        host = entry.host = HostKV(k, v, max(entry.capacity, s), stats, zero_copy)
         if new_rows is not None:  # the label store has refused a placeholder cache it did not see filled
             host.write(new_positions, *new_rows)
         elif s:
@@ -237,8 +240,8 @@ def attend(host: HostKV, q: Tensor, k: Tensor, v: Tensor, idx: Optional[Tensor],
 
         s = k.shape[2]
         row_bytes = host.k.shape[-1] * host.k.element_size() + host.v.shape[-1] * host.v.element_size()
-        store.STATS["h2d_bytes"] += idx.numel() * row_bytes  # per slot (an upper bound: a row two heads chose counts
-        store.STATS["offload_fetches"] += 1                  # twice); counting exactly would need a host wait
+        host.stats["h2d_bytes"] += idx.numel() * row_bytes  # per slot (an upper bound: a row two heads chose counts
+        host.stats["offload_fetches"] += 1                  # twice); counting exactly would need a host wait
         return triton_ops.sparse_attention_host(q, host.k[:, :, :s], host.v[:, :, :s], idx, scale, bias)
     if predicted is None:
         ks, vs, rows = host.fetch(idx[:, :, 0], q.device)
@@ -261,10 +264,6 @@ def attend(host: HostKV, q: Tensor, k: Tensor, v: Tensor, idx: Optional[Tensor],
 
 
 # ------------------------------------------------------------------------------------- next-layer prediction
-_PREDICTED: dict[int, tuple] = {}  # site id -> (idx, k block, v block, rows) fetched ahead by dsc::site_predict
-MEASURE_OVERLAP = False  # also select with the site's own query and count the overlap (benchmarks, tests)
-
-
 def previous_tokens(valid: Optional[Tensor], n: int, current_is_last: bool) -> Optional[Tensor]:
     """The valid mask over the first ``n`` cached positions without the token being decoded: dynamic caches label
     ``n`` = the past only (the mask's extra column is the current token); in a static buffer the current token is
@@ -278,18 +277,15 @@ def previous_tokens(valid: Optional[Tensor], n: int, current_is_last: bool) -> O
     return valid & (valid.cumsum(-1) < count)
 
 
-def prefetch(site: int, host: HostKV, idx: Tensor, device: torch.device) -> None:
-    """Fetch the rows of a predicted selection now; the site op takes them with :func:`take_prediction`."""
+def prefetch(host: HostKV, idx: Tensor, device: torch.device) -> tuple:
+    """Fetch the rows of a predicted selection now: ``(idx, k block, v block, rows)``, which the site op attends
+    (:func:`attend`'s ``predicted``)."""
     ks, vs, rows = host.fetch(idx[:, :, 0], device)
-    _PREDICTED[site] = (idx, ks, vs, rows)
-    store.STATS["predictions"] += 1
+    host.stats["predictions"] += 1
+    return idx, ks, vs, rows
 
 
-def take_prediction(site: int) -> Optional[tuple]:
-    return _PREDICTED.pop(site, None)
-
-
-def count_overlap(predicted_idx: Tensor, own: Tensor, new_positions: Tensor) -> None:
+def count_overlap(stats: Counter, predicted_idx: Tensor, own: Tensor, new_positions: Tensor) -> None:
     """Share of the site's own selection (current token aside) that the prediction also selected."""
     hsel = own.shape[1]
     s = int(max(own.max(), predicted_idx.max(), new_positions.max())) + 2
@@ -302,8 +298,8 @@ def count_overlap(predicted_idx: Tensor, own: Tensor, new_positions: Tensor) -> 
 
     own_m = mask(own)
     own_m[..., new_positions] = False
-    store.STATS["overlap_hits"] += int((own_m & mask(pred)).sum())
-    store.STATS["overlap_total"] += int(own_m.sum())
+    stats["overlap_hits"] += int((own_m & mask(pred)).sum())
+    stats["overlap_total"] += int(own_m.sum())
 
 
 def _overlay_new_rows(ks, vs, rows, new_positions, k, v, new_rows=None):

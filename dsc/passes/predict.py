@@ -116,8 +116,11 @@ def plan(graph: Graph, sites: list[Site], sync_layers) -> list[tuple]:
     return out
 
 
-def insert(graph: Graph, sites: list[Site], sync_layers) -> None:
-    """Wire the prediction into every site :func:`plan` finds predictable (the sites are rewritten already)."""
+def insert(graph: Graph, sites: list[Site], sync_layers, runtime: int) -> None:
+    """Wire the prediction into every site :func:`plan` finds predictable (the sites are rewritten already);
+    ``runtime``: the key of the runtime their site table lives in."""
+    from .site_op import SiteCall
+
     for site, prev, nodes, hidden, prev_hidden, key in plan(graph, sites, sync_layers):
         env = {hidden: prev_hidden}
         last = prev.node  # after layer l's attention: everything the copy reads exists there
@@ -129,5 +132,8 @@ def insert(graph: Graph, sites: list[Site], sync_layers) -> None:
             last = new
         with graph.inserting_after(last):
             ticket = graph.call_function(torch.ops.dsc.site_predict.default,
-                                         (site.extra["site_id"], env[site.q], key, site.attn_mask, site.cache))
-        site.node.args = site.node.args[:11] + (ticket,) + site.node.args[12:]  # the `prefetched` argument
+                                         (runtime, site.extra["site_id"], env[site.q], key, site.attn_mask,
+                                          site.cache))
+        call = SiteCall.of(site.node)
+        call.prefetched = ticket
+        call.put(site.node)

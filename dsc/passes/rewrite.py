@@ -11,7 +11,9 @@ from torch.fx import GraphModule, Node
 
 from dsc.config import DSConfig
 
-from . import ops, predict
+from . import predict
+from .runtime import Runtime, SiteSpec
+from .site_op import SiteCall, default_scale
 from .analysis import Site, _ev, _is_fn, analyze, cat_parts, find_cache_write
 
 _VIEWISH = {"reshape", "view", "expand", "unsqueeze", "contiguous", "repeat_interleave", "transpose"}
@@ -77,7 +79,7 @@ def _placeholder_dynamic(graph, site: Site) -> str:
     Only where the site op and the graph's outputs (the cache update) are the cat's sole readers; else the device
     cache stays and the returned reason says why."""
     op = site.node
-    kcat, vcat = op.args[2], op.args[3]
+    kcat, vcat = site.k, site.v
     parts = [cat_parts(kcat), cat_parts(vcat)]
     if None in parts:
         return "kept on the device: V is not built by cat(past, new) like K"
@@ -93,7 +95,9 @@ def _placeholder_dynamic(graph, site: Site) -> str:
         ph.meta.update({k: v for k, v in cat.meta.items() if k in ("example_value", "val")})
         cat.replace_all_uses_with(ph)
         graph.erase_node(cat)
-    op.args = op.args[:12] + (new_v,)
+    call = SiteCall.of(op)
+    call.new_v = new_v
+    call.put(op)
     return "placeholders (rows in the host store only)"
 
 
@@ -104,7 +108,8 @@ def _placeholder_static(graph, site: Site) -> str:
     before the graph ran keeps its rows on the device (the returned reason says so)."""
     op = site.node
     order = {n: i for i, n in enumerate(graph.nodes)}
-    writes = [find_cache_write(op.args[i], op, order) for i in (2, 3)]
+    call = SiteCall.of(op)
+    writes = [find_cache_write(x, op, order) for x in (call.k, call.v)]
     if any(w is None or w["cache"] != "static" for w in writes):
         return "kept on the device: V is not written like K (index_copy_ into a buffer)"
     for w in writes:
@@ -129,12 +134,15 @@ def _placeholder_static(graph, site: Site) -> str:
             ph.meta.update({k: v for k, v in base.meta.items() if k in ("example_value", "val")})
             base.replace_all_uses_with(ph)
             graph.erase_node(base)
-    op.args = op.args[:12] + (writes[1]["new_k"],)
+    call = SiteCall.of(op)  # re-read: the writes' uses were replaced
+    call.new_v = writes[1]["new_k"]
+    call.put(op)
     return "placeholders (rows in the host store only)"
 
 
-def rewrite(gm: GraphModule, cfg: DSConfig) -> list[Site]:
-    """Rewrite ``gm`` in place; return every SDPA site with its decision."""
+def rewrite(gm: GraphModule, cfg: DSConfig, runtime: Runtime) -> list[Site]:
+    """Rewrite ``gm`` in place, registering its sparse sites in ``runtime``; return every SDPA site with its
+    decision."""
     cfg.require_channels()
     sites = analyze_module(gm, cfg)
     _check_layers(sites, cfg)
@@ -143,22 +151,18 @@ def rewrite(gm: GraphModule, cfg: DSConfig) -> list[Site]:
         if site.action != "sparse":
             continue
         chans = _site_channels(site, cfg)
-        spec = ops.SiteSpec(
-            label=ops.label_spec(chans, site.layer, cfg.r, cfg.label_bits),
-            layer=site.layer, budget=cfg.budget_tokens, frac=cfg.budget_frac, sink=cfg.sink,
-            recent=cfg.recent, group=cfg.gqa == "group", dense_prefill=cfg.prefill == "dense",
-            min_length=cfg.dense_below, offload=cfg.offload)
-        sid = ops.register_site(spec)
+        spec = SiteSpec(label=runtime.label_spec(chans, site.layer, cfg.r, cfg.label_bits), layer=site.layer,
+                        selection=cfg.selection, dense_prefill=cfg.prefill == "dense", offload=cfg.offload)
+        sid = runtime.add_site(spec)
         site.extra["site_id"] = sid
         old = site.node
         scale = site.scale
         if scale is None:
-            scale = ops.default_scale(int(old.args[0].meta["example_value"].shape[-1]))
+            scale = default_scale(int(old.args[0].meta["example_value"].shape[-1]))
+        call = SiteCall(runtime.key, sid, site.q, site.k, site.v, site.past_k, site.new_k, site.positions,
+                        site.attn_mask, site.is_causal, float(scale), site.cache)
         with graph.inserting_before(old):
-            new = graph.call_function(
-                torch.ops.dsc.site_attention.default,
-                (sid, site.q, site.k, site.v, site.past_k, site.new_k, site.positions, site.attn_mask,
-                 site.is_causal, float(scale), site.cache, None))
+            new = graph.call_function(torch.ops.dsc.site_attention.default, call.args())
         new.meta.update({k: v for k, v in old.meta.items() if k in ("example_value", "val", "nn_module_stack",
                                                                   "source_fn_stack", "stack_trace")})
         old_inputs = list(old.all_input_nodes)
@@ -169,9 +173,10 @@ def rewrite(gm: GraphModule, cfg: DSConfig) -> list[Site]:
         if spec.offload:
             place = _placeholder_dynamic if site.cache == "dynamic" else _placeholder_static
             site.extra["device_cache"] = place(graph, site)
-            site.k, site.v = new.args[2], new.args[3]  # the cats / buffers may have been replaced
+            call = SiteCall.of(new)
+            site.k, site.v = call.k, call.v  # the cats / buffers may have been replaced
     if cfg.offload and cfg.predict:
-        predict.insert(graph, sites, set(cfg.sync_layers))
+        predict.insert(graph, sites, set(cfg.sync_layers), runtime.key)
     if cfg.offload and sites and not any(s.action == "sparse" for s in sites):
         reasons = "; ".join(sorted({f"{s.module_path or 'site ' + str(s.index)}: {s.reason}" for s in sites}))
         raise ValueError(f"dsparse offload=True, but no attention site of this graph can be made sparse, so nothing "

@@ -1,0 +1,289 @@
+"""``dsc::site_attention``: the op the rewrite puts in place of a decoder's SDPA, and its run-time strategies.
+
+One opaque op per attention site does both halves of Double Sparsity at run time: it keeps the site's label
+cache in sync with the KV cache (the runtime's :class:`dsc.passes.store.LabelStore`) and then attends with one
+strategy, chosen by host-side shape facts only:
+
+- :func:`attend_dense`: SDPA over the cache (a prefill under the dense-prefill policy, a cache shorter than
+  ``min_length``, a site whose labels keep being rebuilt);
+- :func:`attend_device_sparse`: ``dsc::ds_decode`` (label scores -> top-k -> sparse attention) on the device;
+- :func:`attend_offload_sync`: select with the site's own query, fetch the rows from the host store;
+- :func:`attend_offload_predicted`: attend over the rows ``dsc::site_predict`` fetched during the layer before.
+
+One op rather than a separate label write keeps ordering explicit (it consumes the post-write cache value, so
+inductor can keep the cache update in place) and cannot be dead-code eliminated (its output is the attention
+output). Its arguments are built and read through :class:`SiteCall` (no positional arithmetic); the first two
+are the runtime's key and the site's index in the runtime's table (:mod:`dsc.passes.runtime`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import dsc.kernels  # noqa: F401  (registers torch.ops.dsc.*)
+from dsc.attention_mask import causal_valid, valid_from_mask
+
+from . import offload
+from .runtime import Runtime, SiteSpec, lookup
+from .store import Entry
+
+
+@dataclass
+class SiteCall:
+    """The arguments of ``dsc::site_attention``, by name: graph nodes in the rewrite, tensors at run time.
+
+    ``k``/``v``: KV-native ``[B, Hkv, S, D]`` as SDPA would read them; ``cache == "static"``: ``k`` is (a prefix
+    view of) a fixed buffer that already holds ``new_k`` at ``positions``; ``"dynamic"``: ``k = cat(past_k,
+    new_k)`` along positions (``past_k`` may be empty at the first step). ``prefetched``: the ticket of this site's
+    ``dsc::site_predict`` (offload with next-layer prediction), else None. ``new_v`` (offloaded caches whose
+    device tensors the rewrite made placeholders): ``k``/``v`` carry the shape only; this step's rows are
+    ``new_k``/``new_v`` and every other row lives in the host store."""
+
+    runtime: int
+    site: int
+    q: Any
+    k: Any
+    v: Any
+    past_k: Any
+    new_k: Any
+    positions: Any
+    attn_mask: Any
+    is_causal: bool
+    scale: float
+    cache: str
+    prefetched: Any = None
+    new_v: Any = None
+
+    def args(self) -> tuple:
+        """The op's positional arguments."""
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+    @classmethod
+    def of(cls, node) -> "SiteCall":
+        """The call a ``dsc::site_attention`` graph node makes."""
+        return cls(*node.args)
+
+    def put(self, node) -> None:
+        """Make ``node`` call the op with these arguments."""
+        node.args = self.args()
+
+    @property
+    def placeholder(self) -> bool:
+        """``k``/``v`` are offload placeholders (shape only; the rows are in the host store and ``new_k/new_v``)."""
+        return self.new_v is not None
+
+
+@dataclass
+class Step:
+    """What label sync hands the strategies: the label entry, the host store (offload), this step's positions."""
+
+    entry: Entry
+    host: Optional[offload.HostKV]
+    new_positions: Optional[Tensor]
+    fresh: bool  # the host store began with this step's rows
+
+
+@torch.library.custom_op("dsc::site_attention", mutates_args=())
+def site_attention(runtime: int, site: int, q: Tensor, k: Tensor, v: Tensor, past_k: Optional[Tensor],
+                   new_k: Tensor, positions: Optional[Tensor], attn_mask: Optional[Tensor], is_causal: bool,
+                   scale: float, cache: str, prefetched: Optional[Tensor] = None,
+                   new_v: Optional[Tensor] = None) -> Tensor:
+    """Keep the site's labels in sync with the K cache, then attend (sparse at decode, dense otherwise). The
+    arguments are :class:`SiteCall`'s."""
+    call = SiteCall(runtime, site, q, k, v, past_k, new_k, positions, attn_mask, is_causal, scale, cache,
+                    prefetched, new_v)
+    rt = lookup(runtime)
+    spec = rt.sites[site]
+    if call.cache == "dynamic" and not call.placeholder and rt.labels.should_stay_dense(spec.label, past_k,
+                                                                                        spec.layer):
+        return attend_dense(rt, call, k, v)
+    step = sync_labels(rt, spec, call)
+    predicted = rt.predictions.pop(site, None) if prefetched is not None else None
+    lq, s = q.shape[2], k.shape[2]
+    if lq > 1 or s < spec.min_length:
+        if call.placeholder:  # a step that attends densely, or a sparse prefill, over real rows
+            k, v = step.host.device_rows(s, step.new_positions, new_k, call.new_v, q.device, step.fresh)
+        if (lq > 1 and spec.dense_prefill) or s < spec.min_length:
+            return attend_dense(rt, call, k, v)
+    if s == 0:
+        return attend_dense(rt, call, k, v)
+    rt.stats["sparse_calls"] += 1
+    if step.host is None or lq > 1:
+        return attend_device_sparse(spec, call, step.entry, k, v)
+    if predicted is not None and step.new_positions.dim() == 1:
+        return attend_offload_predicted(rt, spec, call, step, predicted)
+    return attend_offload_sync(spec, call, step)
+
+
+@site_attention.register_fake
+def _(runtime, site, q, k, v, past_k, new_k, positions, attn_mask, is_causal, scale, cache, prefetched=None,
+      new_v=None):
+    b, hq, lq, _ = q.shape
+    return q.new_empty((b, hq, lq, v.shape[-1]))
+
+
+def sync_labels(rt: Runtime, spec: SiteSpec, call: SiteCall) -> Step:
+    """Bring the site's labels (and, with offload, its host store) up to date with this step's K/V."""
+    if call.cache == "static":
+        if call.placeholder:
+            _check_in_bounds(call.positions, call.k.shape[2])
+        entry = rt.labels.static(spec.label, call.k, call.new_k, call.positions, rebuild=not call.placeholder)
+        new_positions = call.positions
+    else:
+        entry = rt.labels.dynamic(spec.label, call.k, call.past_k, call.new_k, rebuild=not call.placeholder)
+        new_positions = None
+    if not spec.offload:
+        return Step(entry, None, new_positions, False)
+    if new_positions is None:  # the rows this call wrote, for the host store
+        s = call.k.shape[2]
+        new_positions = torch.arange(s - call.new_k.shape[2], s, device=call.k.device)
+    fresh = entry.host is None
+    new_rows = (call.new_k, call.new_v) if call.placeholder else None
+    host = offload.host_kv(entry, call.k, call.v, new_positions, new_rows, rt.stats, rt.zero_copy)
+    return Step(entry, host, new_positions, fresh)
+
+
+def attend_dense(rt: Runtime, call: SiteCall, k: Tensor, v: Tensor) -> Tensor:
+    """SDPA over ``k``/``v`` (KV-native: GQA by ``enable_gqa``), as the model would have computed it."""
+    rt.stats["dense_calls"] += 1
+    out = F.scaled_dot_product_attention(call.q, k, v, attn_mask=call.attn_mask, is_causal=call.is_causal,
+                                         scale=call.scale, enable_gqa=call.q.shape[1] != k.shape[1])
+    return out.contiguous()
+
+
+def _selection_inputs(spec: SiteSpec, call: SiteCall, s: int):
+    """``(valid, bias, group)`` for the selection ops: the mask as validity + additive bias, and whether the
+    selection may be per KV group (group selection drops a position unless every head of the group may see it;
+    with a per-head mask that would not be exact, so such calls select per query head)."""
+    valid, bias = valid_from_mask(call.attn_mask)
+    if call.is_causal:
+        valid = causal_valid(call.q.shape[2], s, call.q.device)
+    group = spec.group and (valid is None or valid.dim() < 3 or valid.shape[-3] == 1)
+    return valid, bias, group
+
+
+def attend_device_sparse(spec: SiteSpec, call: SiteCall, entry: Entry, k: Tensor, v: Tensor) -> Tensor:
+    """Double Sparsity on the device: label scores -> top-k -> attention over the selected rows, one op."""
+    s = k.shape[2]
+    valid, bias, group = _selection_inputs(spec, call, s)
+    data, sc, zero = entry.view(s, spec.label.bits)
+    sel = spec.selection
+    return _ds_decode(call.q, k, v, spec.label.on(call.q.device), data, sc, zero, spec.label.bits, valid, bias, None,
+                      sel.budget_tokens, sel.budget_frac, sel.sink, sel.recent, group, call.scale).contiguous()
+
+
+def _select(spec: SiteSpec, q: Tensor, entry: Entry, n: int, valid, group: bool) -> Tensor:
+    """The top-k positions ``[B, Hsel, Lq, K]`` of ``q`` over the first ``n`` labels of ``entry``."""
+    data, sc, zero = entry.view(n, spec.label.bits)
+    sel = spec.selection
+    scores = torch.ops.dsc.label_scores(q, spec.label.on(q.device), data, sc, zero, spec.label.bits, valid, None,
+                                        group)
+    return torch.ops.dsc.select_topk(scores, sel.budget_tokens, sel.budget_frac, sel.sink, sel.recent)
+
+
+def attend_offload_sync(spec: SiteSpec, call: SiteCall, step: Step) -> Tensor:
+    """Offload, selecting with the site's own query: the selected rows come from the host store (this step's
+    rows from the device)."""
+    valid, bias, group = _selection_inputs(spec, call, call.k.shape[2])
+    idx = _select(spec, call.q, step.entry, call.k.shape[2], valid, group)
+    new_rows = (call.new_k, call.new_v) if call.placeholder else None
+    return offload.attend(step.host, call.q, call.k, call.v, idx, step.new_positions, call.scale, bias,
+                          new_rows=new_rows).contiguous()
+
+
+def attend_offload_predicted(rt: Runtime, spec: SiteSpec, call: SiteCall, step: Step, predicted: tuple) -> Tensor:
+    """Offload over the rows fetched ahead from a predicted query, plus this step's rows from the device. With
+    ``measure_overlap``, also select with the site's own query and count how much of it the prediction held."""
+    valid, bias, group = _selection_inputs(spec, call, call.k.shape[2])
+    if rt.measure_overlap:
+        own = _select(spec, call.q, step.entry, call.k.shape[2], valid, group)
+        offload.count_overlap(rt.stats, predicted[0], own, step.new_positions)
+    new_rows = (call.new_k, call.new_v) if call.placeholder else None
+    return offload.attend(step.host, call.q, call.k, call.v, None, step.new_positions, call.scale, bias, predicted,
+                          new_rows).contiguous()
+
+
+def _ds_decode(*args):
+    """The sparse kernel (a plain function so tests can observe the selection by patching it)."""
+    return torch.ops.dsc.ds_decode(*args)
+
+
+def _check_in_bounds(positions: Tensor, capacity: int) -> None:
+    """The bounds check of the static cache write the rewrite dropped (offload placeholders): writing past
+    ``max_cache_len`` is an error, as in the plain model. Free on the CPU; on a GPU a device-side assert."""
+    if positions.device.type == "cpu":
+        if positions.numel() and int(positions.max()) >= capacity:
+            raise IndexError(f"dsparse offload: writing position {int(positions.max())} into a static KV cache of "
+                             f"{capacity} positions (max_cache_len): the sequence outgrew its cache; allocate a "
+                             "longer static cache")
+    else:
+        torch._assert_async((positions < capacity).all())
+
+
+# ------------------------------------------------------------------------------------- next-layer prediction
+@torch.library.custom_op("dsc::site_predict", mutates_args=())
+def site_predict(runtime: int, site: int, q_pred: Tensor, label_key: Tensor, attn_mask: Optional[Tensor],
+                 cache: str) -> Tensor:
+    """Select a later site's rows from a predicted query and start fetching them (offload with prediction).
+
+    ``label_key``: the tensor the site's label entry is filed under (the static buffer, or the dynamic cache's
+    past K). Only decode steps predict; the current token is left out (its label is written by the site itself,
+    which attends it from the device). Returns a ticket (an empty tensor) the site op consumes, which orders the
+    two ops; the selection and the fetched rows wait in the runtime's ``predictions``.
+    """
+    rt = lookup(runtime)
+    spec = rt.sites[site]
+    entry = rt.labels.lookup(spec.label, label_key) if q_pred.shape[2] == 1 else None
+    valid, _ = valid_from_mask(attn_mask)
+    if entry is not None and entry.host is not None and entry.length and (valid is not None or cache == "dynamic"):
+        n = entry.length if cache == "dynamic" else label_key.shape[2]
+        if cache == "static":
+            rt.labels.ensure_capacity(spec.label, entry, label_key, n)  # a longer view of a placeholder buffer
+        valid = offload.previous_tokens(valid, n, current_is_last=cache == "static")
+        group = spec.group and (valid is None or valid.dim() < 3 or valid.shape[-3] == 1)
+        idx = _select(spec, q_pred, entry, n, valid, group)
+        rt.predictions[site] = offload.prefetch(entry.host, idx, q_pred.device)
+    return q_pred.new_empty((0,), dtype=torch.int64)
+
+
+@site_predict.register_fake
+def _(runtime, site, q_pred, label_key, attn_mask, cache):
+    return q_pred.new_empty((0,), dtype=torch.int64)
+
+
+# ------------------------------------------------------------------------------------- offload placeholders
+def _kv_placeholder(past: Optional[Tensor], new: Tensor) -> Tensor:
+    """What an offloaded dynamic cache holds on the device instead of ``cat([past, new], dim=-2)``: a tensor of that
+    shape whose every element is one stored NaN (stride 0), so HF's bookkeeping (lengths, masks) sees the right
+    shape while the rows live in the host store. Its values are never read."""
+    p = past.shape[2] if past is not None and past.dim() == 4 else 0
+    b, h, t, d = new.shape
+    return _one_element((b, h, p + t, d), new.dtype, new.device)
+
+
+def _kv_buffer_placeholder(size: list[int], dtype: Optional[torch.dtype], device: Optional[torch.device]) -> Tensor:
+    """What an offloaded static cache holds instead of its ``zeros(size)`` buffer: that shape, one stored NaN."""
+    return _one_element(size, dtype, device)
+
+
+def _one_element(size, dtype, device) -> Tensor:
+    """A tensor of ``size`` whose elements are all one stored NaN (stride 0): the shape, without the memory. NaN,
+    not zero: a cache handed back to the user and read by the plain model yields NaN, never plausible garbage."""
+    return torch.full((1, 1, 1, 1), float("nan"), dtype=dtype, device=device).expand(size)
+
+
+# The real and the fake kernels are the same function: it allocates one element.
+kv_placeholder = torch.library.custom_op("dsc::kv_placeholder", _kv_placeholder, mutates_args=())
+kv_placeholder.register_fake(_kv_placeholder)
+kv_buffer_placeholder = torch.library.custom_op("dsc::kv_buffer_placeholder", _kv_buffer_placeholder,
+                                                mutates_args=())
+kv_buffer_placeholder.register_fake(_kv_buffer_placeholder)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
