@@ -503,7 +503,25 @@ def test_calibrate_is_deterministic_and_caps_tokens():
     c2 = calibrate(model, ids, tokens=100, block_size=16, progress=False)
     assert c1 == c2 and c1.tokens == 100 and c1.fingerprint
     c1.check_model(model)
-    assert topk_overlap(c1, c2, 4) == 1.0
+    c3 = calibrate(model, ids.flip(-1), tokens=100, block_size=16, progress=False)
+    assert c1 != c3  # other tokens, another ranking: equality above is not vacuous
+    assert topk_overlap(c1, c3, 4) == pytest.approx(_overlap_by_hand(c1, c3, 4))
+
+
+def _overlap_by_hand(a, b, r):
+    """Mean over (layer, KV head) of the share of a's top-r channels in b's top-r, from the rankings' lists."""
+    shares = [len(set(ra[:r]) & set(rb[:r])) / r
+              for layer in a.layers for ra, rb in zip(a.rankings[layer].tolist(), b.rankings[layer].tolist())]
+    return sum(shares) / len(shares)
+
+
+def test_topk_overlap_on_a_known_case():
+    """Two heads of head_dim 6: top-2 share {0, 1} vs {1, 5} (1 of 2) and {2, 3} vs {3, 2} (2 of 2): mean 0.75;
+    top-3 shares {0, 1, 2} vs {1, 5, 0} (2 of 3) and {2, 3, 4} vs {3, 2, 4} (3 of 3): mean 5/6."""
+    a = ChannelConfig.from_rankings({0: [[0, 1, 2, 3, 4, 5], [2, 3, 4, 5, 0, 1]]}, num_heads=2)
+    b = ChannelConfig.from_rankings({0: [[1, 5, 0, 2, 3, 4], [3, 2, 4, 0, 1, 5]]}, num_heads=2)
+    assert topk_overlap(a, b, 2) == 0.75 and topk_overlap(a, b, 3) == pytest.approx(5 / 6)
+    assert topk_overlap(a, b, 6) == 1.0 and topk_overlap(a, a, 1) == 1.0 and topk_overlap(a, b, 1) == 0.0
 
 
 def test_rope_layout_detection_and_pair_aware():
@@ -688,7 +706,19 @@ def test_measure_script(tiny_model_dir, tmp_path):
 
     out = tmp_path / "m.json"
     assert main(["--model", str(tiny_model_dir), "--checkpoints", "64", "128", "--block-size", "32",
-                 "--json", str(out)]) == 0
+                 "--ranks", "4", "8", "--json", str(out)]) == 0  # head_dim 16: r < 16 leaves something out
     res = json.loads(out.read_text())
     assert set(res["times_s"]) == {"64", "128"}
-    assert 0 <= res["overlap_64_vs_128_r8"] <= 1 and 0 <= res["pair_share_128_r16"] <= 1
+    # The script's numbers equal ones computed here from calibrate(tokens=N) and the definitions.
+    from dsc.assets import calibration_essays, load_model
+
+    model, tok = load_model(str(tiny_model_dir))
+    c64, c128 = (calibrate(model, calibration_essays(), tokenizer=tok, tokens=n, block_size=32, progress=False)
+                 for n in (64, 128))
+    assert c128.rope_layout == "rotate_half"
+    half = c128.head_dim // 2
+    for r in (4, 8):
+        assert res[f"overlap_64_vs_128_r{r}"] == pytest.approx(_overlap_by_hand(c64, c128, r), abs=5e-5)
+        rows = [row[:r] for layer in c128.layers for row in c128.rankings[layer].tolist()]
+        paired = sum((c + half) % c128.head_dim in row for row in rows for c in row) / (r * len(rows))
+        assert res[f"pair_share_128_r{r}"] == pytest.approx(paired, abs=5e-5)

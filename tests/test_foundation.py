@@ -34,8 +34,14 @@ def test_model_answers_paris(model, tokenizer):
 
 def test_left_padded_batch_matches_single_prompts(model, tokenizer):
     prompts = ["The capital of France is", "Hello, my name is Bob and I like to"]
+    side = tokenizer.padding_side  # the tokenizer is shared by the session: restore what it had
     tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+    assert tokenizer.padding_side == side
+    assert not batch.attention_mask[0, 0] and batch.attention_mask[:, -1].all()  # really left-padded
     together = greedy_decode(model, batch.input_ids, 5, attention_mask=batch.attention_mask)
     for i, p in enumerate(prompts):
         alone = greedy_decode(model, tokenizer(p, return_tensors="pt").input_ids, 5)
