@@ -48,7 +48,25 @@ def test_run_case_policies(model, tokenizer):
     assert abs(tiny["logprob"] - dense["logprob"]) > 1e-2  # the question/answer rows really are sparse
     summary = R.summarize(rows, by=("policy", "label"))
     assert {s["label"] for s in summary} == {p.label() for p in pols}
-    assert all(0 <= s["agree"] <= 1 and s["cases"] == 1 for s in summary)
+    by_label = {r["label"]: r for r in rows}
+    assert all(s["cases"] == 1 and s["agree"] == by_label[s["label"]]["agree"] for s in summary)
+    assert dense["agree"] == 1.0  # dense agrees with itself
+    assert (tiny["agree"] == 1.0) == (tiny["output"] == dense["output"])
+
+
+def test_summarize_means_by_hand():
+    """summarize: per group, mean agreement/accuracy/log-prob, the gap to dense relative to dense's log-prob, and
+    'kept' over the cases dense got right; checked on rows whose answers are known."""
+    def row(policy, seed, correct, logprob, agree):
+        return {"task": "passkey", "length": 100, "depth": 0.5, "seed": seed, "policy": policy, "label": policy,
+                "correct": correct, "logprob": logprob, "agree": agree}
+
+    rows = [row("dense", 0, True, -2.0, 1.0), row("dense", 1, False, -6.0, 1.0),
+            row("s", 0, False, -3.0, 0.25), row("s", 1, False, -5.0, 0.75)]
+    (d, s) = sorted(R.summarize(rows, by=("policy",)), key=lambda x: x["policy"])
+    assert (s["cases"], s["agree"], s["accuracy"], s["logprob"]) == (2, 0.5, 0.0, -4.0)
+    assert s["logprob_gap"] == pytest.approx((1.0 + 1.0) / 8.0) and s["kept"] == 0.0  # dense right on seed 0 only
+    assert (d["agree"], d["accuracy"], d["kept"], d["logprob_gap"]) == (1.0, 0.5, 1.0, 0.0)
 
 
 def test_cli_retrieval(tmp_path):
