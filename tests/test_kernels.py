@@ -1,16 +1,53 @@
 """Double Sparsity ops: the reference and the fast CPU path against their contracts (DESIGN.md "Ops")."""
+import itertools
+
 import pytest
 import torch
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import dsc.kernels  # noqa: F401  (registers torch.ops.dsc)
 from dsc.kernels import cpu as C
 from dsc.kernels import reference as R
-from dsc.kernels.testing import assert_valid_selection, dense_attention, make_case
+from dsc.kernels.testing import assert_ds_decode_matches_oracle, assert_valid_selection, dense_attention, make_case
 
-HEAD_DIMS = [32, 64, 80, 96, 128, 256]
+HEAD_DIMS = [16, 32, 64, 80, 96, 128, 256]
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def scaled(n: int):
+    """``settings(max_examples=...)``: ``n`` under the deterministic ``ci`` profile (20 examples), proportionally
+    more under ``dev`` (HYPOTHESIS_PROFILE=dev, ``make test-dev``)."""
+    return settings(max_examples=max(1, n * settings.default.max_examples // 20))
+
+
+def format_grid(s: int, small: bool = False) -> list:
+    """Explicit ``cases`` (the ci profile is derandomized, so these are what always runs): every label format
+    (16 / 8 / 4 bits) x GQA group (1, 2, 4 or 8) x head_dim class (power of two 64, not a power of two 80, small 16),
+    the other knobs (dtype, masks, lengths, Lq, selection mode, budget rule, sink / recent) rotating through their
+    values. ``s`` (odd) sets the least cache length (never a power of two); ``small`` keeps batch, KV heads and Lq at their least (Triton's
+    interpreter is slow)."""
+    out = []
+    for i, (bits, g, d) in enumerate(itertools.product((16, 8, 4), (1, 2, 4), (64, 80, 16))):
+        g = 8 if g == 4 and i % 2 else g
+        r = (d // 4, d // 2 - 1, 1, 5)[i % 4]
+        p = dict(seed=1000 + i, b=1 if small else 1 + i % 2, hkv=1 if small and g > 2 else 1 + i % 2, g=g,
+                 lq=1 if small and i % 3 else 1 + i % 2, s=s + 2 * i, d=d, r=r, bits=bits, dtype=DTYPES[i % 3],
+                 valid=("none", "shared", "per_head")[i % 3], bias=i % 4 == 1, lengths=i % 2 == 0)
+        sel = dict(budget=(s // 4, 3, s + 8)[i % 3], frac=(0.0, 0.0, 1 / 16, 0.3)[i % 4], sink=i % 3,
+                   recent=(0, 1, 4)[i % 3], group=i % 2 == 1)
+        out.append((p, sel))
+    return out
+
+
+def with_formats(s: int, small: bool = False):
+    """Decorator: :func:`format_grid` as hypothesis ``@example``s of a test taking one ``cases()`` argument."""
+    def deco(fn):
+        for case in reversed(format_grid(s, small)):
+            fn = example(case)(fn)
+        return fn
+    return deco
 
 
 @st.composite
@@ -77,6 +114,7 @@ def test_cpu_label_write_matches_reference_at_positions(seed, bits, batched_posi
 
 # ----------------------------------------------------------------------------------------------- properties
 @given(cases())
+@with_formats(s=61)
 def test_cpu_path_matches_reference(case):
     p, sel = case
     c = make_case(**p)
@@ -94,13 +132,14 @@ def test_cpu_path_matches_reference(case):
     got_o = C.sparse_attention(c.q, c.k, c.v, idx, p["d"] ** -0.5, c.bias)
     assert got_o.dtype == c.q.dtype and got_o.shape == c.q.shape
     assert torch.allclose(ref_o.float(), got_o.float(), atol=tol, rtol=tol)
-    # the composed op == attention over a correct selection made from its own scores
-    out = torch.ops.dsc.ds_decode(c.q, c.k, c.v, *c.labels, c.valid, c.bias, c.lengths, *args, group, None)
-    again = R.sparse_attention(c.q, c.k, c.v, R.select_topk(got_sc, *args), p["d"] ** -0.5, c.bias)
-    assert torch.allclose(out.float(), again.float(), atol=tol, rtol=tol)
+    # the composed op == the definition, from the oracle's own scores and selection (near-tie rows left out)
+    for out in (C.ds_decode(c.q, c.k, c.v, *c.labels, c.valid, c.bias, c.lengths, *args, group, None),
+                torch.ops.dsc.ds_decode(c.q, c.k, c.v, *c.labels, c.valid, c.bias, c.lengths, *args, group, None)):
+        assert_ds_decode_matches_oracle(out, c, *args, group, None, tol)
 
 
 @given(cases(max_s=600))
+@with_formats(s=45)
 def test_budget_covering_all_valid_rows_equals_dense_sdpa(case):
     p, sel = case
     if sel["group"] and p["valid"] == "per_head":
@@ -257,12 +296,12 @@ def test_cpu_gather_does_not_repeat_or_copy_the_cache():
 
 # ----------------------------------------------------------------------------------------------- chunked scoring
 @pytest.mark.parametrize("bits", [16, 8, 4])
-def test_chunked_cpu_scores_match_reference(bits, monkeypatch):
-    monkeypatch.setattr(C, "CHUNK_ELEMENTS", 1)  # 256-token chunks: several full ones and a partial last one
+def test_chunked_cpu_scores_match_reference(bits):
     c = make_case(0, 2, 2, 3, 2, 1000, 64, 13, bits, torch.bfloat16, lengths=True)
+    assert C._chunk_tokens(2 * 2, 13, 1) == 256  # 256-token chunks: several full ones and a partial last one
     for group in (True, False):
         ref = R.label_scores(c.q, *c.labels, None, c.lengths, group)
-        got = C.label_scores(c.q, *c.labels, None, c.lengths, group)
+        got = C._masked_scores(c.q, *c.labels, None, c.lengths, group, chunk_elements=1)
         assert torch.equal(torch.isinf(ref), torch.isinf(got))
         fin = torch.isfinite(ref)
         assert torch.allclose(ref[fin], got[fin], rtol=1e-4, atol=1e-4)
@@ -275,7 +314,10 @@ def _op_samples():
     idx = R.select_topk(sc, 6, 0.0, 1, 1)
     keys = torch.randn(2, 2, 3, 32)
     fresh = R.alloc_labels(2, 2, 33, 5, 4)
+    rows = torch.randn(2, 2, 3, 32)
     return {
+        "write_rows": (rows, torch.tensor([[4, 9, 30], [0, 1, 2]]), torch.zeros(2, 2, 33, 32)),
+        "sparse_attention_host": (c.q, c.k, c.v, idx, 0.17, c.bias),
         "label_write": (keys, c.channels, torch.tensor([4, 9, 30]), *fresh, 4),
         "label_scores": (c.q, *c.labels, c.valid, c.lengths, False),
         "select_topk": (sc, 6, 0.0, 1, 1),
@@ -284,9 +326,39 @@ def _op_samples():
     }
 
 
-@pytest.mark.parametrize("name", ["label_write", "label_scores", "select_topk", "sparse_attention", "ds_decode"])
+@pytest.mark.parametrize("name", ["label_write", "label_scores", "select_topk", "sparse_attention", "ds_decode",
+                                  "write_rows", "sparse_attention_host"])
 def test_opcheck(name):
     torch.library.opcheck(getattr(torch.ops.dsc, name).default, _op_samples()[name])
+
+
+def test_cpu_tensors_dispatch_to_the_cpu_kernels(monkeypatch):
+    """On CPU tensors the dispatcher runs the CPU path (registered per device), never the reference (the default
+    body, for devices without a kernel of their own); the offload ops have no CPU kernel and run the reference."""
+    samples = _op_samples()
+    want = {name: R.__dict__[name](*(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+            for name, args in samples.items() if name not in ("label_write", "write_rows")}
+
+    def boom(*a, **k):
+        raise AssertionError("the reference ran")
+
+    for name in ("label_write", "label_scores", "select_topk", "sparse_attention", "ds_decode"):
+        monkeypatch.setattr(R, name, boom)
+    for name, args in samples.items():
+        out = getattr(torch.ops.dsc, name)(*args)
+        if name in want:
+            torch.testing.assert_close(out, want[name], atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(R, "write_rows", boom)
+    with pytest.raises(AssertionError, match="reference ran"):
+        torch.ops.dsc.write_rows(*samples["write_rows"])
+
+
+def test_importing_the_ops_does_not_import_triton():
+    import subprocess
+    import sys
+
+    code = "import sys, dsc.kernels; assert 'triton' not in sys.modules, 'triton imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_ops_under_torch_compile_fullgraph():

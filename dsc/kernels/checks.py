@@ -241,26 +241,36 @@ def check_sparse_attention(q, k, v, idx, sm_scale, bias) -> None:
 
 
 def check_host_kv(q, k, v, idx, sm_scale, bias) -> None:
-    """:func:`check_sparse_attention` for ``k``/``v`` held in pinned host memory while ``q`` is on a GPU."""
+    """:func:`check_sparse_attention` for ``k``/``v`` held in host memory: pinned when ``q`` is on a GPU (the
+    zero-copy kernel reads them over the bus), any host tensor otherwise (the reference moves the rows)."""
+    from torch._subclasses.fake_tensor import is_fake
+
     for name, t in (("k", k), ("v", v)):
-        if t.device.type != "cpu" or not t.is_pinned():
-            _fail(name, f"must be a pinned host tensor for zero-copy attention (got {t.device}, pinned="
-                        f"{t.device.type == 'cpu' and t.is_pinned()}); allocate it with pin_memory=True")
-    if q.device.type != "cuda":
-        _fail("q", f"zero-copy attention over host K/V needs a CUDA query, got {q.device}")
+        _rank(name, t, 4, "[B, Hkv, S, D] in host memory")
+        if t.device.type != "cpu":
+            _fail(name, f"must be a host tensor (pinned for a GPU query), got one on {t.device}")
+        if q.device.type == "cuda" and not is_fake(t) and not t.is_pinned():
+            _fail(name, "must be a pinned host tensor for zero-copy attention from a GPU query (got pinned=False); "
+                        "allocate it with pin_memory=True")
+    _rank("q", q, 4, "[B, Hq, Lq, D]")
     _same_device("q", q, idx=idx, bias=bias)
+    if q.device == k.device:
+        check_sparse_attention(q, k, v, idx, sm_scale, bias)
+        return
     meta = [None if t is None else t.to("meta") for t in (q, k, v, idx, bias)]  # shapes and dtypes only
     check_sparse_attention(*meta[:4], sm_scale, meta[4])
 
 
 def check_write_rows(src, positions, dst) -> None:
+    from torch._subclasses.fake_tensor import is_fake
+
     _rank("src", src, 4, "[B, Hkv, T, D]")
     _rank("dst", dst, 4, "[B, Hkv, capacity, D]")
     b, hkv, t, d = src.shape
     if dst.shape[0] != b or dst.shape[1] != hkv or dst.shape[3] != d or dst.dtype != src.dtype:
         _fail("dst", f"is {tuple(dst.shape)} {dst.dtype}; expected [{b}, {hkv}, capacity, {d}] {src.dtype}")
     check_positions(positions, b, t, dst.shape[2])
-    if dst.device != src.device and not (dst.device.type == "cpu" and dst.is_pinned()):
+    if dst.device != src.device and not (dst.device.type == "cpu" and (is_fake(dst) or dst.is_pinned())):
         _fail("dst", f"is on {dst.device} but src is on {src.device}; use the same device or pinned host memory")
     _same_device("src", src, positions=positions)
 

@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from . import checks
-from .topk import topk_inplace as _topk_inplace
+from . import topk as _topk
 
 # fp32 elements of converted label codes per scoring chunk (16 MB: about half an L3; fewer, larger chunks also
-# mean fewer OpenMP regions, which matters on an oversubscribed machine).
+# mean fewer OpenMP regions, which matters on an oversubscribed machine). Read once; never reassigned: a caller
+# wanting other chunks (tests) passes ``chunk_elements`` to :func:`_masked_scores`.
 CHUNK_ELEMENTS = int(os.environ.get("DSC_CPU_CHUNK", 1 << 22))
 NEG_INF = float("-inf")
 _local = threading.local()
@@ -96,12 +97,13 @@ def _query_channels(q, channels, group: bool):
     return qc.reshape(b, hkv, g * lq, r)
 
 
-def _chunk_tokens(rows: int, r: int) -> int:
-    """Tokens per scoring chunk: keeps the chunk's fp32 codes (rows * tokens * r) around 16 MB."""
-    return max(256, CHUNK_ELEMENTS // max(1, rows * r))
+def _chunk_tokens(rows: int, r: int, chunk_elements: int) -> int:
+    """Tokens per scoring chunk: keeps the chunk's fp32 codes (rows * tokens * r) near ``chunk_elements``
+    (at least 256 tokens)."""
+    return max(256, chunk_elements // max(1, rows * r))
 
 
-def _scores(qc, data, scale, zero, bits: int):
+def _scores(qc, data, scale, zero, bits: int, chunk_elements: int = CHUNK_ELEMENTS):
     """``[B, Hkv, M, S]`` fp32 = q . label, by the score identity ``scale * (q . code) + zero * sum(q)``.
 
     Codes are converted to fp32 one cache-sized chunk of tokens at a time (never a full fp32 copy of the labels);
@@ -118,7 +120,7 @@ def _scores(qc, data, scale, zero, bits: int):
             qo = torch.cat([qo, qo.new_zeros(b, hkv, m, 1)], -1)
     if bits != 16:
         qsum = qc.sum(-1, keepdim=True)  # [B, Hkv, M, 1]
-    step = _chunk_tokens(b * hkv, r)
+    step = _chunk_tokens(b * hkv, r, chunk_elements)
     out = None if step >= s else torch.empty(b, hkv, m, s, dtype=torch.float32)
     for s0 in range(0, s, step):
         s1 = min(s, s0 + step)
@@ -136,14 +138,16 @@ def _scores(qc, data, scale, zero, bits: int):
     return out
 
 
-def _masked_scores(q, channels, data, scale, zero, bits, valid, lengths, group: bool):
-    """Scores ``[B, Hsel, Lq, S]`` with invalid positions at ``-inf`` (a fresh buffer the caller owns)."""
+def _masked_scores(q, channels, data, scale, zero, bits, valid, lengths, group: bool,
+                   chunk_elements: int = CHUNK_ELEMENTS):
+    """Scores ``[B, Hsel, Lq, S]`` with invalid positions at ``-inf`` (a fresh buffer the caller owns); the label
+    codes are converted ``chunk_elements`` fp32 values at a time (unchecked: callers have validated)."""
     b, hq, lq, _ = q.shape
     hkv, r = channels.shape
     g = hq // hkv
     s = data.shape[2]
     qc = _query_channels(q, channels, group)
-    sc = _scores(qc, data, scale, zero, bits)
+    sc = _scores(qc, data, scale, zero, bits, chunk_elements)
     if lengths is not None:
         sc.masked_fill_(torch.arange(s) >= lengths[:, None, None, None], NEG_INF)
     if group:
@@ -164,10 +168,7 @@ def label_scores(q, channels, data, scale, zero, bits: int, valid=None, lengths=
 
 
 # ----------------------------------------------------------------------------------------------- top-k
-def select_topk(scores, budget: int, frac: float = 0.0, sink: int = 0, recent: int = 0):
-    checks.check_select(scores, budget, frac, sink, recent)
-    idx, used = _topk_inplace(scores.float().clone(), budget, frac, sink, recent)
-    return torch.where(used, idx, -1).contiguous()
+select_topk = _topk.select_topk  # torch.topk: the one implementation shared with the GPU path
 
 
 # ----------------------------------------------------------------------------------------------- attention
@@ -239,5 +240,5 @@ def ds_decode(q, k, v, channels, data, scale, zero, bits: int, valid=None, bias=
     checks.check_ds_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink,
                            recent, sm_scale)
     sc = _masked_scores(q, channels, data, scale, zero, bits, valid, lengths, group)
-    idx, used = _topk_inplace(sc, budget, frac, sink, recent)
+    idx, used = _topk.topk_inplace(sc, budget, frac, sink, recent)
     return _attend(q, k, v, idx, used, float(sm_scale), bias)

@@ -1,8 +1,15 @@
 """``torch.library.custom_op`` registrations of the ``dsc::`` ops, with fake (meta) kernels for torch.compile.
 
-Device dispatch: CPU tensors -> :mod:`dsc.kernels.cpu` (reads only labels and selected rows), CUDA tensors ->
-the Triton launchers, anything else -> the plain-torch reference. Real outputs are contiguous and the fake kernels
-return the same (contiguous) strides, as ``torch.library.opcheck`` requires.
+Device dispatch is the dispatcher's: each op's default body is the plain-torch oracle (:mod:`.reference`, used on
+any device without a kernel of its own), and device kernels are registered per device type with
+``register_kernel``: ``"cpu"`` -> :mod:`.cpu` (reads only labels and selected rows), ``"cuda"`` -> the Triton
+launchers (:mod:`.triton_ops`, :mod:`.triton_paged`, imported on the first CUDA call, so importing this module never
+imports Triton). An op given tensors on several devices (a CUDA query over pinned host K/V) dispatches to the CUDA
+kernel. Real outputs are contiguous and the fake kernels return the same (contiguous) strides, as
+``torch.library.opcheck`` requires.
+
+Every kernel validates its arguments once (:mod:`.checks`); composite ops (``ds_decode``) check once and run their
+steps unchecked.
 """
 from __future__ import annotations
 
@@ -11,27 +18,41 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import checks, reference
+from . import checks, cpu, paged, reference, topk
 
 
-def _impl(t: Tensor):
-    """The implementation module for tensors on ``t``'s device."""
-    if t.device.type == "cpu":
-        from . import cpu
+def _triton(module: str, name: str):
+    """A CUDA kernel that imports ``dsc.kernels.<module>`` (hence Triton) on its first call, not at import time."""
+    fn = None
 
-        return cpu
-    if t.device.type == "cuda":
-        from . import triton_ops
+    def kernel(*args, **kwargs):
+        nonlocal fn
+        if fn is None:
+            import importlib
 
-        return triton_ops
-    return reference
+            fn = getattr(importlib.import_module(f"{__package__}.{module}"), name)
+        return fn(*args, **kwargs)
+
+    kernel.__name__ = kernel.__qualname__ = f"{module}.{name}"
+    return kernel
 
 
+def _register(op, name: str, cpu_fn, module: str = "triton_ops") -> None:
+    op.register_kernel("cpu")(cpu_fn)
+    op.register_kernel("cuda")(_triton(module, name))
+
+
+def _check_fake_lengths(lengths: Optional[Tensor], b) -> None:
+    if lengths is not None:
+        torch._check(lengths.shape[0] == b, lambda: f"lengths: has {lengths.shape[0]} entries for batch {b}")
+
+
+# ----------------------------------------------------------------------------------------------- label cache
 @torch.library.custom_op("dsc::label_write", mutates_args=("data", "scale", "zero"))
 def label_write(keys: Tensor, channels: Tensor, positions: Tensor, data: Tensor, scale: Tensor, zero: Tensor,
                 bits: int) -> None:
     """Write the labels of ``keys [B,Hkv,T,D]`` at ``positions`` ([T] or [B,T]) into ``data/scale/zero``."""
-    _impl(keys).label_write(keys, channels, positions, data, scale, zero, bits)
+    reference.label_write(keys, channels, positions, data, scale, zero, bits)
 
 
 @label_write.register_fake
@@ -40,24 +61,33 @@ def _(keys, channels, positions, data, scale, zero, bits):
     return None
 
 
+_register(label_write, "label_write", cpu.label_write)
+
+
+# ----------------------------------------------------------------------------------------------- scores
 @torch.library.custom_op("dsc::label_scores", mutates_args=())
 def label_scores(q: Tensor, channels: Tensor, data: Tensor, scale: Tensor, zero: Tensor, bits: int,
                  valid: Optional[Tensor] = None, lengths: Optional[Tensor] = None, group: bool = True) -> Tensor:
     """fp32 label scores ``[B, Hsel, Lq, S]`` (Hsel = Hkv if ``group`` else Hq); invalid positions ``-inf``."""
-    return _impl(q).label_scores(q, channels, data, scale, zero, bits, valid, lengths, group)
+    return reference.label_scores(q, channels, data, scale, zero, bits, valid, lengths, group)
 
 
 @label_scores.register_fake
 def _(q, channels, data, scale, zero, bits, valid=None, lengths=None, group=True):
     hkv, s = checks.check_label_scores(q, channels, data, scale, zero, bits, valid, lengths)
     b, hq, lq, _ = q.shape
+    _check_fake_lengths(lengths, b)
     return q.new_empty((b, hkv if group else hq, lq, s), dtype=torch.float32)
 
 
+_register(label_scores, "label_scores", cpu.label_scores)
+
+
+# ----------------------------------------------------------------------------------------------- top-k
 @torch.library.custom_op("dsc::select_topk", mutates_args=())
 def select_topk(scores: Tensor, budget: int, frac: float = 0.0, sink: int = 0, recent: int = 0) -> Tensor:
     """int64 ``[B, Hsel, Lq, K]`` selected positions (``-1`` = unused slot), sink/recent forced in."""
-    return _impl(scores).select_topk(scores, budget, frac, sink, recent)
+    return reference.select_topk(scores, budget, frac, sink, recent)
 
 
 @select_topk.register_fake
@@ -67,11 +97,16 @@ def _(scores, budget, frac=0.0, sink=0, recent=0):
     return scores.new_empty((b, h, lq, checks.topk_width(s, budget, frac)), dtype=torch.int64)
 
 
+# torch.topk runs on either device: one kernel (dsc.kernels.topk) for CPU and CUDA
+select_topk.register_kernel(("cpu", "cuda"))(topk.select_topk)
+
+
+# ----------------------------------------------------------------------------------------------- attention
 @torch.library.custom_op("dsc::sparse_attention", mutates_args=())
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, sm_scale: float,
                      bias: Optional[Tensor] = None) -> Tensor:
     """Attention of ``q`` over the rows ``idx`` of ``k``/``v`` (HF layout, Hkv heads); output in q's dtype."""
-    return _impl(q).sparse_attention(q, k, v, idx, sm_scale, bias)
+    return reference.sparse_attention(q, k, v, idx, sm_scale, bias)
 
 
 @sparse_attention.register_fake
@@ -80,14 +115,17 @@ def _(q, k, v, idx, sm_scale, bias=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+_register(sparse_attention, "sparse_attention", cpu.sparse_attention)
+
+
 @torch.library.custom_op("dsc::ds_decode", mutates_args=())
 def ds_decode(q: Tensor, k: Tensor, v: Tensor, channels: Tensor, data: Tensor, scale: Tensor, zero: Tensor,
               bits: int, valid: Optional[Tensor] = None, bias: Optional[Tensor] = None,
               lengths: Optional[Tensor] = None, budget: int = 64, frac: float = 0.0, sink: int = 0,
               recent: int = 0, group: bool = True, sm_scale: Optional[float] = None) -> Tensor:
     """Double Sparsity decode attention: label scores -> top-k -> sparse attention, no host synchronisation."""
-    return _impl(q).ds_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac,
-                              sink, recent, group, sm_scale)
+    return reference.ds_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac,
+                               sink, recent, group, sm_scale)
 
 
 @ds_decode.register_fake
@@ -95,35 +133,64 @@ def _(q, k, v, channels, data, scale, zero, bits, valid=None, bias=None, lengths
       sink=0, recent=0, group=True, sm_scale=None):
     checks.check_ds_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink,
                            recent, 1.0 if sm_scale is None else sm_scale)
+    torch._check(data.shape[2] == k.shape[2], lambda: "data: label cache length differs from the K/V cache length")
+    _check_fake_lengths(lengths, q.shape[0])
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+_register(ds_decode, "ds_decode", cpu.ds_decode)
+
+
+# ----------------------------------------------------------------------------------------------- offload
+@torch.library.custom_op("dsc::write_rows", mutates_args=("dst",))
+def write_rows(src: Tensor, positions: Tensor, dst: Tensor) -> None:
+    """``dst[b, :, positions] = src[b]`` (``src [B,Hkv,T,D]``, ``positions`` int64 ``[T]`` or ``[B,T]``,
+    ``dst [B,Hkv,capacity,D]``). ``dst`` may be pinned host memory while ``src`` is on a GPU: the CUDA kernel then
+    writes the rows over the bus in stream order (later kernels on the stream see them, no host wait)."""
+    reference.write_rows(src, positions, dst)
+
+
+@write_rows.register_fake
+def _(src, positions, dst):
+    checks.check_write_rows(src, positions, dst)
+    return None
+
+
+write_rows.register_kernel("cuda")(_triton("triton_ops", "write_rows"))
+
+
+@torch.library.custom_op("dsc::sparse_attention_host", mutates_args=())
+def sparse_attention_host(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, sm_scale: float,
+                          bias: Optional[Tensor] = None) -> Tensor:
+    """:func:`sparse_attention` with ``k``/``v`` ``[B,Hkv,S,D]`` in host memory. With a CUDA ``q`` (``k``/``v``
+    pinned) the Triton kernel reads only the selected rows over the bus (zero-copy); elsewhere the reference."""
+    return reference.sparse_attention_host(q, k, v, idx, sm_scale, bias)
+
+
+@sparse_attention_host.register_fake
+def _(q, k, v, idx, sm_scale, bias=None):
+    checks.check_host_kv(q, k, v, idx, sm_scale, bias)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+sparse_attention_host.register_kernel("cuda")(_triton("triton_ops", "sparse_attention_host"))
+
+
 # ----------------------------------------------------------------------------------------------- paged KV cache
-def _paged_impl(t: Tensor):
-    """Paged sparse attention for tensors on ``t``'s device: CPU path, Triton on CUDA, else the reference."""
-    from . import paged
-
-    if t.device.type == "cpu":
-        return paged.cpu
-    if t.device.type == "cuda":
-        from .triton_paged import paged_sparse_attention as triton_paged
-
-        return triton_paged
-    return paged.reference
-
-
 @torch.library.custom_op("dsc::paged_sparse_attention", mutates_args=())
 def paged_sparse_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, lengths: Tensor,
                            idx: Tensor, sm_scale: float) -> Tensor:
     """Attention of ``q [B,Hq,Lq,D]`` over the logical positions ``idx [B,Hsel,Lq,K]`` of a paged KV cache
     (``k_pages``/``v_pages`` ``[num_pages, page_size, Hkv, D]``, ``block_table [B, max_pages]``, ``lengths [B]``);
     slots ``-1`` or ``>= lengths[b]`` are skipped. Layout and semantics: :mod:`dsc.kernels.paged`."""
-    return _paged_impl(q)(q, k_pages, v_pages, block_table, lengths, idx, sm_scale)
+    return paged.reference(q, k_pages, v_pages, block_table, lengths, idx, sm_scale)
 
 
 @paged_sparse_attention.register_fake
 def _(q, k_pages, v_pages, block_table, lengths, idx, sm_scale):
-    from .paged import check_paged_attention
-
-    check_paged_attention(q, k_pages, v_pages, block_table, lengths, idx, sm_scale)
+    paged.check_paged_attention(q, k_pages, v_pages, block_table, lengths, idx, sm_scale)
+    torch._check(block_table.shape[0] == q.shape[0], lambda: "block_table: one row per request")
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+_register(paged_sparse_attention, "paged_sparse_attention", paged.cpu, module="triton_paged")

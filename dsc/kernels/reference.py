@@ -84,8 +84,13 @@ def valid_mask(valid, lengths, b: int, hq: int, lq: int, s: int, device) -> torc
 # ----------------------------------------------------------------------------------------------- ops
 def label_scores(q, channels, data, scale, zero, bits: int, valid=None, lengths=None, group: bool = True):
     """Approximate ``q . k`` from the labels, fp32 ``[B, Hsel, Lq, S]``; invalid positions ``-inf``."""
-    hkv, s = checks.check_label_scores(q, channels, data, scale, zero, bits, valid, lengths)
+    checks.check_label_scores(q, channels, data, scale, zero, bits, valid, lengths)
+    return _label_scores(q, channels, data, scale, zero, bits, valid, lengths, group)
+
+
+def _label_scores(q, channels, data, scale, zero, bits, valid, lengths, group):
     b, hq, lq, _ = q.shape
+    hkv, s = data.shape[1], data.shape[2]
     g = hq // hkv
     r = channels.shape[1]
     ch = channels.repeat_interleave(g, 0)  # [Hq, r]
@@ -109,6 +114,10 @@ def select_topk(scores, budget: int, frac: float = 0.0, sink: int = 0, recent: i
     first ones; the remaining slots go to the best-scored other positions.
     """
     checks.check_select(scores, budget, frac, sink, recent)
+    return _select_topk(scores, budget, frac, sink, recent)
+
+
+def _select_topk(scores, budget, frac, sink, recent):
     s = scores.shape[-1]
     kk = checks.topk_width(s, budget, frac)
     ok = ~(scores == float("-inf"))
@@ -131,6 +140,10 @@ def select_topk(scores, budget: int, frac: float = 0.0, sink: int = 0, recent: i
 def sparse_attention(q, k, v, idx, sm_scale: float, bias=None):
     """Exact attention of each query over its selected rows only (fp32 softmax); rows with no slot give 0."""
     checks.check_sparse_attention(q, k, v, idx, sm_scale, bias)
+    return _sparse_attention(q, k, v, idx, sm_scale, bias)
+
+
+def _sparse_attention(q, k, v, idx, sm_scale, bias):
     b, hq, lq, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -166,14 +179,32 @@ def attend_rows(q, rows_k, rows_v, used, sm_scale: float, bias=None):
 def ds_decode(q, k, v, channels, data, scale, zero, bits: int, valid=None, bias=None, lengths=None,
               budget: int = 64, frac: float = 0.0, sink: int = 0, recent: int = 0, group: bool = True,
               sm_scale: float | None = None):
-    """Label scores -> top-k -> exact attention over the selected rows."""
+    """Label scores -> top-k -> exact attention over the selected rows (arguments checked once, here)."""
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5
     checks.check_ds_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink,
                            recent, sm_scale)
-    sc = label_scores(q, channels, data, scale, zero, bits, valid, lengths, group)
-    idx = select_topk(sc, budget, frac, sink, recent)
-    return sparse_attention(q, k, v, idx, sm_scale, bias)
+    sc = _label_scores(q, channels, data, scale, zero, bits, valid, lengths, group)
+    idx = _select_topk(sc, budget, frac, sink, recent)
+    return _sparse_attention(q, k, v, idx, sm_scale, bias)
+
+
+# ----------------------------------------------------------------------------------------------- offload helpers
+def write_rows(src, positions, dst) -> None:
+    """``dst[b, :, positions] = src[b]`` for ``src [B, Hkv, T, D]``, ``positions`` ``[T]`` or ``[B, T]``
+    (``dst [B, Hkv, capacity, D]``, on src's device or in host memory)."""
+    checks.check_write_rows(src, positions, dst)
+    b, _, t, _ = src.shape
+    pos = positions.expand(b, t) if positions.dim() == 1 else positions
+    for i in range(b):
+        dst[i].index_copy_(1, pos[i].to(dst.device), src[i].to(dst.device))
+
+
+def sparse_attention_host(q, k, v, idx, sm_scale: float, bias=None):
+    """:func:`sparse_attention` with ``k``/``v`` in host memory (``q`` on any device): the host rows are moved to
+    q's device, then the contiguous oracle runs."""
+    checks.check_host_kv(q, k, v, idx, sm_scale, bias)
+    return _sparse_attention(q, k.to(q.device), v.to(q.device), idx, sm_scale, bias)
 
 
 def alloc_labels(b: int, hkv: int, s: int, r: int, bits: int, dtype=torch.float32, device="cpu"):

@@ -100,3 +100,44 @@ def assert_valid_selection(scores: torch.Tensor, idx: torch.Tensor, budget: int,
         rest = [p for p in vpos if p not in cs]
         if free and rest:
             assert min(map(rank, free)) >= max(map(rank, rest)), "a better-scoring position was left out"
+
+
+def ambiguous_rows(scores: torch.Tensor, idx: torch.Tensor, eps: float) -> torch.Tensor:
+    """Bool ``[B, Hsel, Lq]``: rows of a selection ``idx`` (made from ``scores``) where a chosen position and an
+    unchosen valid one score within ``eps`` of each other, so a rounding difference in the scores of another
+    implementation could legitimately swap them (a near-tie at the selection boundary)."""
+    s = scores.shape[-1]
+    flat = scores.reshape(-1, s).float()
+    ix = idx.reshape(-1, idx.shape[-1])
+    out = torch.zeros(flat.shape[0], dtype=torch.bool)
+    for row in range(flat.shape[0]):
+        sc = flat[row]
+        chosen = torch.zeros(s, dtype=torch.bool)
+        chosen[ix[row][ix[row] >= 0]] = True
+        rest = ~chosen & ~torch.isneginf(sc)
+        if chosen.any() and rest.any():
+            gap = (sc[chosen][:, None] - sc[rest][None, :]).abs().min()
+            out[row] = bool(gap <= eps)
+    return out.view(scores.shape[:-1])
+
+
+def assert_ds_decode_matches_oracle(out: torch.Tensor, c: Case, budget: int, frac: float, sink: int, recent: int,
+                                    group: bool, sm_scale: float | None, tol: float) -> int:
+    """``out`` (some implementation's ``ds_decode`` of case ``c``) equals the definition computed by the plain-torch
+    oracle: reference label scores -> reference top-k -> exact attention over those rows. Rows whose reference
+    selection has a near-tie at its boundary (:func:`ambiguous_rows`: another implementation's score rounding may
+    pick the other position) are left out. Returns the number of output rows compared."""
+    sm = c.q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    sc = R.label_scores(c.q, *c.labels, c.valid, c.lengths, group)
+    idx = R.select_topk(sc, budget, frac, sink, recent)
+    want = R.sparse_attention(c.q, c.k, c.v, idx, sm, c.bias)
+    eps = 1e-4 * (1 + float(sc[torch.isfinite(sc)].abs().max())) if torch.isfinite(sc).any() else 0.0
+    amb = ambiguous_rows(sc, idx, 2 * eps)
+    b, hq, lq, _ = c.q.shape
+    if amb.shape[1] != hq:  # one selection per KV group: each of its G query heads
+        amb = amb.repeat_interleave(hq // amb.shape[1], 1)
+    ok = ~amb
+    assert out.shape == c.q.shape and out.dtype == c.q.dtype
+    assert torch.allclose(out[ok].float(), want[ok].float(), atol=tol, rtol=tol), \
+        float((out[ok].float() - want[ok].float()).abs().max())
+    return int(ok.sum())

@@ -36,3 +36,10 @@ def topk_inplace(sc, budget: int, frac: float, sink: int, recent: int):
         return idx, used
     vals, idx = sc.topk(kk, dim=-1, sorted=False)
     return idx, vals != NEG_INF
+
+
+def select_topk(scores, budget: int, frac: float = 0.0, sink: int = 0, recent: int = 0):
+    """``dsc::select_topk`` on any device (CPU path and GPU): int64 ``[B, Hsel, Lq, K]``, unused slots ``-1``."""
+    checks.check_select(scores, budget, frac, sink, recent)
+    idx, used = topk_inplace(scores.float().clone(), budget, frac, sink, recent)
+    return torch.where(used, idx, -1).contiguous()

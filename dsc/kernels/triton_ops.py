@@ -13,7 +13,7 @@ import triton
 
 from . import checks
 from . import triton_kernels as tk
-from .topk import topk_inplace
+from . import topk
 
 NUM_SMS_DEFAULT = 132  # H100 SXM; only sizes the split count (more programs than SMs keeps the GPU busy)
 
@@ -72,8 +72,14 @@ def write_rows(src, positions, dst, block_t: int | None = None) -> None:
 # ----------------------------------------------------------------------------------------------- scores
 def label_scores(q, channels, data, scale, zero, bits: int, valid=None, lengths=None, group: bool = True,
                  block_s: int | None = None):
-    hkv, s = checks.check_label_scores(q, channels, data, scale, zero, bits, valid, lengths)
+    checks.check_label_scores(q, channels, data, scale, zero, bits, valid, lengths)
+    return _label_scores(q, channels, data, scale, zero, bits, valid, lengths, group, block_s)
+
+
+def _label_scores(q, channels, data, scale, zero, bits, valid, lengths, group, block_s=None):
+    """:func:`label_scores` without the argument check (callers have validated)."""
     b, hq, lq, _ = q.shape
+    hkv, s = data.shape[1], data.shape[2]
     g = hq // hkv
     r = channels.shape[1]
     hsel = hkv if group else hq
@@ -95,10 +101,7 @@ def label_scores(q, channels, data, scale, zero, bits: int, valid=None, lengths=
 
 
 # ----------------------------------------------------------------------------------------------- top-k
-def select_topk(scores, budget: int, frac: float = 0.0, sink: int = 0, recent: int = 0):
-    checks.check_select(scores, budget, frac, sink, recent)
-    idx, used = topk_inplace(scores.float().clone(), budget, frac, sink, recent)
-    return torch.where(used, idx, -1).contiguous()
+select_topk = topk.select_topk  # torch.topk on the device: the one implementation shared with the CPU path
 
 
 # ----------------------------------------------------------------------------------------------- attention
@@ -151,11 +154,11 @@ def _sparse_attention(q, k, v, idx, sm_scale, bias, block_n=None, nsplit=None):
 def ds_decode(q, k, v, channels, data, scale, zero, bits: int, valid=None, bias=None, lengths=None,
               budget: int = 64, frac: float = 0.0, sink: int = 0, recent: int = 0, group: bool = True,
               sm_scale: float | None = None):
+    """Label scores -> top-k -> sparse attention; the arguments are checked once, here (the steps run unchecked)."""
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5
     checks.check_ds_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink,
                            recent, sm_scale)
-    sc = label_scores(q, channels, data, scale, zero, bits, valid, lengths, group)
-    idx, used = topk_inplace(sc, budget, frac, sink, recent)
-    idx = torch.where(used, idx, -1)
-    return sparse_attention(q, k, v, idx, sm_scale, bias)
+    sc = _label_scores(q, channels, data, scale, zero, bits, valid, lengths, group)
+    idx, used = topk.topk_inplace(sc, budget, frac, sink, recent)
+    return _sparse_attention(q, k, v, torch.where(used, idx, -1), sm_scale, bias)
