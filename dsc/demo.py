@@ -25,15 +25,17 @@ def add_arguments(p):
 
 
 def attention_bytes(cfg, model_cfg, ds, batch: int, length: int) -> tuple[float, float]:
-    """K/V bytes one decode step reads in all attention layers: dense vs Double Sparsity (ALGORITHM.md sec. 1)."""
-    from dsc.bench.attention import byte_limit
+    """K/V bytes one decode step reads in all attention layers: dense vs Double Sparsity (ALGORITHM.md sec. 1,
+    :mod:`dsc.bytes`)."""
+    from dsc.bytes import ds_bytes, kv_bytes
 
     d = getattr(model_cfg, "head_dim", None) or model_cfg.hidden_size // model_cfg.num_attention_heads
     hkv, layers = model_cfg.num_key_value_heads, model_cfg.num_hidden_layers
     k = ds.tokens_kept(length)
     if ds.gqa == "head":  # each query head of a group may pick its own rows
         k *= model_cfg.num_attention_heads // hkv
-    dense_t, ds_t, _ = byte_limit(d, 4, ds.r, ds.label_bits, min(k, length) / length)  # fp32 cache
+    dense_t = kv_bytes(d, 4)  # fp32 cache
+    ds_t = ds_bytes(d, 4, ds.r, ds.label_bits, min(k, length) / length)
     sparse_layers = sum(1 for i in range(layers) if i not in ds.dense_layers and cfg.has_layer(i))
     per_layer = length * hkv * batch
     return layers * per_layer * dense_t, per_layer * ((layers - sparse_layers) * dense_t + sparse_layers * ds_t)

@@ -10,12 +10,12 @@ import os
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
+import dsc.kernels  # noqa: F401  (registers torch.ops.dsc)
 from dsc.kernels import reference as R
 from dsc.kernels import triton_ops as T
-from dsc.kernels.testing import assert_valid_selection, dense_attention, make_case
-from test_kernels import TOL, cases
+from dsc.kernels.testing import assert_ds_decode_matches_oracle, assert_valid_selection, dense_attention, make_case
+from test_kernels import TOL, cases, with_formats
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                                 reason="needs a CUDA GPU and TRITON_INTERPRET=0")
@@ -32,6 +32,7 @@ def _to(c, device):
 
 @settings(max_examples=40)
 @given(cases(max_s=3000))
+@with_formats(s=301)
 def test_compiled_kernels_match_reference(case):
     p, sel = case
     if sel["group"] and p["valid"] == "per_head":
@@ -59,6 +60,9 @@ def test_compiled_kernels_match_reference(case):
     assert got_o.dtype == c.q.dtype and got_o.shape == c.q.shape
     tol = TOL[p["dtype"]]
     assert torch.allclose(ref_o.float(), got_o.float().cpu(), atol=tol, rtol=tol)
+    # the op through the dispatcher (CUDA kernel) against the plain-torch oracle of the definition
+    out = torch.ops.dsc.ds_decode(c.q, c.k, c.v, *c.labels, c.valid, c.bias, c.lengths, *args, sel["group"], None)
+    assert_ds_decode_matches_oracle(out.cpu(), cpu, *args, sel["group"], None, tol)
     full = T.ds_decode(c.q, c.k, c.v, *c.labels, c.valid, c.bias, c.lengths, p["s"] + 1, 0.0, 0, 0, sel["group"])
     dense = dense_attention(cpu.q, cpu.k, cpu.v, cpu.valid, cpu.lengths, cpu.bias)
     assert torch.allclose(full.float().cpu(), dense.float(), atol=tol, rtol=tol)
@@ -76,7 +80,7 @@ def test_write_rows_into_pinned_host_memory(dtype, batched):
     host = want.clone().pin_memory()
     dev = want.clone().to(CUDA)
     for dst in (host, dev):
-        T.write_rows(src.to(CUDA), pos.to(CUDA), dst)
+        torch.ops.dsc.write_rows(src.to(CUDA), pos.to(CUDA), dst)  # the CUDA kernel (src on the GPU)
     torch.cuda.synchronize()
     for i in range(b):
         want[i].index_copy_(1, pos[i] if batched else pos, src[i])
@@ -94,11 +98,13 @@ def test_zero_copy_attention_over_pinned_host_kv_equals_on_device(dtype, hsel):
     idx = torch.stack([torch.randperm(s, generator=gen)[:kk] for _ in range(b * hsel)]).view(b, hsel, 1, kk)
     idx[0, 0, 0, :5] = -1
     bias = torch.randn(b, 1, 1, s, generator=gen).to(CUDA)
-    got = T.sparse_attention_host(q, k.pin_memory(), v.pin_memory(), idx.to(CUDA), 0.1, bias)
+    got = torch.ops.dsc.sparse_attention_host(q, k.pin_memory(), v.pin_memory(), idx.to(CUDA), 0.1, bias)
     want = T.sparse_attention(q, k.to(CUDA), v.to(CUDA), idx.to(CUDA), 0.1, bias)
-    assert torch.equal(got, want)
+    assert got.is_cuda and torch.equal(got, want)
+    oracle = R.sparse_attention(q.cpu(), k, v, idx, 0.1, bias.cpu())
+    assert torch.allclose(got.float().cpu(), oracle.float(), atol=TOL[dtype], rtol=TOL[dtype])
     with pytest.raises(ValueError, match="pinned host tensor"):
-        T.sparse_attention_host(q, k, v, idx.to(CUDA), 0.1, bias)
+        torch.ops.dsc.sparse_attention_host(q, k, v, idx.to(CUDA), 0.1, bias)
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -109,26 +115,32 @@ def models():
     return tiny("llama").to(CUDA)
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_backend_with_inductor_exact_at_full_budget_on_gpu(models, cache):
-    from test_passes_models import _dynamo, assert_same, compiled, generate  # noqa: F401
-
+@pytest.fixture
+def clean_dynamo():
+    """A clean Dynamo state before and after (HF forwards share one code object, hence one recompile limit)."""
     torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_backend_with_inductor_exact_at_full_budget_on_gpu(models, cache, clean_dynamo):
+    from helpers import assert_same, generate
+    from test_passes_models import compiled
+
     ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(0)).to(CUDA)
     ref = generate(models, ids, 6, cache, disable_compile=True)
     with compiled(models, inner="inductor", budget=4096):
         out = generate(models, ids, 6, cache, disable_compile=True)
     assert_same(ref, out, atol=1e-4)
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("zero_copy", [True, False])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_offload_on_gpu_equals_on_device_decode(models, cache, zero_copy, monkeypatch):
+def test_offload_on_gpu_equals_on_device_decode(models, cache, zero_copy, monkeypatch, clean_dynamo):
     from dsc.passes import offload
     from test_offload import decode_both_ways, padded_batch
 
-    torch._dynamo.reset()
     monkeypatch.setattr(offload, "ZERO_COPY", zero_copy)
     ids, mask = (t.to(CUDA) for t in padded_batch())
     # eager inner: the ops run the CUDA paths and compiles stay short

@@ -419,13 +419,41 @@ def test_alloc_labels_shapes():
 
 # ----------------------------------------------------------------------------------------------- bench command
 def test_byte_limit_formula():
-    from dsc.bench.attention import byte_limit, label_channels
+    from dsc.bench.attention import label_channels
+    from dsc.bytes import byte_limit, ds_bytes, kv_bytes, label_bytes
 
     assert byte_limit(64, 2, 16, 4, 1 / 16) == (256, 32.0, 8.0)  # 8 B codes + 8 B scale/zero + 16 B of rows
     assert byte_limit(128, 2, 8, 16, 1 / 16)[2] == 512 / (16 + 32)  # native bf16 labels: r * e bytes
+    assert [label_bytes(7, bits, 2) for bits in (16, 8, 4)] == [14, 7 + 8, 4 + 8]  # odd r at 4 bits: a padded byte
+    assert kv_bytes(80, 4) == 640 and ds_bytes(80, 4, 20, 8, 0.25) == 28 + 160
+    with pytest.raises(ValueError, match="bits"):
+        label_bytes(8, 2, 2)
     assert label_channels("D/4", 128) == 32 and label_channels("12", 64) == 12
     with pytest.raises(ValueError, match="--label-channels"):
         label_channels("D/0x", 64)
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_label_bytes_are_the_label_cache_bytes(bits):
+    """The byte model counts what the label cache really holds per (token, KV head)."""
+    from dsc.bytes import label_bytes
+
+    for r, dtype in ((7, torch.bfloat16), (16, torch.float32)):
+        data, scale, zero = R.alloc_labels(1, 1, 1, r, bits, dtype)
+        held = sum(t.numel() * t.element_size() for t in (data, scale, zero))
+        assert label_bytes(r, bits, torch.finfo(dtype).bits // 8) == held
+
+
+def test_offload_device_bytes():
+    from dsc.bytes import offload_device_bytes
+
+    rep = offload_device_bytes(layers=4, sparse_layers=3, batch=2, kv_heads=2, sel_heads=6, length=100, head_dim=8,
+                               itemsize=2, r=4, label_bits=4, budget_tokens=10)
+    row = 2 * 8 * 2  # K + V of one (token, KV head)
+    assert rep["full"] == 4 * 2 * 100 * 2 * row and rep["dense_layers"] == 1 * 2 * 100 * 2 * row
+    assert rep["labels"] == 3 * 2 * 100 * 2 * (2 + 8) and rep["staging"] == 2 * 6 * 10 * row
+    assert rep["offload"] == rep["dense_layers"] + rep["labels"] + rep["staging"] == rep["full"] - rep["saved"]
+    assert rep["per_sequence_full"] * 2 == rep["full"]
 
 
 def test_bench_attention_dense_candidates_agree():

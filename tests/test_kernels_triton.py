@@ -124,7 +124,20 @@ def test_triton_write_rows_matches_index_copy(batched):
     want = dst.clone()
     for i in range(b):
         want[i].index_copy_(1, pos[i] if batched else pos, src[i])
+    op_dst = dst.clone()
     T.write_rows(src, pos, dst)
     assert torch.equal(dst, want)
+    torch.ops.dsc.write_rows(src, pos, op_dst)  # CPU tensors: the op's plain-torch body
+    assert torch.equal(op_dst, want)
     with pytest.raises(ValueError, match="positions"):
         T.write_rows(src, pos + cap, dst)
+
+
+def test_triton_sparse_attention_host_matches_reference():
+    """The zero-copy launcher's kernel over host K/V (here a CPU query too: the interpreter reads host memory)."""
+    c = make_case(6, 2, 2, 2, 1, 70, 80, 8, 8, torch.bfloat16, bias=True)
+    idx = R.select_topk(R.label_scores(c.q, *c.labels, None, None, False), 9, 0.0, 1, 1)
+    want = R.sparse_attention(c.q, c.k, c.v, idx, 0.2, c.bias)
+    for got in (T.sparse_attention_host(c.q, c.k, c.v, idx, 0.2, c.bias),
+                torch.ops.dsc.sparse_attention_host(c.q, c.k, c.v, idx, 0.2, c.bias)):
+        assert torch.allclose(got.float(), want.float(), atol=TOL[torch.bfloat16], rtol=TOL[torch.bfloat16])

@@ -14,13 +14,15 @@ side by side (``dense_candidates``; the winner is named in the table, every time
 A candidate that raises is skipped; every other one must match ``sdpa-gqa`` within the dtype's tolerance before
 anything is timed. Double Sparsity is ``torch.ops.dsc.ds_decode`` (label scores -> top-k -> sparse attention; CPU
 path on CPU, Triton on CUDA). Each row prints the speedup over the best dense time beside the byte-count limit of
-ALGORITHM.md sec. 1: per (token, KV head) dense reads ``2*D*e`` bytes and Double Sparsity ``r*b/8 + (k/S)*2*D*e``
-(+ 8 bytes of fp32 scale/zero when the labels are quantized).
+ALGORITHM.md sec. 1 (:mod:`dsc.bytes`): per (token, KV head) dense reads ``2*D*e`` bytes and Double Sparsity
+``ceil(r*b/8) + (k/S)*2*D*e`` (+ 8 bytes of fp32 scale/zero when the labels are quantized).
 """
 from __future__ import annotations
 
 import argparse
 import math
+
+from dsc.bytes import byte_limit
 
 FORMATS = {"16": 16, "native": 16, "8": 8, "int8": 8, "4": 4, "int4": 4}
 FORMAT_NAME = {16: "native", 8: "int8", 4: "int4"}
@@ -69,15 +71,6 @@ def label_channels(spec: str, d: int) -> int:
     if not 1 <= r <= d:
         raise ValueError(f"--label-channels: {spec} gives r={r} for head_dim {d}; need 1 <= r <= D")
     return r
-
-
-def byte_limit(d: int, e: int, r: int, bits: int, frac: float) -> tuple[float, float, float]:
-    """(dense bytes, DS bytes, limit = dense / DS) per (token, KV head); ``bits == 16`` means the key dtype."""
-    dense = 2 * d * e
-    labels = r * e if bits == 16 else r * bits / 8 + 8  # + fp32 scale and zero per token
-    ds = labels + frac * 2 * d * e
-    return dense, ds, dense / ds
-
 
 
 def dense_candidates(q, k, v, scale: float, expand: bool = True) -> list:
@@ -154,6 +147,7 @@ def run(args) -> int:
 
     import dsc.kernels  # noqa: F401  (registers torch.ops.dsc)
     from dsc.bench.common import format_table, machine_info, median_timer, parse_list, parse_shapes, write_json
+    from dsc.bytes import cache_bytes
     from dsc.kernels import alloc_labels
 
     lengths = parse_list(args.lengths, int, "length")
@@ -184,7 +178,7 @@ def run(args) -> int:
     bar = tqdm(total=total, disable=args.no_progress, desc="bench attention", unit="run")
     rows, skipped = [], []
     for (hq, hkv, d), b, s in configs:
-        kv_gb = 2 * b * hkv * s * d * e / 2**30
+        kv_gb = cache_bytes(s, hkv, d, e, batch=b) / 2**30
         if kv_gb > args.max_gb:
             skipped.append(f"{hq}x{hkv}x{d} B{b} S{s} ({kv_gb:.1f} GB K/V > --max-gb {args.max_gb})")
             bar.update(1 + len(formats) * len(budgets))

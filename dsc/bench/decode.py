@@ -115,9 +115,11 @@ def _kv_shape(model) -> tuple[int, int, int, int, int]:
 def transfer_counts(model, prompt: int, batch: int, decode_steps: int, stats: dict) -> dict:
     """Host -> device MB per decode step: counted by the offload op vs whole-layer offload (every layer's K/V at
     its valid length moved once per step), over the same decode steps."""
+    from dsc.bytes import cache_bytes
+
     layers, _, hkv, d, item = _kv_shape(model)
     lengths = [prompt + i + 1 for i in range(decode_steps)]  # valid cache length at each decode step
-    whole = sum(layers * 2 * batch * hkv * s * d * item for s in lengths) / decode_steps
+    whole = sum(cache_bytes(s, hkv, d, item, layers, batch) for s in lengths) / decode_steps
     moved = stats.get("h2d_bytes", 0) / decode_steps
     return {"h2d_mb_per_step": moved / 2**20, "whole_layer_mb_per_step": whole / 2**20,
             "h2d_share": moved / whole}
@@ -243,9 +245,9 @@ def dsparse_options(args, model, tok) -> dict:
 
 
 def memory_report(model, contexts, batches, ds_options) -> str:
-    """Device bytes of the KV state per sequence, full cache vs offload (:func:`dsc.passes.offload.device_bytes`)."""
+    """Device bytes of the KV state per sequence, full cache vs offload (:func:`dsc.bytes.offload_device_bytes`)."""
+    from dsc.bytes import offload_device_bytes
     from dsc.config import DSConfig
-    from dsc.passes.offload import device_bytes
 
     cfg = DSConfig.from_options(dict(ds_options, offload=True))
     layers, hq, hkv, d, item = _kv_shape(model)
@@ -254,7 +256,7 @@ def memory_report(model, contexts, batches, ds_options) -> str:
     for ctx in contexts:
         for b in batches:
             k = cfg.tokens_kept(ctx)
-            rep = device_bytes(layers=layers, sparse_layers=sparse, batch=b, kv_heads=hkv,
+            rep = offload_device_bytes(layers=layers, sparse_layers=sparse, batch=b, kv_heads=hkv,
                                sel_heads=hq if cfg.gqa == "head" else hkv, length=ctx, head_dim=d, itemsize=item,
                                r=cfg.r, label_bits=cfg.label_bits, budget_tokens=k)
             rows.append({"context": ctx, "batch": b, "full": rep["per_sequence_full"] / 2**20,

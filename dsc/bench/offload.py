@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 from dsc.bench.common import format_table, machine_info, median_timer, parse_list, parse_shapes, write_json
+from dsc.bytes import cache_bytes
 
 
 def add_arguments(p):
@@ -90,7 +91,7 @@ def run(args) -> int:
     rate = bus_rate(device)
     rows, checks = [], []
     for s in parse_list(args.contexts, int, "context"):
-        host_gb = args.layers * 2 * args.batch * hkv * s * d * e / 2**30
+        host_gb = cache_bytes(s, hkv, d, e, args.layers, args.batch) / 2**30
         if host_gb > args.max_host_gb:
             print(f"skipped S={s}: {host_gb:.1f} GB of host K/V > --max-host-gb {args.max_host_gb}")
             continue
@@ -136,8 +137,8 @@ def run(args) -> int:
             for _ in layers:
                 F.scaled_dot_product_attention(q, k0, v0, enable_gqa=True, scale=sm)
 
-        whole_bytes = args.layers * 2 * args.batch * hkv * s * d * e
-        ds_bytes = args.layers * 2 * args.batch * hsel * kk * d * e  # slots; per-head selection may repeat rows
+        whole_bytes = cache_bytes(s, hkv, d, e, args.layers, args.batch)
+        ds_bytes = cache_bytes(kk, hsel, d, e, args.layers, args.batch)  # slots; per-head selection may repeat rows
         policies = [("whole-layer", whole_layer, whole_bytes), ("ds staged", staged, None)]
         if cuda:  # correctness on real data: zero-copy and staged equal the on-device kernel for one selection
             from dsc.kernels import triton_ops
