@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.dsc-installed
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-dev bench clean
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt assets-requirements.txt Makefile
@@ -19,6 +19,10 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest
+
+# the same suite with the random hypothesis profile (more, fresh examples per property; ci is derandomized)
+test-dev: venv
+	HYPOTHESIS_PROFILE=dev $(PY) -m pytest
 
 bench: venv
 	$(VENV)/bin/dsc bench decode --json bench-decode.json

@@ -32,7 +32,8 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/machine.log"
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/machine.log"
 
-step kernels 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "not gpu" --junitxml="$OUT/kernels.xml"
+step kernels 210 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_paged.py -k "not gpu" \
+  --junitxml="$OUT/kernels.xml"
 tail -3 "$OUT/kernels.log"
 step offload 120 python3 -m dsc.cli bench offload --contexts 64K,256K,1024K --layers 4 --json "$OUT/offload.json"
 tail -22 "$OUT/offload.log"
