@@ -42,10 +42,15 @@ def assert_same(ref, out, atol: float = 1e-4) -> None:
 
 @contextlib.contextmanager
 def compiled(model, options: dict):
-    """``model.forward`` compiled with the dsparse backend and ``options`` for the duration; restored after."""
-    model.forward = torch.compile(model.forward, backend="dsparse", options=options)
+    """``model.forward`` compiled with the dsparse backend and ``options`` for the duration; restored after. Yields
+    the compile's runtime (:class:`dsc.passes.runtime.Runtime`: its counters ``.stats``, site reports ``.reports``),
+    which starts empty: nothing in it comes from another compile."""
+    import dsc
+
+    backend = dsc.sparse_backend(**options)
+    model.forward = torch.compile(model.forward, backend=backend)
     try:
-        yield model
+        yield backend.runtime
     finally:
         del model.forward
 

@@ -12,9 +12,8 @@ import torch
 import transformers as T
 
 import dsc
-from dsc.backend import REPORTS
 from dsc.calibration.config import ChannelConfig
-from dsc.passes import ops, store
+from dsc.passes import site_op
 from helpers import assert_same, generate  # noqa: F401  (also imported from here by other test modules)
 
 LAYERS, HQ, HKV, HIDDEN = 3, 4, 2, 64
@@ -54,11 +53,12 @@ def _dynamo():
 
 @contextlib.contextmanager
 def compiled(model, **options):
-    """``model.forward`` compiled with dsparse (eager inner unless given) for the duration; restored after."""
-    options = {"channels": CHANNELS, "inner": "eager", "dense_layers": (0,), "r": 8, **options}
-    model.forward = torch.compile(model.forward, backend="dsparse", options=options)
+    """``model.forward`` compiled with dsparse (eager inner unless given) for the duration; restored after. Yields
+    the compile's runtime (its counters ``.stats``, its site reports ``.reports``)."""
+    backend = dsc.sparse_backend(**{"channels": CHANNELS, "inner": "eager", "dense_layers": (0,), "r": 8, **options})
+    model.forward = torch.compile(model.forward, backend=backend)
     try:
-        yield model
+        yield backend.runtime
     finally:
         del model.forward
 
@@ -73,8 +73,9 @@ def left_pad(prompts):
     return ids, mask
 
 
-def new_reports(n0):
-    return [s for rep in list(REPORTS)[n0:] for s in rep] if n0 <= len(REPORTS) else []
+def sites_of(rt):
+    """Every site decision of every graph the runtime ``rt`` compiled."""
+    return [s for rep in rt.reports for s in rep]
 
 
 # ------------------------------------------------------------------------------------------ architectures
@@ -84,18 +85,17 @@ def test_every_site_rewritten_and_exact_at_full_budget(arch, cache):
     model = tiny(arch)
     ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(2))
     ref = generate(model, ids, 4, cache)
-    n0, calls0 = len(REPORTS), store.STATS["sparse_calls"]
-    with compiled(model, budget=256):
+    with compiled(model, budget=256) as rt:
         out = generate(model, ids, 4, cache)
     assert_same(ref, out)
-    graphs = list(REPORTS)[n0:]
+    graphs = rt.reports
     assert graphs, "the backend never ran"
     for sites in graphs:
         assert len(sites) == LAYERS
         assert sum(s.action == "sparse" for s in sites) == LAYERS - 1, [s.reason for s in sites]
         assert sites[0].action == "dense" and "configured dense layer" in sites[0].reason
     # 3 decode steps x 2 sparse layers went through the sparse kernel.
-    assert store.STATS["sparse_calls"] - calls0 == 3 * (LAYERS - 1)
+    assert rt.stats["sparse_calls"] == 3 * (LAYERS - 1)
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
@@ -106,17 +106,17 @@ def test_exact_through_aot_autograd(cache):
     model = tiny("llama")
     ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(12))
     ref = generate(model, ids, 5, cache)
-    builds0, rebuilds0 = store.STATS["label_builds"], store.STATS["label_rebuilds"]
-    with compiled(model, budget=256, inner="aot_eager"), warnings.catch_warnings(record=True) as caught:
+    with compiled(model, budget=256, inner="aot_eager") as rt, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = generate(model, ids, 5, cache)
     assert_same(ref, out)
-    assert store.STATS["label_rebuilds"] == rebuilds0
+    assert rt.stats["label_rebuilds"] == 0
+    assert rt.stats["sparse_calls"] == 4 * (LAYERS - 1)
     copied = [w for w in caught if "rebuilt each time" in str(w.message)]
-    if cache == "static":
-        assert store.STATS["label_builds"] - builds0 == 5 * (LAYERS - 1) and copied
-    else:
-        assert store.STATS["label_builds"] - builds0 == 0 and not copied
+    if cache == "static":  # a first sight of a new buffer at every step (prefill + 4 decode steps), per sparse layer
+        assert rt.stats["label_builds"] == 5 * (LAYERS - 1) and copied
+    else:  # the chain is never broken: no build at all (the prefill starts each chain from an empty past)
+        assert rt.stats["label_builds"] == 0 and not copied
 
 
 def test_sparse_budget_changes_attention_and_runs_kernel():
@@ -124,10 +124,9 @@ def test_sparse_budget_changes_attention_and_runs_kernel():
     model = tiny("llama")
     ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(3))
     ref = generate(model, ids, 3, "static")
-    calls0 = store.STATS["sparse_calls"]
-    with compiled(model, budget=4, sink=0, recent=0, dense_layers=()):
+    with compiled(model, budget=4, sink=0, recent=0, dense_layers=()) as rt:
         out = generate(model, ids, 3, "static")
-    assert store.STATS["sparse_calls"] - calls0 == 2 * LAYERS
+    assert rt.stats["sparse_calls"] == 2 * LAYERS and rt.stats["dense_calls"] == LAYERS  # 2 decode steps, 1 prefill
     assert not torch.allclose(out.logits[1], ref.logits[1], atol=1e-3)
     torch.testing.assert_close(out.logits[0], ref.logits[0])  # prefill stays dense
 
@@ -144,12 +143,13 @@ def test_encoder_stays_dense_and_exact():
     mask[1, 6:] = 0
     with torch.no_grad():
         ref = bert(input_ids=ids, attention_mask=mask).last_hidden_state
-        n0 = len(REPORTS)
-        fn = torch.compile(bert, backend="dsparse", options={"channels": CHANNELS, "inner": "eager",
-                                                              "dense_layers": ()})
+        opts = {"channels": CHANNELS, "inner": "eager", "dense_layers": ()}
+        fn = torch.compile(bert, backend="dsparse", options=opts)
         out = fn(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(out, ref)
-    sites = new_reports(n0)
+    rt = dsc.runtime_of(opts)  # the runtime of a plain torch.compile(backend="dsparse"), found by its options
+    sites = sites_of(rt)
+    assert rt.stats["sparse_calls"] == 0 and not rt.labels.entries
     assert len(sites) == 2 and all(s.action == "dense" for s in sites)
     assert all("no KV-cache write" in s.reason for s in sites)
     text = str(dsc.explain(bert, {"input_ids": ids, "attention_mask": mask}, {"channels": CHANNELS}))
@@ -162,15 +162,14 @@ def test_training_with_dropout_stays_dense_and_exact():
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(4))
     torch.manual_seed(5)
     ref = model(input_ids=ids, use_cache=False).logits
-    n0 = len(REPORTS)
-    fn = torch.compile(model, backend="dsparse", options={"channels": CHANNELS, "inner": "eager",
-                                                           "dense_layers": ()})
+    backend = dsc.sparse_backend(channels=CHANNELS, inner="eager", dense_layers=())
+    fn = torch.compile(model, backend=backend)
     torch.manual_seed(5)
     out = fn(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(out, ref)
     out.sum().backward()  # gradients flow: nothing opaque on the autograd path
     assert model.model.layers[1].self_attn.q_proj.weight.grad is not None
-    sites = new_reports(n0)
+    sites = sites_of(dsc.runtime_of(backend))
     assert len(sites) == LAYERS and all(s.action == "dense" for s in sites)
     assert all("autograd" in s.reason or "dropout" in s.reason for s in sites)
     with torch.no_grad():  # without autograd, dropout alone keeps it dense
@@ -189,7 +188,7 @@ def test_left_padded_batch_never_selects_padding_and_matches_single_rows(cache, 
     width = ids.shape[1]
 
     seen = []
-    real = ops._ds_decode
+    real = site_op._ds_decode
 
     def spy(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink, recent, group,
             sm_scale):
@@ -205,7 +204,7 @@ def test_left_padded_batch_never_selects_padding_and_matches_single_rows(cache, 
         return real(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink, recent,
                     group, sm_scale)
 
-    monkeypatch.setattr(ops, "_ds_decode", spy)
+    monkeypatch.setattr(site_op, "_ds_decode", spy)
     opts = dict(budget=6, sink=1, recent=2)
     with compiled(model, **opts):
         batch = generate(model, ids, 4, cache, attention_mask=mask)
@@ -233,11 +232,10 @@ def test_static_caches_interleaved_reused_and_freed():
     def fresh(batch):
         return T.StaticCache(config=model.config, max_cache_len=40)
 
-    with compiled(model, **opts):
+    with compiled(model, **opts) as rt:
         ca, cb = fresh(1), fresh(2)
         ref_a, ref_b = run(a, ca), run(b, cb)
-        n_entries = store.entry_count()
-        assert n_entries >= 2 * (LAYERS - 1)
+        assert len(rt.labels.entries) == 2 * (LAYERS - 1)  # one per cache and sparse layer
         ca.reset()
         cb.reset()
         again_b, again_a = run(b, cb), run(a, ca)  # other order, reused caches (new sequences)
@@ -245,9 +243,11 @@ def test_static_caches_interleaved_reused_and_freed():
         assert_same(ref_b, again_b)
         ref_c = run(a, fresh(1))  # a third, new cache: same answer as the first
         assert_same(ref_a, ref_c)
+        assert len(rt.labels.entries) == 3 * (LAYERS - 1)  # the third cache's were added; reuse added none
+        assert rt.stats["label_rebuilds"] == 0
     del ca, cb, ref_a, ref_b, again_a, again_b, ref_c  # outputs hold their caches too
     gc.collect()
-    assert store.entry_count() <= n_entries - 2 * (LAYERS - 1)
+    assert not rt.labels.entries and rt.stats["entries_freed"] == 3 * (LAYERS - 1)  # gone with their caches
 
 
 def test_dynamic_cache_out_of_sync_is_rebuilt_not_wrong():
@@ -256,17 +256,16 @@ def test_dynamic_cache_out_of_sync_is_rebuilt_not_wrong():
     model = tiny("llama")
     ids = torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(8))
     opts = dict(budget=5, sink=1, recent=1)
-    with compiled(model, **opts):
-        r0 = store.STATS["label_rebuilds"]
+    with compiled(model, **opts) as rt:
         full = generate(model, ids, 4)
-        assert store.STATS["label_rebuilds"] == r0
+    assert rt.stats["label_rebuilds"] == 0 and rt.stats["sparse_calls"] == 3 * (LAYERS - 1)
     with torch.no_grad():
         cache = T.DynamicCache(config=model.config)
         first = model(input_ids=ids, cache=cache, use_cache=True)  # eager prefill
         nxt = first.logits[:, -1].argmax(-1, keepdim=True)
-    with compiled(model, **opts), torch.no_grad():
+    with compiled(model, **opts) as rt, torch.no_grad():
         step = model(input_ids=nxt, cache=cache, use_cache=True)
-    assert store.STATS["label_rebuilds"] - r0 == LAYERS - 1
+    assert rt.stats["label_rebuilds"] == LAYERS - 1 and rt.stats["sparse_calls"] == LAYERS - 1
     torch.testing.assert_close(step.logits[:, -1], full.logits[1], atol=1e-4, rtol=1e-4)
 
 
@@ -276,14 +275,13 @@ def test_recompilations_bounded_over_64_decode_steps(cache, limit):
     model = tiny("llama")
     ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(9))
     frames0 = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    n0 = len(REPORTS)
-    calls0 = store.STATS["sparse_calls"]
-    with compiled(model, budget=1 / 8, min_length=0):  # sparse from the first step (below 1/8's dense_below)
+    with compiled(model, budget=1 / 8, min_length=0) as rt:  # sparse from the first step (below 1/8's dense_below)
         generate(model, ids, 65, cache)
-    compiles = len(REPORTS) - n0
+    compiles = len(rt.reports)
     assert 1 <= compiles <= limit
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames0 <= limit
-    assert store.STATS["sparse_calls"] - calls0 == 64 * (LAYERS - 1)
+    assert rt.stats["sparse_calls"] == 64 * (LAYERS - 1)
+    assert len(rt.sites) == LAYERS - 1  # recompiled graphs reuse their sites: the table does not grow per step
 
 
 # ------------------------------------------------------------------------------------------ explain
