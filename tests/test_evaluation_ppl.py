@@ -17,9 +17,7 @@ from torch.overrides import TorchFunctionMode
 from dsc.calibration.config import ChannelConfig
 from dsc.evaluation.policies import POLICIES, Policy, apply_policy, check_model, parse_budget
 from dsc.generation import make_cache, text_ids
-from dsc.sites import layer_index
-
-_SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+from dsc.sites import is_sdpa, layer_index, module_stack
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +40,7 @@ class _StepwiseDS(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func not in _SDPA:
+        if not is_sdpa(func):
             return func(*args, **kwargs)
         layer = layer_index(self.stack[-1])
         q, k, v = args[:3]
@@ -68,20 +66,6 @@ def _alloc(b, hkv, s, r, bits):
     from dsc.kernels import alloc_labels
 
     return alloc_labels(b, hkv, s, r, bits)
-
-
-@contextmanager
-def _layer_stack(model):
-    stack, handles = [], []
-    for name, mod in model.named_modules():
-        if layer_index(name) is not None:
-            handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: stack.append(n) and None))
-            handles.append(mod.register_forward_hook(lambda m, a, o: stack.pop() and None, always_call=True))
-    try:
-        yield stack
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()
@@ -117,7 +101,7 @@ def test_chunked_equals_stepwise_ds_decode(model, ids, cfg, budget, bits, gqa, s
                dense_layers=(0, 1), channels=cfg, min_length=0)  # sparse from the prefill on, as the oracle is
     prefill = 24
     chunked = _chunked(model, ids, p, prefill, chunk=10)
-    with _layer_stack(model) as stack:
+    with module_stack(model, keep=lambda name: layer_index(name) is not None) as stack:
         step = _teacher_forced(model, ids, prefill, _StepwiseDS(p, stack))
     assert (_dense(model, ids, prefill) - step).abs().max() > 1e-2  # the budget binds: sparse != dense
     torch.testing.assert_close(chunked, step, atol=2e-3, rtol=1e-3)
@@ -228,10 +212,8 @@ def test_chunked_equals_compiled_dsparse_backend(model, ids, cfg, cache):
                channels=cfg)
     prefill = 24
     chunked = _chunked(model, ids, p, prefill, chunk=32)
-    opts = {"channels": cfg, "budget": p.budget, "r": p.r, "label_bits": p.label_bits, "gqa": p.gqa,
-            "sink": p.sink, "recent": p.recent, "dense_layers": p.dense_layers, "inner": "eager"}
     torch._dynamo.reset()
-    model.forward = torch.compile(model.forward, backend="dsparse", options=opts)
+    model.forward = torch.compile(model.forward, backend="dsparse", options=p.backend_options(inner="eager"))
     try:
         with torch._dynamo.config.patch(recompile_limit=64):
             step = _teacher_forced(model, ids, prefill, torch.no_grad())
@@ -274,3 +256,119 @@ def replace_budget(p, budget):
     from dataclasses import replace
 
     return replace(p, budget=budget)
+
+
+# ---------------------------------------------------------------------------------- baselines vs their definition
+def _attend_picked(q, k, v, pick):
+    """Exact softmax attention of each (batch, query head, row) over the key positions ``pick(b, h, i)``."""
+    b, hq, lq, d = q.shape
+    g = hq // k.shape[1]
+    out = torch.zeros_like(q)
+    for bi in range(b):
+        for h in range(hq):
+            for i in range(lq):
+                sel = torch.tensor(sorted(pick(bi, h, i)))
+                kk, vv = k[bi, h // g, sel], v[bi, h // g, sel]
+                out[bi, h, i] = torch.softmax(kk @ q[bi, h, i] * d ** -0.5, -1) @ vv
+    return out
+
+
+def _run_mode(p, q, k, v, chunk):
+    from dsc.evaluation.policies import SparseSDPA
+
+    with SparseSDPA(p, ["model.layers.3.self_attn"], chunk=chunk, num_kv_heads=k.shape[1]) as mode:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return out, mode
+
+
+def _qkv(seed, b=2, hq=4, hkv=2, s=23, d=8):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, s, d, generator=g) * 2 for h in (hq, hkv, hkv)]
+
+
+@pytest.mark.parametrize("gqa", ["head", "group"])
+def test_streaming_llm_equals_its_definition(gqa):
+    """StreamingLLM: row i (keys 0..i) attends the first ``sink`` tokens and the newest ``budget - sink`` ones
+    (every token while i + 1 <= budget), written out here without the policy machinery."""
+    q, k, v = _qkv(0)
+    budget, sink = 7, 2
+    p = Policy("streaming", budget=budget, sink=sink, recent=3, gqa=gqa, dense_layers=())
+    out, _ = _run_mode(p, q, k, v, chunk=5)
+
+    def pick(bi, h, i):
+        n = i + 1
+        return range(n) if n <= budget else [*range(sink), *range(n - (budget - sink), n)]
+
+    torch.testing.assert_close(out, _attend_picked(q, k, v, pick), atol=1e-5, rtol=1e-5)
+    assert (out - F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("gqa", ["head", "group"])
+def test_sparq_equals_its_definition(gqa):
+    """SparQ (no mean-value reallocation): per query (``group``: the KV group's summed query), the top-r channels
+    by |q|; approximate scores from those channels of the full K; the top-k keys (after the forced sink oldest and
+    recent newest); exact attention over them. Written out here without the policy machinery."""
+    q, k, v = _qkv(1)
+    budget, r, sink, recent = 8, 3, 1, 2
+    p = Policy("sparq", budget=budget, r=r, sink=sink, recent=recent, gqa=gqa, dense_layers=())
+    out, _ = _run_mode(p, q, k, v, chunk=6)
+    g = q.shape[1] // k.shape[1]
+
+    def pick(bi, h, i):
+        n = i + 1
+        if n <= budget:
+            return range(n)
+        kv = h // g
+        qv = q[bi, kv * g:(kv + 1) * g, i].sum(0) if gqa == "group" else q[bi, h, i]
+        ch = qv.abs().topk(r).indices
+        approx = k[bi, kv, :n][:, ch] @ qv[ch]
+        forced = {*range(sink), *range(n - recent, n)}
+        rest = [j for j in approx.argsort(descending=True).tolist() if j not in forced]
+        return [*forced, *rest[:budget - len(forced)]]
+
+    torch.testing.assert_close(out, _attend_picked(q, k, v, pick), atol=1e-5, rtol=1e-5)
+    assert (out - F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)).abs().max() > 1e-2
+
+
+# ------------------------------------------------------------------------------------ the evaluation == the backend
+def _tiny_llama(layers=4, hq=4, hkv=2, d=16, vocab=64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hq * d, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=hq, num_key_value_heads=hkv, head_dim=d, max_position_embeddings=128,
+                      rope_theta=1000.0, attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # sharper attention than the random init's near-uniform one, so selection matters
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4)
+            layer.self_attn.k_proj.weight.mul_(4)
+    return model
+
+
+@pytest.mark.parametrize("cache,gqa,bits", [("static", "head", 16), ("dynamic", "group", 4)])
+def test_dsparse_policy_equals_the_compiled_backend_on_a_tiny_model(cache, gqa, bits):
+    """One Double Sparsity: the chunked dsparse evaluation (one forward per window) gives the logits of
+    token-by-token decoding through ``torch.compile(backend="dsparse", options=policy.backend_options(...))``
+    at a budget that binds."""
+    model = _tiny_llama()
+    nl, hq, hkv, d = check_model(model)
+    chans = ChannelConfig.random(nl, hq, hkv, d, seed=3)
+    p = Policy("dsparse", budget=6, r=4, label_bits=bits, gqa=gqa, sink=1, recent=2, dense_layers=(0,),
+               channels=chans)
+    ids = torch.randint(0, 64, (1, 36), generator=torch.Generator().manual_seed(0))
+    chunked = _chunked(model, ids, p, 1, chunk=8)  # rows 0..L-2, each over its own causal prefix
+    torch._dynamo.reset()
+    forward = torch.compile(model.forward, backend="dsparse", options=p.backend_options(inner="eager"))
+    steps = []
+    try:
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
+            kv = make_cache(model, cache, ids.shape[1])
+            for t in range(ids.shape[1] - 1):
+                steps.append(forward(input_ids=ids[:, t:t + 1], cache=kv, use_cache=True,
+                                     cache_position=torch.tensor([t])).logits[:, -1])
+    finally:
+        torch._dynamo.reset()
+    step = torch.stack(steps, 1)
+    assert (_dense(model, ids, 1) - step).abs().max() > 1e-2  # the budget binds: sparse != dense
+    torch.testing.assert_close(chunked, step, atol=1e-4, rtol=1e-4)
