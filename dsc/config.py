@@ -259,14 +259,14 @@ class DSConfig(BudgetView):
     """
 
     channels: Any = None
-    budget: float = 1 / 16
-    r: Optional[int] = None
-    label_bits: int = 16
+    budget: float = Selection.budget  # the selection knobs' defaults are Selection's (one definition)
+    r: Optional[int] = None  # None: resolve_r (head_dim / 4 of the channel config)
+    label_bits: int = Selection.label_bits
     dense_layers: tuple[int, ...] = (0, 1)
-    min_length: Optional[int] = None
-    gqa: Optional[str] = None
-    sink: int = 4
-    recent: int = 16
+    min_length: Optional[int] = Selection.min_length
+    gqa: Optional[str] = None  # None: by offload (DEFAULT_GQA or OFFLOAD_GQA)
+    sink: int = Selection.sink
+    recent: int = Selection.recent
     prefill: str = "dense"
     inner: str = "inductor"
     inductor_options: dict = field(default_factory=dict)

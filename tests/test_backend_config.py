@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import dsc
 from dsc.backend import REPORTS, dsparse
 from dsc.calibration.config import ChannelConfig
-from dsc.config import DSConfig, parse_budget
+from dsc.config import DSConfig, Selection, parse_budget
 
 CH = ChannelConfig.random(2, 4, 2, 16, seed=0)
 
@@ -91,7 +91,9 @@ def test_config_errors_before_any_tracing(field, value, match):
 
 
 @pytest.mark.parametrize("field,value", [("label_bits", 12), ("gqa", "kv"), ("prefill", "auto"), ("inner", "tvm"),
-                                         ("r", 0), ("sink", -1), ("dense_layers", ["x"]), ("channels", {"a": 1})])
+                                         ("r", 0), ("sink", -1), ("dense_layers", ["x"]), ("channels", {"a": 1}),
+                                         ("zero_copy", 1), ("measure_overlap", "yes"), ("min_length", -1),
+                                         ("recent", 1.0), ("inductor_options", [])])
 def test_bad_fields_name_themselves(field, value):
     with pytest.raises(ValueError, match=f"DSConfig.{field}"):
         DSConfig(**{"channels": CH, field: value})
@@ -133,3 +135,46 @@ def test_mode_is_accepted_and_graphs_without_sdpa_pass_through():
     assert len(REPORTS) - n0 == 3 and len(sites) == 1 and sites[0].action == "dense"
     assert "no shape information" in sites[0].reason
     assert torch._inductor.list_mode_options("max-autotune-no-cudagraphs")  # what _inner patches inductor with
+
+
+def test_selection_is_the_configs_selection_knobs():
+    """DSConfig.selection: the validated selection knobs (r and gqa resolved), equal to a Selection built alike."""
+    cfg = DSConfig(channels=CH, budget="1/8", sink=2, recent=3, label_bits=4, min_length=7)
+    want = Selection(budget=0.125, r=CH.head_dim // 4, label_bits=4, sink=2, recent=3, gqa="head", min_length=7)
+    assert cfg.selection == want
+    assert DSConfig(channels=CH, offload=True).selection.gqa == "group"
+    for name in ("budget_tokens", "budget_frac", "dense_below"):
+        assert getattr(cfg, name) == getattr(want, name)
+    assert [cfg.tokens_kept(n) for n in (3, 7, 40, 400)] == [want.tokens_kept(n) for n in (3, 7, 40, 400)] \
+        == [3, 7, 2 + 3 + 16, 50]
+    assert cfg.budget_text() == want.budget_text() == "0.125 of valid tokens (at least 21)"
+    assert (DSConfig().zero_copy, DSConfig().measure_overlap) == (True, False)
+
+
+@pytest.mark.parametrize("field,value,match", [("r", 0, "Selection.r must be an int >= 1"),
+                                               ("gqa", "kv", "Selection.gqa must be one of"),
+                                               ("label_bits", 16.0, "Selection.label_bits must be one of the ints"),
+                                               ("budget", 0, "Selection.budget"),
+                                               ("min_length", "5", "Selection.min_length")])
+def test_selection_validates_like_the_config(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        Selection(**{field: value})
+    with pytest.raises(ValueError, match=match.replace("Selection.", "DSConfig.")):
+        DSConfig(**{field: value})
+
+
+def test_policy_holds_the_same_selection():
+    """The evaluation Policy validates through Selection and hands the backend the same knobs."""
+    from dataclasses import replace
+
+    from dsc.evaluation.policies import Policy
+
+    p = Policy("dsparse", budget=64, r=8, gqa="group", sink=1, recent=2, channels=CH, dense_layers=(1, 0))
+    assert DSConfig.from_options(p.backend_options()).selection == p.selection
+    assert (p.budget, p.r, p.gqa, p.dense_layers) == (64, 8, "group", (0, 1))
+    assert Policy("streaming", channels=CH).r == CH.head_dim // 4 and Policy("streaming").r == 16
+    assert replace(p, budget="1/4").selection == replace(p.selection, budget=0.25)
+    with pytest.raises(ValueError, match="Selection.r must be an int >= 1"):
+        Policy("sparq", r=0)
+    with pytest.raises(ValueError, match="Policy.page must be an int >= 1"):
+        Policy("quest", page=0)

@@ -33,7 +33,8 @@ from torch.overrides import TorchFunctionMode
 
 import dsc.kernels  # noqa: F401  (registers torch.ops.dsc.*)
 from dsc.attention_mask import causal_valid, valid_from_mask
-from dsc.config import SELECTION_FIELDS, BudgetView, Selection, check_value, parse_budget, resolve_r  # noqa: F401
+from dsc.config import (SELECTION_FIELDS, BudgetView, DSConfig, Selection, check_value, parse_budget,  # noqa: F401
+                        resolve_r)
 from dsc.sites import is_sdpa, layer_index, module_stack, sdpa_arguments
 
 POLICIES = ("dense", "dsparse", "oracle", "streaming", "quest", "sparq")
@@ -61,7 +62,7 @@ class Policy(BudgetView):
     channels: object = field(compare=False, repr=False)
 
     def __init__(self, name: str = "dense", selection: Optional[Selection] = None, *,
-                 dense_layers=(0, 1), page: int = 16, channels: Any = None, **knobs):
+                 dense_layers=DSConfig.dense_layers, page: int = 16, channels: Any = None, **knobs):
         unknown = sorted(set(knobs) - set(SELECTION_FIELDS))
         if unknown:
             raise TypeError(f"Policy got unknown knob(s) {unknown}; selection knobs: {list(SELECTION_FIELDS)}")
