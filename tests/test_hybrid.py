@@ -6,9 +6,8 @@ consecutive steps falls back to dense attention with one warning, and ``dsc expl
 default with a per-graph "N of M sites sparse"."""
 from __future__ import annotations
 
-import inspect
-import types
 import warnings
+from collections import Counter
 
 import pytest
 import torch
@@ -16,9 +15,8 @@ import transformers as T
 from helpers import D, GEMMA3, HKV, HQ, MISTRAL, QWEN2, assert_same, compiled, generate, tiny_decoder
 
 import dsc
-from dsc.backend import REPORTS
 from dsc.calibration.config import ChannelConfig
-from dsc.passes import ops, store
+from dsc.passes import store
 
 WINDOW = 8
 DEFAULT_DENSE = (0, 1)  # DSConfig's default dense_layers
@@ -80,12 +78,10 @@ def test_sliding_dense_global_sparse_exact_no_rebuilds(arch, cache, prompt_len, 
     ids = prompt(prompt_len)
     assert prompt_len + new > WINDOW + 1
     ref = generate(model, ids, new, cache)
-    n0 = len(REPORTS)
-    rebuilds0, sparse0 = store.STATS["label_rebuilds"], store.STATS["sparse_calls"]
-    with compiled(model, options(model)):
+    with compiled(model, options(model)) as rt:
         out = generate(model, ids, new, cache)
     assert_same(ref, out)
-    graphs = list(REPORTS)[n0:]
+    graphs = rt.reports
     decode = [g for g in graphs if g and all(s.lq == 1 for s in g)]
     assert decode, "no decode graph was compiled"
     for sites in decode:
@@ -102,8 +98,8 @@ def test_sliding_dense_global_sparse_exact_no_rebuilds(arch, cache, prompt_len, 
                 assert "configured dense layer" in s.reason
     # Steady decode: each global sparse layer went through the sparse kernel at every step, and no label cache
     # was ever rebuilt (the sliding layers' caches, which drop rows, have none).
-    assert store.STATS["label_rebuilds"] == rebuilds0
-    assert store.STATS["sparse_calls"] - sparse0 == (new - 1) * len(sparse_layers)
+    assert rt.stats["label_rebuilds"] == 0
+    assert rt.stats["sparse_calls"] == (new - 1) * len(sparse_layers)
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
@@ -111,10 +107,9 @@ def test_prefill_past_the_window_is_recognised(cache):
     """A prompt longer than the window: the prefill's sliding sites say so too (the cache keeps only the window's
     rows), so no label is written for a layer that will never use it."""
     model = make("gemma3")
-    n0 = len(REPORTS)
-    with compiled(model, options(model)):
+    with compiled(model, options(model)) as rt:
         generate(model, prompt(12), 2, cache)
-    prefill = [g for g in list(REPORTS)[n0:] if g and all(isinstance(s.lq, int) and s.lq > 1 for s in g)]
+    prefill = [g for g in rt.reports if g and all(isinstance(s.lq, int) and s.lq > 1 for s in g)]
     assert len(prefill) == 1
     by_layer = {s.layer: s for s in prefill[0]}
     for layer in range(5):
@@ -130,65 +125,62 @@ def test_window_larger_than_the_context_is_still_dense_and_exact():
     model = tiny_decoder(*GEMMA3, 6, head_dim=D)
     ids = prompt(10)
     ref = generate(model, ids, 4)
-    n0 = len(REPORTS)
-    with compiled(model, options(model)):
+    with compiled(model, options(model)) as rt:
         out = generate(model, ids, 4)
     assert_same(ref, out)
-    sites = [s for g in list(REPORTS)[n0:] for s in g]
+    sites = [s for g in rt.reports for s in g]
     window = model.config.sliding_window
     assert {s.layer for s in sites if s.reason.startswith(f"sliding window of {window}")} == {0, 1, 2, 3, 4}
     assert all(s.action == "sparse" for s in sites if s.layer == 5)
 
 
 # ------------------------------------------------------------------------- rebuilt labels fall back to dense
-def _step(spec, past):
+def _step(labels, spec, past):
     new = torch.randn(1, HKV, 1, D)
     k = torch.cat([past, new], dim=2)
-    store.labels_dynamic(spec, k, past, new)
+    labels.dynamic(spec, k, past, new)
     return k
 
 
 def test_consecutive_rebuilds_make_a_site_dense_with_one_warning():
+    stats = Counter()
+    labels = store.LabelStore(stats)
     spec = store.LabelSpec(channels=torch.tensor([[0, 3], [5, 7]]), bits=16)
     other = store.LabelSpec(channels=torch.tensor([[1, 2], [4, 6]]), bits=16)
-    site = types.SimpleNamespace(label=spec, layer=7)
-    r0, f0 = store.STATS["label_rebuilds"], store.STATS["rebuild_fallbacks"]
     k = torch.randn(1, HKV, 6, D)
-    assert not store.should_stay_dense(site, None)
-    store.labels_dynamic(spec, k, None, k)  # prefill: a new chain
-    k = _step(spec, k.clone())  # out of sync once (e.g. an eager edit): rebuilt
-    assert store.STATS["label_rebuilds"] == r0 + 1 and not store.should_stay_dense(site, k)
-    k = _step(spec, k)  # in sync again: the count starts over
-    k = _step(spec, k.clone())
-    assert store.STATS["label_rebuilds"] == r0 + 2 and not store.should_stay_dense(site, k)
-    k = _step(spec, k.clone())  # second rebuild in a row
-    assert store.STATS["label_rebuilds"] == r0 + 3 and store.STATS["rebuild_fallbacks"] == f0 + 1
+    assert not labels.should_stay_dense(spec, None, 7)
+    labels.dynamic(spec, k, None, k)  # prefill: a new chain
+    k = _step(labels, spec, k.clone())  # out of sync once (e.g. an eager edit): rebuilt
+    assert stats["label_rebuilds"] == 1 and not labels.should_stay_dense(spec, k, 7)
+    k = _step(labels, spec, k)  # in sync again: the count starts over
+    k = _step(labels, spec, k.clone())
+    assert stats["label_rebuilds"] == 2 and not labels.should_stay_dense(spec, k, 7)
+    k = _step(labels, spec, k.clone())  # second rebuild in a row
+    assert stats["label_rebuilds"] == 3 and stats["rebuild_fallbacks"] == 1
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert store.should_stay_dense(site, k)
-        assert store.should_stay_dense(site, k)  # for the rest of the sequence, and warned once
-        assert store.should_stay_dense(spec, k)  # the bare label spec answers too
-        assert not store.should_stay_dense(types.SimpleNamespace(label=other, layer=8), k)
+        assert labels.should_stay_dense(spec, k, 7)
+        assert labels.should_stay_dense(spec, k, 7)  # for the rest of the sequence, and warned once
+        assert not labels.should_stay_dense(other, k, 8)  # another layer's labels are not affected
+        assert not store.LabelStore(Counter()).should_stay_dense(spec, k, 7)  # nor another runtime's store
         # a new sequence (no past) gets labels again; falling back again later does not warn again
-        assert not store.should_stay_dense(site, None)
+        assert not labels.should_stay_dense(spec, None, 7)
         k = torch.randn(1, HKV, 6, D)
-        store.labels_dynamic(spec, k, None, k)
-        k = _step(spec, k)
-        assert not store.should_stay_dense(site, k)
+        labels.dynamic(spec, k, None, k)
+        k = _step(labels, spec, k)
+        assert not labels.should_stay_dense(spec, k, 7)
         for _ in range(store.REBUILD_LIMIT):
-            k = _step(spec, k.clone())
-        assert store.should_stay_dense(site, k)
+            k = _step(labels, spec, k.clone())
+        assert labels.should_stay_dense(spec, k, 7)
     msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(msgs) == 1 and "layer 7" in msgs[0] and "densely" in msgs[0], msgs
-    assert store.STATS["rebuild_fallbacks"] == f0 + 2
+    assert stats["rebuild_fallbacks"] == 2 and stats["label_rebuilds"] == 3 + store.REBUILD_LIMIT
 
 
 def test_rebuilt_every_step_site_attends_densely_end_to_end():
     """A dynamic cache replaced between steps (here copied outside the model) rebuilds labels at every step; after
     two such steps each sparse layer warns once and attends densely: output exact, rebuilds stop. A second
     sequence starts with labels again, falls back again, and does not warn again."""
-    if "should_stay_dense" not in inspect.getsource(ops):
-        pytest.skip("dsc/passes/ops.py does not consult store.should_stay_dense yet")
     model = tiny_decoder(T.LlamaConfig, T.LlamaForCausalLM, 3)
     ids = prompt(10, seed=5)
 
@@ -205,9 +197,8 @@ def test_rebuilt_every_step_site_attends_densely_end_to_end():
         return logits
 
     ref = decode(6)
-    r0, s0, f0 = store.STATS["label_rebuilds"], store.STATS["sparse_calls"], store.STATS["rebuild_fallbacks"]
     opts = {**options(model), "dense_layers": (0,)}
-    with compiled(model, opts), warnings.catch_warnings(record=True) as caught:
+    with compiled(model, opts) as rt, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = decode(6)
         again = decode(6)
@@ -216,10 +207,12 @@ def test_rebuilt_every_step_site_attends_densely_end_to_end():
         torch.testing.assert_close(c, a, atol=1e-4, rtol=1e-4)
     msgs = [str(w.message) for w in caught if "attends densely" in str(w.message)]
     assert len(msgs) == 2 and any("layer 1" in m for m in msgs) and any("layer 2" in m for m in msgs), msgs
-    # per sequence and sparse layer: REBUILD_LIMIT sparse steps (each after a rebuild), then dense
-    assert store.STATS["label_rebuilds"] - r0 == 2 * store.REBUILD_LIMIT * 2
-    assert store.STATS["sparse_calls"] - s0 == 2 * store.REBUILD_LIMIT * 2
-    assert store.STATS["rebuild_fallbacks"] - f0 == 2 * 2
+    # per sequence and sparse layer: REBUILD_LIMIT sparse steps (each after a rebuild), then dense, with no rebuild,
+    # for the other 6 - REBUILD_LIMIT steps (and the prefill, dense by policy)
+    assert rt.stats["label_rebuilds"] == 2 * store.REBUILD_LIMIT * 2
+    assert rt.stats["sparse_calls"] == 2 * store.REBUILD_LIMIT * 2
+    assert rt.stats["dense_calls"] == 2 * (1 + 6 - store.REBUILD_LIMIT) * 2
+    assert rt.stats["rebuild_fallbacks"] == 2 * 2
 
 
 # ------------------------------------------------------------------------------------------ explain
