@@ -1,12 +1,13 @@
 """Token-selection policies at equal budget, applied to any HF model by intercepting its SDPA calls.
 
 One machinery for every policy: a policy only *scores* the keys of each query's causal prefix; selection
-(``select_topk``: budget, sink/recent forced inside it, never an invalid key) and the exact attention over the
-selected rows are shared, so policies differ only in what they rank by:
+(``torch.ops.dsc.select_topk``: budget, sink/recent forced inside it, never an invalid key) and the exact
+attention over the selected rows (``torch.ops.dsc.sparse_attention``) are the backend's ops, dispatched by device,
+so policies differ only in what they rank by:
 
 - ``dense``: no selection (exact attention);
 - ``dsparse``: Double Sparsity: the calibrated ``r`` channels of each KV head, scored against the label cache
-  (``label_write`` + ``label_scores`` of :mod:`dsc.kernels`, optionally 8/4-bit labels);
+  (``torch.ops.dsc.label_write`` + ``label_scores``, optionally 8/4-bit labels): the backend's own selection;
 - ``oracle``: exact ``q . K`` scores (the upper bound of any token selection at this budget);
 - ``streaming``: StreamingLLM, the first ``sink`` tokens plus the most recent ones, nothing else;
 - ``quest``: Quest, pages of ``page`` tokens scored by ``sum_c max(q_c min_c, q_c max_c)`` over each page's
