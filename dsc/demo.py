@@ -49,8 +49,8 @@ def run(args) -> int:
     from dsc.bench.decode import compiled_forward
     from dsc.calibration.default import default_config
     from dsc.config import DSConfig, parse_budget
+    from dsc.backend import runtime_of
     from dsc.generation import greedy_decode
-    from dsc.passes.store import STATS
 
     if args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
@@ -76,11 +76,11 @@ def run(args) -> int:
     for policy in ("dense", "dsparse"):
         torch._dynamo.reset()
         forward = compiled_forward(model, args.compile, policy, opts)
-        before = STATS["sparse_calls"]
         t0 = time.perf_counter()
         res = greedy_decode(model, ids, n, forward=forward, cache="static", progress=True)
         res.wall_s = time.perf_counter() - t0
-        res.sparse_calls = STATS["sparse_calls"] - before
+        rt = runtime_of(forward)
+        res.sparse_calls = rt.stats["sparse_calls"] if rt is not None else 0
         runs[policy] = res
 
     dense, sparse = runs["dense"], runs["dsparse"]

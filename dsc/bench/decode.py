@@ -61,13 +61,18 @@ def relaunch_tensor_parallel(args) -> int:
 
 
 def compiled_forward(model, compiler: str, policy: str = "dense", ds_options: dict | None = None):
-    """``model.forward`` as the benchmark runs it: eager, inductor, or the dsparse backend."""
+    """``model.forward`` as the benchmark runs it: eager, inductor, or the dsparse backend (whose runtime, with its
+    counters, ``dsc.runtime_of(forward)`` returns)."""
     import torch
 
+    from dsc.backend import sparse_backend
+
     if policy in ("dsparse", "dsparse+offload"):
-        opts = dict(ds_options or {}, inner="inductor" if compiler == "inductor" else "eager",
-                    offload=policy == "dsparse+offload")
-        return torch.compile(model.forward, backend="dsparse", options=opts, dynamic=False)
+        backend = sparse_backend(**dict(ds_options or {}, inner="inductor" if compiler == "inductor" else "eager",
+                                        offload=policy == "dsparse+offload"))
+        forward = torch.compile(model.forward, backend=backend, dynamic=False)
+        forward.dsparse_runtime = backend.runtime
+        return forward
     if compiler == "inductor":
         return torch.compile(model.forward, backend="inductor", dynamic=False)
     return model.forward
@@ -85,13 +90,12 @@ def quantize_int8(model):
 
 def bench_one(model, tok, context: int, batch: int, compiler: str, steps: int, warmup: int,
               policy: str = "dense", ds_options: dict | None = None) -> dict:
+    from dsc.backend import runtime_of
     from dsc.generation import greedy_decode, text_ids
-    from dsc.passes.store import STATS
 
     n = steps + warmup + 1
     ids = text_ids(tok, context - n).expand(batch, -1).contiguous()
     forward = compiled_forward(model, compiler, policy, ds_options)
-    STATS.clear()
     t0 = time.perf_counter()
     r = greedy_decode(model, ids, n, forward=forward, cache="static")
     wall = time.perf_counter() - t0
@@ -101,7 +105,7 @@ def bench_one(model, tok, context: int, batch: int, compiler: str, steps: int, w
            "tok_per_s": batch / lat, "prefill_s": r.prefill_s, "wall_s": wall, "steps": len(timed),
            "kv_cache_mb": r.cache_bytes / 2**20}
     if policy == "dsparse+offload":
-        row.update(transfer_counts(model, ids.shape[1], batch, len(r.step_s), dict(STATS)))
+        row.update(transfer_counts(model, ids.shape[1], batch, len(r.step_s), dict(runtime_of(forward).stats)))
     return row
 
 

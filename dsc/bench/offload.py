@@ -159,12 +159,11 @@ def run(args) -> int:
         with torch.no_grad():
             times = {name: timer(fn, args.repeats, args.warmup) for name, fn, _ in policies}
         for name, _, nbytes in policies:
-            if nbytes is None:  # staged: the per-KV-head union actually moved, counted by the store
-                from dsc.passes.store import STATS
-
-                STATS.clear()
+            if nbytes is None:  # staged: the per-KV-head union actually moved, counted by the stores
+                for host in stores:
+                    host.stats.clear()
                 staged()
-                nbytes = STATS["h2d_bytes"]
+                nbytes = sum(host.stats["h2d_bytes"] for host in stores)
             rows.append({"length": s, "policy": name, "ms": times[name], "MB": nbytes / 1e6,
                          "bus_floor_ms": nbytes / rate * 1e3 if nbytes and rate == rate else float("nan"),
                          "GBps": nbytes / (times[name] / 1e3) / 1e9 if nbytes else float("nan"),

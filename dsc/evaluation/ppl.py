@@ -184,15 +184,13 @@ def perplexity_compiled(model, windows, policy, progress: bool = True, **options
     import torch
     from tqdm import tqdm
 
+    from dsc.backend import sparse_backend
     from dsc.generation import make_cache
-    from dsc.passes import offload
-    from dsc.passes.store import STATS
 
-    opts = policy.backend_options(inner="eager", **options)
+    backend = sparse_backend(**policy.backend_options(inner="eager", measure_overlap=bool(options.get("predict")),
+                                                      **options))
     torch._dynamo.reset()
-    forward = torch.compile(model.forward, backend="dsparse", options=opts, dynamic=False)
-    STATS.clear()
-    offload.MEASURE_OVERLAP = bool(options.get("predict"))
+    forward = torch.compile(model.forward, backend=backend, dynamic=False)
     total, count = 0.0, 0
     try:
         with torch.no_grad():
@@ -205,14 +203,14 @@ def perplexity_compiled(model, windows, policy, progress: bool = True, **options
                     total += torch.nn.functional.cross_entropy(lg, w[t + 1]).item()
                     count += 1
     finally:
-        offload.MEASURE_OVERLAP = False
         torch._dynamo.reset()
+    stats = backend.runtime.stats
     res = {"ppl": math.exp(total / count), "nll": total / count, "tokens": count, "windows": len(windows),
            "policy": policy.name, "label": policy.label() + "".join(f" {k}" for k, v in options.items() if v is True),
            "budget": policy.budget, "fetched_frac": float("nan"), "bytes_frac": float("nan"),
-           "h2d_bytes": STATS["h2d_bytes"], "predictions": STATS["predictions"]}
-    if STATS["overlap_total"]:
-        res["overlap"] = STATS["overlap_hits"] / STATS["overlap_total"]
+           "h2d_bytes": stats["h2d_bytes"], "predictions": stats["predictions"]}
+    if stats["overlap_total"]:
+        res["overlap"] = stats["overlap_hits"] / stats["overlap_total"]
     return res
 
 

@@ -13,13 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch.fx import Graph, Node
 
-from dsc.sites import layer_index
+from dsc.sites import is_sdpa, layer_index, sdpa_arguments
 
-SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
 
@@ -65,11 +62,7 @@ class Site:
 
 def sdpa_args(node: Node) -> dict:
     """The SDPA call's arguments by name, defaults filled."""
-    out = dict(_SDPA_DEFAULTS)
-    for name, a in zip(_SDPA_ARGS, node.args):
-        out[name] = a
-    out.update(node.kwargs)
-    return out
+    return {**_SDPA_DEFAULTS, **sdpa_arguments(node.args, node.kwargs)}
 
 
 def _ev(n: Any):
@@ -256,7 +249,7 @@ def analyze(graph: Graph, *, has_layer: Callable[[int], bool], dense_layers=(), 
     order = {n: i for i, n in enumerate(graph.nodes)}
     sites = []
     for node in graph.nodes:
-        if not (node.op == "call_function" and node.target in SDPA_TARGETS):
+        if not (node.op == "call_function" and is_sdpa(node.target)):
             continue
         site = Site(index=len(sites), node=node, module_path=_module_path(node))
         site.layer = layer_index(site.module_path) if site.module_path else None

@@ -1,0 +1,87 @@
+"""The run-time state has one owner: each compiled model's :class:`dsc.passes.runtime.Runtime`. Compiling and
+resetting leaves nothing behind (no site, spec, report or label entry); two models compiled in one process keep
+separate counters; offload runs under inductor too."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+import transformers as T
+
+import dsc
+from dsc.calibration.config import ChannelConfig
+from dsc.passes.runtime import live_runtimes
+from helpers import HKV, HQ, D, assert_same, generate, tiny_decoder
+
+LAYERS = 3
+CHANNELS = ChannelConfig.random(LAYERS, HQ, HKV, D, seed=1)
+OPTIONS = dict(channels=CHANNELS, inner="eager", dense_layers=(0,), r=8, budget=6, sink=1, recent=2)
+
+
+def _model():
+    return tiny_decoder(T.LlamaConfig, T.LlamaForCausalLM, LAYERS)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiling_and_resetting_ten_times_leaves_nothing_behind():
+    model = _model()
+    ids = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(0))
+    gc.collect()
+    before = {id(r) for r in live_runtimes()}
+    for _ in range(10):  # the string backend: the runtime lives as long as a graph it compiled
+        forward = torch.compile(model.forward, backend="dsparse", options=dict(OPTIONS))
+        model.forward = forward
+        out = generate(model, ids, 2, "static")
+        del model.forward
+        torch._dynamo.reset()
+    del forward, out
+    gc.collect()
+    assert [r for r in live_runtimes() if id(r) not in before] == []
+    for _ in range(3):  # dsc.compile: the model owns its (latest) runtime
+        dsc.compile(model, check_fingerprint=False, **OPTIONS)
+        generate(model, ids, 3, "static")
+        torch._dynamo.reset()
+    gc.collect()
+    rt = model.dsparse_runtime
+    assert [r for r in live_runtimes() if id(r) not in before] == [rt]
+    counts = rt.counts()
+    # one site per sparse layer (recompiled graphs reuse them), one label spec each; caches freed with generate's
+    assert counts["sites"] == LAYERS - 1 and counts["label_specs"] == LAYERS - 1, counts
+    assert counts["entries"] == 0 and counts["predictions"] == 0, counts
+    assert rt.stats["sparse_calls"] == 2 * (LAYERS - 1) and rt.stats["entries_freed"] > 0
+
+
+def test_two_models_keep_separate_counters():
+    a, b = _model(), _model()
+    ids = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(1))
+    dsc.compile(a, check_fingerprint=False, **OPTIONS)
+    dsc.compile(b, check_fingerprint=False, **OPTIONS)
+    generate(a, ids, 4, "static")
+    generate(b, ids, 2, "static")
+    assert a.dsparse_runtime is not b.dsparse_runtime
+    assert a.dsparse_runtime.stats["sparse_calls"] == 3 * (LAYERS - 1)
+    assert b.dsparse_runtime.stats["sparse_calls"] == 1 * (LAYERS - 1)
+
+
+def test_offload_under_inductor_equals_on_device_decode():
+    """The offload strategy inside an inductor-compiled graph (the placeholders, the host store, the op's
+    ordering) decodes the same tokens as on-device Double Sparsity at a budget that drops tokens."""
+    model = _model()
+    ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(2))
+    opts = dict(OPTIONS, gqa="group")
+    dsc.compile(model, check_fingerprint=False, **opts)
+    ref = generate(model, ids, 4, "static")
+    torch._dynamo.reset()
+    dsc.compile(model, check_fingerprint=False, **dict(opts, inner="inductor", offload=True))
+    out = generate(model, ids, 4, "static")
+    assert_same(ref, out, atol=1e-4)
+    stats = model.dsparse_runtime.stats
+    assert stats["offload_fetches"] == stats["sparse_calls"] == 3 * (LAYERS - 1)
+    assert 0 < stats["h2d_bytes"] <= 3 * (LAYERS - 1) * 2 * HKV * 6 * 2 * D * 4  # at most the budget's rows
