@@ -45,7 +45,7 @@ class SiteCall:
     ``new_k``/``new_v`` and every other row lives in the host store."""
 
     runtime: int
-    site: int
+    site_index: int
     q: Any
     k: Any
     v: Any
@@ -89,21 +89,21 @@ class Step:
 
 
 @torch.library.custom_op("dsc::site_attention", mutates_args=())
-def site_attention(runtime: int, site: int, q: Tensor, k: Tensor, v: Tensor, past_k: Optional[Tensor],
+def site_attention(runtime: int, site_index: int, q: Tensor, k: Tensor, v: Tensor, past_k: Optional[Tensor],
                    new_k: Tensor, positions: Optional[Tensor], attn_mask: Optional[Tensor], is_causal: bool,
                    scale: float, cache: str, prefetched: Optional[Tensor] = None,
                    new_v: Optional[Tensor] = None) -> Tensor:
     """Keep the site's labels in sync with the K cache, then attend (sparse at decode, dense otherwise). The
     arguments are :class:`SiteCall`'s."""
-    call = SiteCall(runtime, site, q, k, v, past_k, new_k, positions, attn_mask, is_causal, scale, cache,
+    call = SiteCall(runtime, site_index, q, k, v, past_k, new_k, positions, attn_mask, is_causal, scale, cache,
                     prefetched, new_v)
     rt = lookup(runtime)
-    spec = rt.sites[site]
+    spec = rt.sites[site_index]
     if call.cache == "dynamic" and not call.placeholder and rt.labels.should_stay_dense(spec.label, past_k,
                                                                                         spec.layer):
         return attend_dense(rt, call, k, v)
     step = sync_labels(rt, spec, call)
-    predicted = rt.predictions.pop(site, None) if prefetched is not None else None
+    predicted = rt.predictions.pop(site_index, None) if prefetched is not None else None
     lq, s = q.shape[2], k.shape[2]
     if lq > 1 or s < spec.min_length:
         if call.placeholder:  # a step that attends densely, or a sparse prefill, over real rows
@@ -121,7 +121,7 @@ def site_attention(runtime: int, site: int, q: Tensor, k: Tensor, v: Tensor, pas
 
 
 @site_attention.register_fake
-def _(runtime, site, q, k, v, past_k, new_k, positions, attn_mask, is_causal, scale, cache, prefetched=None,
+def _(runtime, site_index, q, k, v, past_k, new_k, positions, attn_mask, is_causal, scale, cache, prefetched=None,
       new_v=None):
     b, hq, lq, _ = q.shape
     return q.new_empty((b, hq, lq, v.shape[-1]))
@@ -227,7 +227,7 @@ def _check_in_bounds(positions: Tensor, capacity: int) -> None:
 
 # ------------------------------------------------------------------------------------- next-layer prediction
 @torch.library.custom_op("dsc::site_predict", mutates_args=())
-def site_predict(runtime: int, site: int, q_pred: Tensor, label_key: Tensor, attn_mask: Optional[Tensor],
+def site_predict(runtime: int, site_index: int, q_pred: Tensor, label_key: Tensor, attn_mask: Optional[Tensor],
                  cache: str) -> Tensor:
     """Select a later site's rows from a predicted query and start fetching them (offload with prediction).
 
@@ -237,7 +237,7 @@ def site_predict(runtime: int, site: int, q_pred: Tensor, label_key: Tensor, att
     two ops; the selection and the fetched rows wait in the runtime's ``predictions``.
     """
     rt = lookup(runtime)
-    spec = rt.sites[site]
+    spec = rt.sites[site_index]
     entry = rt.labels.lookup(spec.label, label_key) if q_pred.shape[2] == 1 else None
     valid, _ = valid_from_mask(attn_mask)
     if entry is not None and entry.host is not None and entry.length and (valid is not None or cache == "dynamic"):
@@ -247,12 +247,12 @@ def site_predict(runtime: int, site: int, q_pred: Tensor, label_key: Tensor, att
         valid = offload.previous_tokens(valid, n, current_is_last=cache == "static")
         group = spec.group and (valid is None or valid.dim() < 3 or valid.shape[-3] == 1)
         idx = _select(spec, q_pred, entry, n, valid, group)
-        rt.predictions[site] = offload.prefetch(entry.host, idx, q_pred.device)
+        rt.predictions[site_index] = offload.prefetch(entry.host, idx, q_pred.device)
     return q_pred.new_empty((0,), dtype=torch.int64)
 
 
 @site_predict.register_fake
-def _(runtime, site, q_pred, label_key, attn_mask, cache):
+def _(runtime, site_index, q_pred, label_key, attn_mask, cache):
     return q_pred.new_empty((0,), dtype=torch.int64)
 
 

@@ -49,12 +49,12 @@ class Entry:
 
     __slots__ = ("data", "scale", "zero", "capacity", "length", "batch", "key", "host", "next", "__weakref__")
 
-    def __init__(self, spec: LabelSpec, like: torch.Tensor, capacity: int):
+    def __init__(self, label: LabelSpec, like: torch.Tensor, capacity: int):
         from dsc.kernels import alloc_labels
 
         b, hkv = like.shape[0], like.shape[1]
-        r = spec.channels.shape[1]
-        self.data, self.scale, self.zero = alloc_labels(b, hkv, capacity, r, spec.bits, dtype=like.dtype,
+        r = label.channels.shape[1]
+        self.data, self.scale, self.zero = alloc_labels(b, hkv, capacity, r, label.bits, dtype=like.dtype,
                                                         device=like.device)
         self.capacity, self.length, self.batch, self.key, self.host = capacity, 0, b, None, None
         self.next = None  # static caches: the position a continuing step writes next (None: not known)
@@ -65,12 +65,12 @@ class Entry:
             return self.data[:, :, :s], self.scale, self.zero
         return self.data[:, :, :s], self.scale[:, :, :s], self.zero[:, :, :s]
 
-    def grow(self, spec: LabelSpec, like: torch.Tensor, capacity: int) -> None:
+    def grow(self, label: LabelSpec, like: torch.Tensor, capacity: int) -> None:
         old = (self.data, self.scale, self.zero)
-        fresh = Entry(spec, like, capacity)
+        fresh = Entry(label, like, capacity)
         n = self.length
         fresh.data[:, :, :n].copy_(old[0][:, :, :n])
-        if spec.bits != 16:
+        if label.bits != 16:
             fresh.scale[:, :, :n].copy_(old[1][:, :, :n])
             fresh.zero[:, :, :n].copy_(old[2][:, :, :n])
         self.data, self.scale, self.zero, self.capacity = fresh.data, fresh.scale, fresh.zero, capacity
@@ -118,15 +118,15 @@ class LabelStore:
         self.stats = stats
         self.entries: dict[tuple[LabelSpec, int], Entry] = {}
         self._lock = threading.RLock()  # re-entrant: a finalizer may fire while it is held
-        self._misses: Counter = Counter()  # spec -> consecutive first-sight builds of a static cache
-        self._rebuild_runs: Counter = Counter()  # spec -> consecutive dynamic steps that rebuilt the labels
+        self._misses: Counter = Counter()  # label -> consecutive first-sight builds of a static cache
+        self._rebuild_runs: Counter = Counter()  # label -> consecutive dynamic steps that rebuilt the labels
         self._dense: set[LabelSpec] = set()  # attends densely until a new sequence starts
         self._warned: set[LabelSpec] = set()  # the dense fallback was announced
 
     # ------------------------------------------------------------------------------------------ filing
-    def _bind(self, spec: LabelSpec, t: torch.Tensor, entry: Entry) -> None:
+    def _bind(self, label: LabelSpec, t: torch.Tensor, entry: Entry) -> None:
         """File ``entry`` under ``t``'s address; it is dropped when ``t``'s storage is freed."""
-        key = (spec, t.data_ptr())
+        key = (label, t.data_ptr())
         entry.key = key
         self.entries[key] = entry
         weakref.finalize(t.untyped_storage(), _drop_entry, weakref.ref(self), key, weakref.ref(entry))
@@ -137,35 +137,35 @@ class LabelStore:
                 del self.entries[key]
                 self.stats["entries_freed"] += 1
 
-    def lookup(self, spec: LabelSpec, t: torch.Tensor) -> Entry | None:
+    def lookup(self, label: LabelSpec, t: torch.Tensor) -> Entry | None:
         """The entry filed under ``t`` (no side effects), for a reader that runs before the site's own op."""
-        return self.entries.get((spec, t.data_ptr()))
+        return self.entries.get((label, t.data_ptr()))
 
     # ------------------------------------------------------------------------------------------ writing
-    def _write(self, spec: LabelSpec, entry: Entry, keys: torch.Tensor, positions: torch.Tensor) -> None:
-        torch.ops.dsc.label_write(keys, spec.on(keys.device), positions, entry.data, entry.scale, entry.zero,
-                                  spec.bits)
+    def _write(self, label: LabelSpec, entry: Entry, keys: torch.Tensor, positions: torch.Tensor) -> None:
+        torch.ops.dsc.label_write(keys, label.on(keys.device), positions, entry.data, entry.scale, entry.zero,
+                                  label.bits)
         self.stats["label_writes"] += 1
 
-    def _build(self, spec: LabelSpec, keys: torch.Tensor, capacity: int) -> Entry:
+    def _build(self, label: LabelSpec, keys: torch.Tensor, capacity: int) -> Entry:
         """A fresh entry holding the labels of every position of ``keys`` (a rebuild / first sight)."""
-        entry = Entry(spec, keys, capacity)
+        entry = Entry(label, keys, capacity)
         self.stats["label_builds"] += 1
         s = keys.shape[2]
         if s:
-            self._write(spec, entry, keys, torch.arange(s, device=keys.device))
+            self._write(label, entry, keys, torch.arange(s, device=keys.device))
         entry.length = s
         return entry
 
-    def ensure_capacity(self, spec: LabelSpec, entry: Entry, like: torch.Tensor, n: int) -> None:
+    def ensure_capacity(self, label: LabelSpec, entry: Entry, like: torch.Tensor, n: int) -> None:
         """Grow ``entry`` to hold ``n`` positions. A placeholder buffer (stride 0) does not reveal its full length,
         so its labels start at the length first seen and grow when a longer view of it arrives."""
         with self._lock:
             if entry.capacity < n:
-                entry.grow(spec, like, max(n, 2 * entry.capacity))
+                entry.grow(label, like, max(n, 2 * entry.capacity))
 
     # ------------------------------------------------------------------------------------------ static caches
-    def static(self, spec: LabelSpec, k: torch.Tensor, new_k: torch.Tensor, positions: torch.Tensor,
+    def static(self, label: LabelSpec, k: torch.Tensor, new_k: torch.Tensor, positions: torch.Tensor,
                rebuild: bool = True) -> Entry:
         """Labels of a static cache ``k`` (already holding ``new_k`` at ``positions``): write only the new tokens;
         on first sight of the buffer (or a changed shape) label all of ``k``. ``rebuild=False`` (``k`` is an
@@ -176,55 +176,55 @@ class LabelStore:
         rows written outside the compiled model (an eager prefill into a reused cache) make the labels stale, and
         they are rebuilt from ``k`` (or, over a placeholder, refused)."""
         with self._lock:
-            entry = self.lookup(spec, k)
+            entry = self.lookup(label, k)
             if not rebuild and entry is not None and entry.batch == k.shape[0]:
-                self.ensure_capacity(spec, entry, k, k.shape[2])  # a longer prefix view of a placeholder buffer
+                self.ensure_capacity(label, entry, k, k.shape[2])  # a longer prefix view of a placeholder buffer
             if entry is None or entry.batch != k.shape[0] or entry.capacity < k.shape[2]:
-                return self._first_sight(spec, entry, k, new_k, positions, rebuild)
-            self._misses.pop(spec, None)
-            if not self._continues(spec, entry, k, positions):
+                return self._first_sight(label, entry, k, new_k, positions, rebuild)
+            self._misses.pop(label, None)
+            if not self._continues(label, entry, k, positions):
                 if not rebuild:
                     raise ValueError("dsparse offload: this static KV cache was written outside the compiled model "
                                      "(e.g. an eager prefill into a reused cache), so its offloaded rows are not in "
                                      "the host store" + _PLACEHOLDER_HINT)
                 self.stats["label_rebuilds"] += 1
                 del self.entries[entry.key]
-                entry = self._build(spec, k, entry.capacity)  # its host store (offload) is copied afresh from k too
-                self._bind(spec, k, entry)
+                entry = self._build(label, k, entry.capacity)  # its host store (offload) is copied afresh from k too
+                self._bind(label, k, entry)
             else:
-                self._write(spec, entry, new_k, positions)
+                self._write(label, entry, new_k, positions)
             entry.length = max(entry.length, k.shape[2])
             entry.next = _next_position(positions)
             return entry
 
-    def _first_sight(self, spec, old: Entry | None, k, new_k, positions, rebuild: bool) -> Entry:
+    def _first_sight(self, label, old: Entry | None, k, new_k, positions, rebuild: bool) -> Entry:
         if old is not None:
             self.stats["label_rebuilds"] += 1
-        self._note_static_miss(spec)
+        self._note_static_miss(label)
         if rebuild:
-            entry = self._build(spec, k, _static_capacity(k))
+            entry = self._build(label, k, _static_capacity(k))
         else:
             if int(positions.min()) != 0:  # once per sequence: the only host wait of a first sight
                 raise ValueError("dsparse offload: this static KV cache holds rows the compiled model never saw (it "
                                  "was filled elsewhere or by another model)" + _PLACEHOLDER_HINT)
-            entry = Entry(spec, k, _static_capacity(k))
+            entry = Entry(label, k, _static_capacity(k))
             self.stats["label_builds"] += 1
-            self._write(spec, entry, new_k, positions)
+            self._write(label, entry, new_k, positions)
             entry.length = k.shape[2]
-        self._bind(spec, k, entry)
+        self._bind(label, k, entry)
         entry.next = _next_position(positions)
         return entry
 
-    def _note_static_miss(self, spec: LabelSpec) -> None:
-        self._misses[spec] += 1
-        if self._misses[spec] == _MISS_WARN:
+    def _note_static_miss(self, label: LabelSpec) -> None:
+        self._misses[label] += 1
+        if self._misses[label] == _MISS_WARN:
             warnings.warn(
                 "dsparse: a static KV cache reaches the attention op as a new tensor on every step, so its labels "
                 "are rebuilt each time (correct, but slow): the cache is replaced between steps, e.g. beam search "
                 "reorders it (index_select makes a copy) or the 'aot_eager' inner compiler copies it (inductor "
                 "updates it in place). Use a dynamic cache for beam search.", RuntimeWarning, stacklevel=4)
 
-    def _continues(self, spec: LabelSpec, entry: Entry, k: torch.Tensor, positions: torch.Tensor) -> bool:
+    def _continues(self, label: LabelSpec, entry: Entry, k: torch.Tensor, positions: torch.Tensor) -> bool:
         """Whether the entry's labels still describe ``k`` before this step's ``positions``. A step from position 0
         (a new sequence) or right after the last one is trusted; any other (a gap, a rewind) is checked by
         relabelling the row just before it and comparing with the stored label. Needs the first position on the
@@ -237,15 +237,15 @@ class LabelStore:
         if first > entry.length:  # rows in between were written elsewhere
             return False
         row = k[:, :, first - 1:first]
-        probe = Entry(spec, row, 1)
-        torch.ops.dsc.label_write(row, spec.on(k.device), torch.zeros(1, dtype=torch.long), probe.data,
-                                  probe.scale, probe.zero, spec.bits)
+        probe = Entry(label, row, 1)
+        torch.ops.dsc.label_write(row, label.on(k.device), torch.zeros(1, dtype=torch.long), probe.data,
+                                  probe.scale, probe.zero, label.bits)
         pairs = [(entry.data, probe.data)] + ([(entry.scale, probe.scale), (entry.zero, probe.zero)]
-                                              if spec.bits != 16 else [])
+                                              if label.bits != 16 else [])
         return all(torch.equal(have[:, :, first - 1], want[:, :, 0]) for have, want in pairs)
 
     # ------------------------------------------------------------------------------------------ dynamic caches
-    def dynamic(self, spec: LabelSpec, k: torch.Tensor, past_k: torch.Tensor | None, new_k: torch.Tensor,
+    def dynamic(self, label: LabelSpec, k: torch.Tensor, past_k: torch.Tensor | None, new_k: torch.Tensor,
                 rebuild: bool = True) -> Entry:
         """Labels of ``k = cat(past_k, new_k)``: continue the entry of ``past_k`` (or rebuild it from ``past_k``
         when out of sync), append ``new_k`` and re-key the entry under ``k``. ``rebuild=False`` (``past_k`` is an
@@ -257,7 +257,7 @@ class LabelStore:
         with self._lock:
             entry, rebuilt = None, False
             if p:
-                entry = self.lookup(spec, past_k)
+                entry = self.lookup(label, past_k)
                 if entry is not None and (entry.length != p or entry.batch != k.shape[0]):
                     entry = None
                 if entry is None and not rebuild:
@@ -266,45 +266,45 @@ class LabelStore:
                                      "its offloaded rows are not in the host store" + _PLACEHOLDER_HINT)
                 if entry is None:
                     self.stats["label_rebuilds"] += 1
-                    entry, rebuilt = self._build(spec, past_k, max(2 * s, 64)), True
+                    entry, rebuilt = self._build(label, past_k, max(2 * s, 64)), True
                 else:
                     del self.entries[entry.key]
-            self._note_rebuild(spec, rebuilt)
+            self._note_rebuild(label, rebuilt)
             if entry is None:
-                entry = Entry(spec, k, max(2 * s, 64))
+                entry = Entry(label, k, max(2 * s, 64))
             if entry.capacity < s:
-                entry.grow(spec, k, max(2 * s, 2 * entry.capacity))
+                entry.grow(label, k, max(2 * s, 2 * entry.capacity))
             if t:
-                self._write(spec, entry, new_k, torch.arange(p, s, device=k.device))
+                self._write(label, entry, new_k, torch.arange(p, s, device=k.device))
             entry.length = s
-            self._bind(spec, k, entry)
+            self._bind(label, k, entry)
             return entry
 
-    def _note_rebuild(self, spec: LabelSpec, rebuilt: bool) -> None:
-        """Count consecutive rebuilds of ``spec``'s dynamic labels; a step that continues (or starts) a chain
+    def _note_rebuild(self, label: LabelSpec, rebuilt: bool) -> None:
+        """Count consecutive rebuilds of ``label``'s dynamic labels; a step that continues (or starts) a chain
         resets the count."""
         if not rebuilt:
-            self._rebuild_runs.pop(spec, None)
+            self._rebuild_runs.pop(label, None)
             return
-        self._rebuild_runs[spec] += 1
-        if self._rebuild_runs[spec] >= REBUILD_LIMIT and spec not in self._dense:
-            self._dense.add(spec)
+        self._rebuild_runs[label] += 1
+        if self._rebuild_runs[label] >= REBUILD_LIMIT and label not in self._dense:
+            self._dense.add(label)
             self.stats["rebuild_fallbacks"] += 1
 
-    def should_stay_dense(self, spec: LabelSpec, past_k: torch.Tensor | None, layer: int | None = None) -> bool:
+    def should_stay_dense(self, label: LabelSpec, past_k: torch.Tensor | None, layer: int | None = None) -> bool:
         """Whether a dynamic site should skip its labels and attend densely: its labels were rebuilt on
         ``REBUILD_LIMIT`` consecutive steps of the sequence that ``past_k`` (the cache before this step)
         continues. A step with no past starts a new sequence and gets labels again. The first fallback warns once,
         naming ``layer``. Host-side bookkeeping only."""
         with self._lock:
             if past_k is None or past_k.dim() != 4 or past_k.shape[2] == 0:
-                self._dense.discard(spec)
-                self._rebuild_runs.pop(spec, None)
+                self._dense.discard(label)
+                self._rebuild_runs.pop(label, None)
                 return False
-            if spec not in self._dense:
+            if label not in self._dense:
                 return False
-            if spec not in self._warned:
-                self._warned.add(spec)
+            if label not in self._warned:
+                self._warned.add(label)
                 where = f"layer {layer}" if layer is not None else "an attention site"
                 warnings.warn(
                     f"dsparse: the labels of {where} were rebuilt from its whole dynamic KV cache on {REBUILD_LIMIT} "
