@@ -353,6 +353,35 @@ def test_cpu_tensors_dispatch_to_the_cpu_kernels(monkeypatch):
         torch.ops.dsc.write_rows(*samples["write_rows"])
 
 
+def count_checks(monkeypatch) -> dict:
+    """Count the calls of the argument checks a decode step could make (wrapped in place in ``checks``)."""
+    from dsc.kernels import checks
+
+    calls = {}
+    for name in ("check_ds_decode", "check_label_scores", "check_select", "check_sparse_attention"):
+        real = getattr(checks, name)
+
+        def counted(*a, _real=real, _name=name, **k):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(checks, name, counted)
+    return calls
+
+
+# one check_ds_decode (which checks the label scores' arguments once), no per-step checks
+ONCE = {"check_ds_decode": 1, "check_label_scores": 1}
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpu", "op"])
+def test_ds_decode_validates_its_arguments_once(impl, monkeypatch):
+    c = make_case(3, 1, 2, 2, 1, 40, 32, 8, 8, lengths=True)
+    fn = {"reference": R.ds_decode, "cpu": C.ds_decode, "op": torch.ops.dsc.ds_decode}[impl]
+    calls = count_checks(monkeypatch)
+    fn(c.q, c.k, c.v, *c.labels, None, None, c.lengths, 8, 0.0, 1, 1, True, None)
+    assert calls == ONCE
+
+
 def test_importing_the_ops_does_not_import_triton():
     """The modules ``import dsc.kernels`` loads import no Triton at module level (a machine without a GPU or
     a working Triton can register and run the ops); the CUDA kernels import it on their first call."""

@@ -16,7 +16,7 @@ from dsc.kernels import reference as R
 from dsc.kernels import triton_ops as T
 from dsc.kernels.testing import (assert_ds_decode_matches_oracle, assert_valid_selection, dense_attention,
                                  make_case)
-from test_kernels import TOL, cases, scaled, with_formats
+from test_kernels import ONCE, TOL, cases, count_checks, scaled, with_formats
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 
@@ -141,3 +141,11 @@ def test_triton_sparse_attention_host_matches_reference():
     for got in (T.sparse_attention_host(c.q, c.k, c.v, idx, 0.2, c.bias),
                 torch.ops.dsc.sparse_attention_host(c.q, c.k, c.v, idx, 0.2, c.bias)):
         assert torch.allclose(got.float(), want.float(), atol=TOL[torch.bfloat16], rtol=TOL[torch.bfloat16])
+
+
+def test_triton_ds_decode_validates_its_arguments_once(monkeypatch):
+    """One check per op call: the scores / top-k / attention steps of the composite run unchecked."""
+    c = make_case(3, 1, 2, 2, 1, 40, 32, 8, 8, lengths=True)
+    calls = count_checks(monkeypatch)
+    T.ds_decode(c.q, c.k, c.v, *c.labels, None, None, c.lengths, 8, 0.0, 1, 1, True, None)
+    assert calls == ONCE
