@@ -372,3 +372,15 @@ def test_dsparse_policy_equals_the_compiled_backend_on_a_tiny_model(cache, gqa, 
     step = torch.stack(steps, 1)
     assert (_dense(model, ids, 1) - step).abs().max() > 1e-2  # the budget binds: sparse != dense
     torch.testing.assert_close(chunked, step, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("gqa", ["head", "group"])
+def test_kept_share_counts_every_row_alike(gqa):
+    """Stats.kept_frac: the mean over rows (and selection heads) of the share of the row's tokens attended,
+    dense rows (below dense_below) included at share 1, whichever chunk they fall in."""
+    q, k, v = _qkv(2, b=1)
+    p = Policy("streaming", budget="1/4", sink=1, recent=2, min_length=10, gqa=gqa, dense_layers=())
+    _, mode = _run_mode(p, q, k, v, chunk=8)  # chunk 0: all dense; chunk 1: mixed; chunk 2: sparse
+    n = torch.arange(1, q.shape[2] + 1)
+    want = sum(p.tokens_kept(int(i)) / int(i) for i in n) / len(n)
+    assert p.tokens_kept(23) < 23 and mode.stats.kept_frac() == pytest.approx(want)

@@ -344,7 +344,7 @@ class SparseSDPA(TorchFunctionMode):
                 dense_out = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=dmask, scale=sm_scale,
                                                            enable_gqa=True)
             if bool(dense_row.all()):
-                sel = valid
+                sel = valid.expand(max(b, bsz), hkv if p.gqa == "group" else hq, e - a, hi)  # as idx would be
                 out[:, :, a:e] = dense_out
             else:
                 sc = scorer.scores(qc, valid.expand(max(b, bsz), 1, e - a, hi))
