@@ -9,7 +9,6 @@ import torch
 import transformers as T
 
 import dsc
-from dsc.passes import store
 from test_passes_models import _dynamo  # noqa: F401  (the autouse fixture: a clean Dynamo per test)
 from test_passes_models import CHANNELS, compiled, generate, tiny
 
@@ -23,13 +22,15 @@ def test_hf_compile_config_with_its_default_mode():
     model = tiny("llama")
     ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(1))
     ref = generate(model, ids, 5, "static")
-    config = T.CompileConfig(backend=dsc.sparse_backend(budget=256, **OPTS))
+    backend = dsc.sparse_backend(budget=256, **OPTS)
+    config = T.CompileConfig(backend=backend)
     config._compile_all_devices = True  # HF compiles generate on accelerators only unless told
     assert config.mode == "reduce-overhead"
-    before = store.STATS["sparse_calls"]
     out = generate(model, ids, 5, "static", compile_config=config)
     assert out.sequences.tolist() == ref.sequences.tolist()
-    assert store.STATS["sparse_calls"] - before == 4 * 2  # 4 compiled decode steps x 2 sparse layers
+    rt = dsc.runtime_of(backend)
+    assert rt.stats["sparse_calls"] == 4 * 2  # 4 compiled decode steps x 2 sparse layers
+    assert rt.stats["label_builds"] == 2  # the eager prefill's cache labelled once per sparse layer, then continued
 
 
 def test_sparse_backend_validates_early_and_keeps_its_options():
@@ -62,17 +63,17 @@ def test_non_sdpa_attention_warns_with_the_fix_and_dsc_compile_switches(impl):
     model.set_attn_implementation(impl)
     ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(2))
     with pytest.warns(RuntimeWarning, match="without scaled_dot_product_attention.*attn_implementation='sdpa'"):
-        with compiled(model, budget=256):
+        with compiled(model, budget=256) as rt:
             generate(model, ids, 2)
+    assert rt.reports and not any(rt.reports) and not rt.stats  # graphs compiled, no site found, nothing ran
     torch._dynamo.reset()
     ref = generate(model, ids, 3)
     with pytest.warns(RuntimeWarning, match=f"switched the model from attn_implementation='{impl}'"):
         dsc.compile(model, budget=256, **OPTS)
-    before = store.STATS["sparse_calls"]
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no silent-dense warning now
         out = generate(model, ids, 3)
-    assert store.STATS["sparse_calls"] - before == 2 * 2
+    assert dsc.runtime_of(model).stats["sparse_calls"] == 2 * 2
     torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), atol=1e-4, rtol=1e-4)
 
 
@@ -93,9 +94,10 @@ def test_regional_compilation_names_layers_by_their_cache(cache):
             else:
                 for layer in model.model.layers:
                     layer.compile(backend="dsparse", options=opts, isolate_recompiles=True)
-            before = store.STATS["sparse_calls"]
             runs[how, budget] = generate(model, ids, 4, cache).sequences.tolist()
-            assert store.STATS["sparse_calls"] - before == 3 * 2  # 3 decode steps x 2 sparse layers
+            rt = dsc.runtime_of(opts)  # one runtime for every graph compiled with these options (each layer's)
+            assert rt.stats["sparse_calls"] == 3 * 2  # 3 decode steps x 2 sparse layers
+            assert {s.layer for rep in rt.reports for s in rep if s.action == "sparse"} == {1, 2}
     assert runs["regional", 256] == runs["whole", 256] == generate(tiny("llama"), ids, 4, cache).sequences.tolist()
     assert runs["regional", 6] == runs["whole", 6]
 
@@ -123,6 +125,5 @@ def test_accelerate_hooks_with_dsc_compile(hooks):
             model = accelerate.dispatch_model(model, device_map=dict.fromkeys(parts, "cpu"), main_device="cpu",
                                               force_hooks=True)
         dsc.compile(model, budget=budget, sink=1, recent=2, **OPTS)
-        before = store.STATS["sparse_calls"]
         assert generate(model, ids, 4, "dynamic").sequences.tolist() == want
-        assert store.STATS["sparse_calls"] - before == 3 * 2
+        assert dsc.runtime_of(model).stats["sparse_calls"] == 3 * 2
