@@ -5,7 +5,7 @@ compute device; one decode step is timed across all of them, side by side in one
 
 - ``whole-layer``: every layer's full K/V copied host -> device, then dense SDPA (the offload baseline);
 - ``ds zero-copy``: labels -> top-k on the device, then the sparse-attention kernel reads only the selected rows from
-  pinned host memory itself (:func:`dsc.kernels.triton_ops.sparse_attention_host`; GPU only);
+  pinned host memory itself (``torch.ops.dsc.sparse_attention_host``, the Triton kernel; GPU only);
 - ``ds staged``: the same selection, indices to the host, the selected rows gathered there and copied in one
   transfer per K/V (:meth:`dsc.passes.offload.HostKV.fetch`), sparse attention over the block;
 - ``ds on-device`` / ``dense on-device``: the same step with K/V resident on the device (compute floor).
@@ -121,10 +121,8 @@ def run(args) -> int:
                 torch.ops.dsc.sparse_attention(q, ks, vs, block_slots(idx, got.to(device)), sm, None)
 
         def zero_copy():
-            from dsc.kernels import triton_ops
-
             for hk, hv, lab in layers:
-                triton_ops.sparse_attention_host(q, hk, hv, select(lab), sm, None)
+                torch.ops.dsc.sparse_attention_host(q, hk, hv, select(lab), sm, None)
 
         k0 = layers[0][0].to(device)
         v0 = layers[0][1].to(device)
@@ -141,15 +139,13 @@ def run(args) -> int:
         ds_bytes = cache_bytes(kk, hsel, d, e, args.layers, args.batch)  # slots; per-head selection may repeat rows
         policies = [("whole-layer", whole_layer, whole_bytes), ("ds staged", staged, None)]
         if cuda:  # correctness on real data: zero-copy and staged equal the on-device kernel for one selection
-            from dsc.kernels import triton_ops
-
             idx = select(layers[0][2])
             ref = torch.ops.dsc.sparse_attention(q, k0, v0, idx, sm, None).float()
             ks, vs, got = stores[0].fetch(idx[:, :, 0], device)
             sg = torch.ops.dsc.sparse_attention(q, ks, vs, block_slots(idx, got.to(device)), sm, None).float()
             check = {"length": s, "staged_max_err": float((sg - ref).abs().max())}
             try:
-                zc = triton_ops.sparse_attention_host(q, layers[0][0], layers[0][1], idx, sm, None).float()
+                zc = torch.ops.dsc.sparse_attention_host(q, layers[0][0], layers[0][1], idx, sm, None).float()
                 check["zero_copy_max_err"] = float((zc - ref).abs().max())
                 policies.insert(1, ("ds zero-copy", zero_copy, ds_bytes))
             except Exception as e:  # noqa: BLE001  (reported, and the other policies still run)
