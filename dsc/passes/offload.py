@@ -9,7 +9,7 @@ What lives where (per sparse layer, per sequence):
 
 A decode step (:func:`attend`), label scores -> top-k on the device, then one of two gathers:
 - zero-copy (a GPU, the default; ``DSConfig.zero_copy``): the sparse-attention kernel reads the selected rows straight from the pinned host
-  store over the bus (:func:`dsc.kernels.triton_ops.sparse_attention_host`); nothing else moves and the host never
+  store over the bus (``dsc::sparse_attention_host``); nothing else moves and the host never
   waits. New rows are written by a kernel into the pinned store in stream order (``write_rows``), so the current
   token's row is there before the attention kernel runs.
 - staged (CPU, next-layer prediction, or ``zero_copy=False``): the selected indices go to the host; per KV head
@@ -23,7 +23,7 @@ stored element): a dynamic cache's ``cat(past, new)`` becomes ``dsc::kv_placehol
 dropped and the buffer HF allocates lazily inside the first compiled forward becomes ``dsc::kv_buffer_placeholder``
 (buffers allocated before the model ran through the compiler stay on the device, with the reason in the site
 report). The site op gets this step's rows (``new_k``/``new_v``); a multi-token step over a placeholder reads the
-host rows (:meth:`HostKV.device_rows`). :func:`device_bytes` computes what an offloaded sequence needs.
+host rows (:meth:`HostKV.device_rows`). :func:`dsc.bytes.offload_device_bytes` computes what an offloaded sequence needs.
 
 Traffic is counted in the runtime's counters (:attr:`dsc.passes.runtime.Runtime.stats`, which each
 :class:`HostKV` adds to): ``h2d_bytes``: rows fetched; ``d2h_bytes``: rows written to the host;
@@ -87,10 +87,8 @@ class HostKV:
             self._scatter(positions, k_rows, v_rows)
             return
         if self.zero_copy:
-            from dsc.kernels import triton_ops
-
-            triton_ops.write_rows(k_rows, positions, self.k)
-            triton_ops.write_rows(v_rows, positions, self.v)
+            torch.ops.dsc.write_rows(k_rows, positions, self.k)
+            torch.ops.dsc.write_rows(v_rows, positions, self.v)
             return
         # Asynchronous on a GPU: copy into fresh pinned memory, land in the store before the next gather.
         rows = [t.to("cpu", non_blocking=True) for t in (positions, k_rows, v_rows)]
@@ -236,13 +234,11 @@ def attend(host: HostKV, q: Tensor, k: Tensor, v: Tensor, idx: Optional[Tensor],
     written this step (``new_positions``, 1-D) are appended from the device: the current token is always attended."""
     b, hq, lq, _ = q.shape
     if predicted is None and host.zero_copy:
-        from dsc.kernels import triton_ops
-
         s = k.shape[2]
         row_bytes = host.k.shape[-1] * host.k.element_size() + host.v.shape[-1] * host.v.element_size()
         host.stats["h2d_bytes"] += idx.numel() * row_bytes  # per slot (an upper bound: a row two heads chose counts
         host.stats["offload_fetches"] += 1                  # twice); counting exactly would need a host wait
-        return triton_ops.sparse_attention_host(q, host.k[:, :, :s], host.v[:, :, :s], idx, scale, bias)
+        return torch.ops.dsc.sparse_attention_host(q, host.k[:, :, :s], host.v[:, :, :s], idx, scale, bias)
     if predicted is None:
         ks, vs, rows = host.fetch(idx[:, :, 0], q.device)
         rows = rows.to(q.device, non_blocking=True)
@@ -316,18 +312,3 @@ def _overlay_new_rows(ks, vs, rows, new_positions, k, v, new_rows=None):
         src_k, src_v = (t.gather(2, at.expand(-1, -1, -1, t.shape[3])) for t in new_rows)
     fresh = hit.any(-1)[..., None]
     return torch.where(fresh, src_k, ks), torch.where(fresh, src_v, vs)
-
-
-def device_bytes(*, layers: int, sparse_layers: int, batch: int, kv_heads: int, sel_heads: int, length: int,
-                 head_dim: int, itemsize: int, r: int, label_bits: int, budget_tokens: int) -> dict:
-    """Device bytes of one batch's KV state: the full cache vs offload (labels + one staging buffer of the selected
-    rows per sparse layer, dense layers' K/V resident)."""
-    row = 2 * kv_heads * head_dim * itemsize  # K + V of one position, all KV heads
-    full = layers * batch * length * row
-    label_row = kv_heads * (r * itemsize if label_bits == 16 else (r * label_bits + 7) // 8 + 8)
-    dense = (layers - sparse_layers) * batch * length * row
-    labels = sparse_layers * batch * length * label_row
-    staging = batch * sel_heads * budget_tokens * 2 * head_dim * itemsize  # one layer at a time
-    offload = dense + labels + staging
-    return {"full": full, "offload": offload, "dense_layers": dense, "labels": labels, "staging": staging,
-            "saved": full - offload, "per_sequence_full": full // batch, "per_sequence_offload": offload // batch}
