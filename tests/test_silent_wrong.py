@@ -6,10 +6,10 @@ import pytest
 import torch
 import transformers as T
 
+import dsc
 from dsc.calibration.config import ChannelConfig
-from dsc.passes import store
 from test_passes_models import _dynamo  # noqa: F401  (the autouse fixture: a clean Dynamo per test)
-from test_passes_models import CHANNELS, compiled, generate, tiny
+from test_passes_models import CHANNELS, LAYERS, compiled, generate, tiny
 
 BINDING = dict(budget=6, sink=1, recent=2)  # 6 of 12+ tokens: selection matters
 
@@ -57,7 +57,7 @@ def test_static_cache_written_outside_the_compiled_model_relabels():
     gen = torch.Generator().manual_seed(12)
     seq_a, seq_b = torch.randint(3, 128, (1, 30), generator=gen), torch.randint(3, 128, (1, 12), generator=gen)
     eager = model.forward
-    with compiled(model, **BINDING):
+    with compiled(model, **BINDING) as rt:
         fresh = T.StaticCache(config=model.config, max_cache_len=64)
         want_tokens, want_logits = _greedy(model.forward, seq_b, fresh, 0, 5)
 
@@ -66,9 +66,9 @@ def test_static_cache_written_outside_the_compiled_model_relabels():
         cache.reset()
         with torch.no_grad():  # sequence B's prefill outside the compiled model: the labels never see it
             first = eager(input_ids=seq_b, past_key_values=cache, cache_position=torch.arange(12)).logits
-        rebuilds = store.STATS["label_rebuilds"]
+        assert rt.stats["label_rebuilds"] == 0  # both compiled sequences continued their labels
         tokens, logits = _greedy(model.forward, first[:, -1:].argmax(-1), cache, 12, 4)
-    assert store.STATS["label_rebuilds"] > rebuilds
+    assert rt.stats["label_rebuilds"] == LAYERS - 1  # B's first compiled step, once per sparse layer
     assert tokens == want_tokens[1:]
     torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=1e-5)
 
@@ -76,8 +76,8 @@ def test_static_cache_written_outside_the_compiled_model_relabels():
 # ------------------------------------------------------------------------------------------------ case 5
 def _ten_models(compile_one):
     """Sparse decode calls of each of 10 tiny models (each with its own channel config) compiled in turn, under
-    Dynamo's default recompile limit."""
-    from test_passes_models import HKV, HQ, LAYERS, D
+    Dynamo's default recompile limit (0 for a model that ran uncompiled: its options never reached a backend)."""
+    from test_passes_models import HKV, HQ, D
 
     calls = []
     with torch._dynamo.config.patch(recompile_limit=8):  # Dynamo's default (the autouse fixture raises it)
@@ -86,17 +86,15 @@ def _ten_models(compile_one):
             options = {"channels": ChannelConfig.random(LAYERS, HQ, HKV, D, seed=100 + i), "inner": "eager",
                        "dense_layers": (0,), "r": 8, "budget": 256}
             compile_one(model, options)
-            before = store.STATS["sparse_calls"]
             generate(model, torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(i)), 3)
-            calls.append(store.STATS["sparse_calls"] - before)
+            rt = dsc.runtime_of(model) or dsc.runtime_of(options)  # dsc.compile's, or model.compile(options=)'s
+            calls.append(rt.stats["sparse_calls"] if rt is not None else 0)
     return calls
 
 
 def test_ten_models_in_one_process_each_stay_sparse_with_dsc_compile():
     """Case 5: HF models of one class share one forward code object, hence Dynamo's recompile limit; dsc.compile
     gives each model its own, so the 10th model is as sparse as the first."""
-    import dsc
-
     calls = _ten_models(lambda model, options: dsc.compile(model, **options))
     assert calls == [4] * 10, calls
 
@@ -139,20 +137,17 @@ def test_cross_attention_stays_dense_and_layers_are_named_by_block(kind):
     """Case 8: cross-attention K is ``cat(empty, encoder keys)`` at the first step, which looks like a dynamic
     cache; it must stay dense (its keys are not the decoder's tokens). Case 7: self- and cross-attention of one
     block carry the block's layer number."""
-    from dsc.backend import REPORTS
-
     model = _encoder_decoder(kind)
     ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=5, do_sample=False)
-    n0 = len(REPORTS)
-    model.forward = torch.compile(model.forward, backend="dsparse", options={
-        "channels": ChannelConfig.random(2, 4, 4, 16, seed=1), "inner": "eager", "dense_layers": (), "r": 4,
-        "budget": 3, "sink": 0, "recent": 1})
+    backend = dsc.sparse_backend(channels=ChannelConfig.random(2, 4, 4, 16, seed=1), inner="eager", dense_layers=(),
+                                 r=4, budget=3, sink=0, recent=1)
+    model.forward = torch.compile(model.forward, backend=backend)
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=5, do_sample=False)
     del model.forward
-    sites = [s for rep in REPORTS[n0:] for s in rep]
+    sites = [s for rep in backend.runtime.reports for s in rep]
     cross = [s for s in sites if "encoder_attn" in s.module_path or "EncDecAttention" in s.module_path]
     own = [s for s in sites if s not in cross]
     assert cross and all(s.action == "dense" for s in cross), [(s.module_path, s.reason) for s in cross]
@@ -180,7 +175,6 @@ def test_dsc_compile_checks_the_weight_fingerprint():
     unless the user opts out."""
     import dataclasses
 
-    import dsc
     from dsc.calibration.config import model_fingerprint
 
     model, other = tiny("llama"), tiny("llama", rope_theta=5000.0)
