@@ -9,7 +9,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import dsc
-from dsc.backend import REPORTS, dsparse
+from dsc.backend import dsparse
 from dsc.calibration.config import ChannelConfig
 from dsc.config import DSConfig, Selection, parse_budget
 
@@ -124,17 +124,37 @@ def test_missing_channel_config_says_how_to_calibrate():
         fn(torch.ones(2))
 
 
-def test_mode_is_accepted_and_graphs_without_sdpa_pass_through():
+def test_mode_patches_inductor_and_graphs_without_decode_sites_pass_through(monkeypatch):
+    """``mode`` reaches the inner inductor compile as its config patches (``inductor_options`` win over them); a
+    CUDA-graph mode is accepted for CPU inputs (inductor's CUDA graphs do not apply there) and computes what eager
+    does. A graph whose SDPA site cannot decode (here: no shapes) passes through dense."""
+    import torch._inductor.compile_fx as inductor
+
+    real, patches, depth = inductor.compile_fx, [], [0]
+
+    def compile_fx(gm, example_inputs, config_patches=None, **kw):
+        if not depth[0]:  # the backend's call (compile_fx calls itself again with the patches applied)
+            patches.append(config_patches)
+        depth[0] += 1
+        try:
+            return real(gm, example_inputs, config_patches=config_patches, **kw)
+        finally:
+            depth[0] -= 1
+
+    monkeypatch.setattr(inductor, "compile_fx", compile_fx)
     q = torch.randn(1, 2, 3, 8)
-    n0 = len(REPORTS)
-    for mode in (None, "default", "max-autotune-no-cudagraphs"):
-        compiled = dsparse(_gm(), [q, q, q], mode=mode, options={"channels": CH, "inner": "eager"})
+    opts = {"channels": CH, "inner": "inductor", "inductor_options": {"max_autotune": False}}
+    modes = (None, "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+    for mode in modes:
+        compiled = dsparse(_gm(), [q, q, q], mode=mode, options=opts)
         torch.testing.assert_close(compiled(q, q, q), _gm()(q, q, q))
+    assert patches == [{"max_autotune": False}, {"max_autotune": False},
+                       {"triton.cudagraphs": True, "max_autotune": False},
+                       {"max_autotune": False, "coordinate_descent_tuning": True}]
     # symbolic_trace graphs carry no shapes: the site is found and kept dense, with the reason.
-    sites = REPORTS[-1]
-    assert len(REPORTS) - n0 == 3 and len(sites) == 1 and sites[0].action == "dense"
-    assert "no shape information" in sites[0].reason
-    assert torch._inductor.list_mode_options("max-autotune-no-cudagraphs")  # what _inner patches inductor with
+    reports = dsc.runtime_of(opts).reports  # one runtime for every graph compiled with these options
+    assert len(reports) == len(modes) and all(len(sites) == 1 and sites[0].action == "dense" for sites in reports)
+    assert "no shape information" in reports[-1][0].reason
 
 
 def test_selection_is_the_configs_selection_knobs():
