@@ -83,8 +83,6 @@ def test_calibrate_on_int8_model(pair):
 def test_backend_decodes_an_int8_model(pair):
     """The backend's config check and the rewrite on a quantized model; at a budget covering the whole cache the
     sparse op runs every decode step and the tokens equal the quantized model's own."""
-    from dsc.passes import store
-
     _, q = pair
     cfg = ChannelConfig.random(3, 4, 2, 16, seed=0)
     ids = _ids(24)[None]
@@ -93,17 +91,15 @@ def test_backend_decodes_an_int8_model(pair):
     with torch.no_grad():
         ref = q.generate(ids, **kw)
     torch._dynamo.reset()
-    calls = store.STATS["sparse_calls"]
-    q.forward = torch.compile(q.forward, backend="dsparse",
-                              options={"channels": cfg, "inner": "eager", "budget": 4096, "min_length": 1,
-                                       "dense_layers": (0,)})
+    backend = dsc.sparse_backend(channels=cfg, inner="eager", budget=4096, min_length=1, dense_layers=(0,))
+    q.forward = torch.compile(q.forward, backend=backend)
     try:
         with torch.no_grad():
             out = q.generate(ids, **kw)
     finally:
         del q.forward
         torch._dynamo.reset()
-    assert store.STATS["sparse_calls"] - calls == 3 * 2  # 3 decode steps x 2 sparse layers
+    assert backend.runtime.stats["sparse_calls"] == 3 * 2  # 3 decode steps x 2 sparse layers
     assert out.tolist() == ref.tolist()
 
 
