@@ -7,8 +7,8 @@ import sys
 import torch
 import transformers as T
 
+import dsc
 from dsc.calibration.config import ChannelConfig
-from dsc.passes import store
 
 RUNS = {"full": dict(budget=256), "group": dict(budget=6, gqa="group"), "head": dict(budget=6, gqa="head")}
 
@@ -21,13 +21,12 @@ def main(model_dir: str, config_path: str, out_prefix: str) -> None:
     result = {}
     for name, opts in RUNS.items():
         torch._dynamo.reset()
-        store.STATS.clear()
-        model.forward = torch.compile(model.forward, backend="dsparse", options={
-            "channels": chans, "inner": "eager", "dense_layers": (0,), "r": 8, "sink": 1, "recent": 2, **opts})
+        backend = dsc.sparse_backend(channels=chans, inner="eager", dense_layers=(0,), r=8, sink=1, recent=2, **opts)
+        model.forward = torch.compile(model.forward, backend=backend)
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=6, do_sample=False)
         del model.forward
-        result[name] = {"tokens": out.tolist(), "sparse_calls": store.STATS["sparse_calls"]}
+        result[name] = {"tokens": out.tolist(), "sparse_calls": backend.runtime.stats["sparse_calls"]}
     with open(f"{out_prefix}.{rank}.json", "w") as f:
         json.dump(result, f)
 
