@@ -1,5 +1,6 @@
 """Double Sparsity ops: the reference and the fast CPU path against their contracts (DESIGN.md "Ops")."""
 import itertools
+import math
 
 import pytest
 import torch
@@ -185,8 +186,9 @@ def test_quantized_score_error_within_step_bound(case):
     hkv, r = c.channels.shape
     qc = c.q.view(b, hkv, hq // hkv, lq, d).gather(-1, c.channels[None, :, None, None, :].expand(
         b, hkv, hq // hkv, lq, r)).abs().sum(-1)  # [B, Hkv, G, Lq]: sum_c |q_c|
-    if group:
-        bound = qc.sum(2)[..., None] * c.scale[:, :, None, :] / 2
+    if group:  # max over heads of (score - the head's best): each head's error at j plus its error at its best
+        per_head = qc[..., None] * c.scale[:, :, None, None, :] / 2  # [B, Hkv, G, Lq, S]
+        bound = (per_head + per_head.amax(-1, keepdim=True)).amax(2)
     else:
         bound = (qc[..., None] * c.scale[:, :, None, None, :] / 2).reshape(b, hq, lq, -1)
     assert ((got - exact).abs() <= bound * (1 + 1e-4) + 1e-4).all()
@@ -537,3 +539,34 @@ def test_bench_attention_command_runs(tmp_path):
     assert all(set(r["dense"]) == names and r["dense_ms"] == min(r["dense"].values()) == r["dense"][r["best_dense"]]
                and r["gqa_ms"] == r["dense"]["sdpa-gqa"] for r in rows)
     assert main(["bench", "attention", "--shapes", "4x3x32", "--repeats", "1"]) == 2  # Hq not a multiple of Hkv
+
+
+def test_group_score_is_the_largest_head_score_below_its_best():
+    """The group score from its definition, element by element: for each position, the largest over the group's
+    heads of (its score - that head's best valid score in the row); invalid positions stay -inf, a NaN score stays
+    NaN (valid, ranked first), a row with no valid position stays all -inf."""
+    from dsc.kernels.reference import group_scores
+
+    inf, nan = float("inf"), float("nan")
+    per = torch.tensor([[[[[1.0, 2.0, -inf, 0.5]], [[4.0, -1.0, -inf, 0.0]]],
+                         [[[nan, 1.0, 0.0, 2.0]], [[-inf] * 4]]]])  # [B=1, Hkv=2, G=2, Lq=1, S=4]
+    got = group_scores(per)
+    assert got.shape == (1, 2, 1, 4)
+    for kv in range(2):
+        for j in range(4):
+            cands = []
+            for h in range(2):
+                row = per[0, kv, h, 0].tolist()
+                if math.isnan(row[j]):
+                    cands.append(nan)
+                    continue
+                finite = [x for x in row if not math.isnan(x) and x != -inf]
+                if finite and not any(math.isnan(x) for x in row):
+                    cands.append(row[j] - max(finite))
+                elif finite:  # a row holding a NaN is left unnormalized
+                    cands.append(row[j])
+                else:
+                    cands.append(-inf)
+            want = nan if any(math.isnan(c) for c in cands) else max(cands)
+            have = float(got[0, kv, 0, j])
+            assert (math.isnan(want) and math.isnan(have)) or want == have, (kv, j, want, have)

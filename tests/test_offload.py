@@ -227,7 +227,7 @@ def test_offloaded_dynamic_cache_changed_outside_the_model_is_refused():
 def test_offload_selects_per_kv_group_unless_told_otherwise():
     from dsc.config import DSConfig
 
-    assert DSConfig(offload=True).gqa == "group" and DSConfig().gqa == "head"
+    assert DSConfig(offload=True).gqa == "group" and DSConfig().gqa == "group"
     assert DSConfig(offload=True, gqa="head").gqa == "head"
 
 

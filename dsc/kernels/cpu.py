@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from . import checks
 from . import topk as _topk
+from .reference import group_scores
 
 # fp32 elements of converted label codes per scoring chunk (16 MB: about half an L3; fewer, larger chunks also
 # mean fewer OpenMP regions, which matters on an oversubscribed machine). Read once; never reassigned: a caller
@@ -86,14 +87,12 @@ def label_write(keys, channels, positions, data, scale, zero, bits: int) -> None
 
 
 # ----------------------------------------------------------------------------------------------- scores
-def _query_channels(q, channels, group: bool):
-    """Queries' label channels as fp32 ``[B, Hkv, M, r]``; M = Lq (group: summed over G) or G * Lq."""
+def _query_channels(q, channels):
+    """Queries' label channels as fp32 ``[B, Hkv, G * Lq, r]`` (each KV head's G query heads, one row each)."""
     b, hq, lq, d = q.shape
     hkv, r = channels.shape
     g = hq // hkv
     qc = q.reshape(b, hkv, g, lq, d).gather(-1, channels[None, :, None, None, :].expand(b, hkv, g, lq, r)).float()
-    if group:
-        return qc.sum(2)
     return qc.reshape(b, hkv, g * lq, r)
 
 
@@ -146,19 +145,19 @@ def _masked_scores(q, channels, data, scale, zero, bits, valid, lengths, group: 
     hkv, r = channels.shape
     g = hq // hkv
     s = data.shape[2]
-    qc = _query_channels(q, channels, group)
+    qc = _query_channels(q, channels)
     sc = _scores(qc, data, scale, zero, bits, chunk_elements)
     if lengths is not None:
         sc.masked_fill_(torch.arange(s) >= lengths[:, None, None, None], NEG_INF)
-    if group:
-        sc = sc.view(b, hkv, lq, s)
-    else:  # [B, Hkv, G*Lq, S] is already [B, Hq, Lq, S] in memory
-        sc = sc.view(b, hq, lq, s)
+    sc = sc.view(b, hq, lq, s)  # [B, Hkv, G*Lq, S] is already [B, Hq, Lq, S] in memory
     if valid is not None:
         vm = valid
-        if group and valid.dim() >= 3 and valid.shape[-3] != 1:
-            vm = valid.expand(b, hq, lq, s).view(b, hkv, g, lq, s).all(2)
+        if group and valid.dim() >= 3 and valid.shape[-3] != 1:  # a group sees a position only if all its heads do
+            vm = valid.expand(b, hq, lq, s).view(b, hkv, g, lq, s).all(2, keepdim=True).expand(b, hkv, g, lq, s)
+            vm = vm.reshape(b, hq, lq, s)
         sc.masked_fill_(~vm, NEG_INF)
+    if group:
+        return group_scores(sc.view(b, hkv, g, lq, s))
     return sc
 
 

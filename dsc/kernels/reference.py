@@ -99,9 +99,24 @@ def _label_scores(q, channels, data, scale, zero, bits, valid, lengths, group):
     sc = qc @ lab.transpose(-1, -2)  # [B, Hq, Lq, S]
     m = valid_mask(valid, lengths, b, hq, lq, s, q.device)
     if group:
-        sc = sc.view(b, hkv, g, lq, s).sum(2)
         m = m.view(b, hkv, g, lq, s).all(2)
+        return group_scores(sc.view(b, hkv, g, lq, s).masked_fill(~m[:, :, None], float("-inf")))
     return sc.masked_fill(~m, float("-inf")).contiguous()
+
+
+def group_scores(per_head: torch.Tensor) -> torch.Tensor:
+    """One score per KV group from its query heads' label scores ``[B, Hkv, G, Lq, S]`` (invalid ``-inf``): for
+    each position, the largest over the group's heads of its score minus that head's best score in the row. Each
+    head's picks then count on one scale (a position a head ranks near its top ranks high for the group), where
+    summing raw scores let one head's large logits drown the others' picks. Measured on SmolLM2 at 2K context
+    (``dsc eval ppl --context 2048 --windows 2``): k=128 +1.79% perplexity (raw sum +3.85%; each head's
+    log-softmax instead of its max +1.74%, at ~5x this reduction's cost on the CPU; selecting per head +1.53%);
+    1/16: +4.23% (sum +6.06%, log-softmax +3.99%, per head +3.10%). NaN scores stay NaN (valid, ranked first; a
+    head whose row holds a NaN is not normalized), invalid stay ``-inf``. The one implementation: the CPU and
+    Triton paths call it on their per-head scores."""
+    top = per_head.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a NaN row, or nothing valid
+    return (per_head - top).amax(2).contiguous()
 
 
 def select_topk(scores, budget: int, frac: float = 0.0, sink: int = 0, recent: int = 0):

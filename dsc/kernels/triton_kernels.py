@@ -73,21 +73,15 @@ def label_scores_kernel(q, ch, data, scale, zero, valid, lengths, out,
                         HSEL, LQ, S, R, G,
                         sq0, sq1, sq2, sq3, sd0, sd1, sd2, sd3, ss0, ss1, ss2,
                         sv0, sv1, sv2, sv3, so0, so1, so2, so3,
-                        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_VALID: tl.constexpr,
+                        BITS: tl.constexpr, HAS_VALID: tl.constexpr,
                         HAS_LEN: tl.constexpr, BLOCK_S: tl.constexpr, C_PAD: tl.constexpr):
-    """One program per (batch * selection head * query position, block of S): fp32 label scores, masked."""
+    """One program per (batch * query head * query position, block of S): fp32 label scores, masked (per query
+    head; a group's score is reduced from its heads' rows on the host side of the launcher)."""
     pid = tl.program_id(0)
     b = (pid // (HSEL * LQ)).to(tl.int64)
     hs = (pid // LQ) % HSEL
     lq = pid % LQ
-    if GROUP:
-        kvh = hs
-        h0 = hs * G
-        nh = G
-    else:
-        kvh = hs // G
-        h0 = hs
-        nh = 1
+    kvh = hs // G
     s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     sm = s < S
     j = tl.arange(0, C_PAD)
@@ -102,16 +96,14 @@ def label_scores_kernel(q, ch, data, scale, zero, valid, lengths, out,
         mo = co < R
         c2 = tl.load(ch + kvh * R + co, mask=mo, other=0)
     ok = sm
-    qe = tl.zeros([C_PAD], dtype=tl.float32)
+    qrow = q + b * sq0 + hs * sq1 + lq * sq2
+    qe = tl.load(qrow + c * sq3, mask=me, other=0.0).to(tl.float32)
     qo = tl.zeros([C_PAD], dtype=tl.float32)
-    for g in range(nh):  # group mode: sum the G heads' query channels (one dot product per KV head)
-        qrow = q + b * sq0 + (h0 + g) * sq1 + lq * sq2
-        qe += tl.load(qrow + c * sq3, mask=me, other=0.0).to(tl.float32)
-        if BITS == 4:
-            qo += tl.load(qrow + c2 * sq3, mask=mo, other=0.0).to(tl.float32)
-        if HAS_VALID:
-            vv = tl.load(valid + b * sv0 + (h0 + g) * sv1 + lq * sv2 + s * sv3, mask=sm, other=0)
-            ok = ok & (vv != 0)
+    if BITS == 4:
+        qo = tl.load(qrow + c2 * sq3, mask=mo, other=0.0).to(tl.float32)
+    if HAS_VALID:
+        vv = tl.load(valid + b * sv0 + hs * sv1 + lq * sv2 + s * sv3, mask=sm, other=0)
+        ok = ok & (vv != 0)
     drow = data + b * sd0 + kvh * sd1 + s[:, None] * sd2
     if BITS == 16:
         lab = tl.load(drow + j[None, :] * sd3, mask=sm[:, None] & me[None, :], other=0.0).to(tl.float32)

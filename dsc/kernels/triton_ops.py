@@ -14,6 +14,7 @@ import triton
 from . import checks
 from . import triton_kernels as tk
 from . import topk
+from .reference import group_scores
 
 NUM_SMS_DEFAULT = 132  # H100 SXM; only sizes the split count (more programs than SMs keeps the GPU busy)
 
@@ -77,13 +78,19 @@ def label_scores(q, channels, data, scale, zero, bits: int, valid=None, lengths=
 
 
 def _label_scores(q, channels, data, scale, zero, bits, valid, lengths, group, block_s=None):
-    """:func:`label_scores` without the argument check (callers have validated)."""
+    """:func:`label_scores` without the argument check (callers have validated). Group scores are the reduction
+    :func:`dsc.kernels.reference.group_scores` of the kernel's per-head scores (group-invalid positions masked)."""
     b, hq, lq, _ = q.shape
     hkv, s = data.shape[1], data.shape[2]
     g = hq // hkv
+    if group:
+        if valid is not None and valid.dim() >= 3 and valid.shape[-3] != 1:
+            valid = valid.expand(b, hq, lq, s).view(b, hkv, g, lq, s).all(2, keepdim=True).expand(
+                b, hkv, g, lq, s).reshape(b, hq, lq, s)
+        per_head = _label_scores(q, channels, data, scale, zero, bits, valid, lengths, False, block_s)
+        return group_scores(per_head.view(b, hkv, g, lq, s))
     r = channels.shape[1]
-    hsel = hkv if group else hq
-    out = torch.empty(b, hsel, lq, s, dtype=torch.float32, device=q.device)
+    out = torch.empty(b, hq, lq, s, dtype=torch.float32, device=q.device)
     if s == 0:
         return out
     ch = channels.contiguous()
@@ -91,11 +98,11 @@ def _label_scores(q, channels, data, scale, zero, bits, valid, lengths, group, b
     block_s = block_s or (min(_pow2(s), 1024) if _interpreting() else 128)
     cpad = _pow2(checks.label_width(r, bits) if bits == 4 else r)
     ss = (scale.stride() if bits != 16 else (0, 0, 0))
-    grid = (b * hsel * lq, triton.cdiv(s, block_s))
+    grid = (b * hq * lq, triton.cdiv(s, block_s))
     tk.label_scores_kernel[grid](
         q, ch, data, scale, zero, vmask if vmask is not None else out, lengths if lengths is not None else out, out,
-        hsel, lq, s, r, g, *q.stride(), *data.stride(), *ss, *_strides4(vmask, (b, hq, lq, s)), *out.stride(),
-        BITS=bits, GROUP=group, HAS_VALID=valid is not None, HAS_LEN=lengths is not None, BLOCK_S=block_s,
+        hq, lq, s, r, g, *q.stride(), *data.stride(), *ss, *_strides4(vmask, (b, hq, lq, s)), *out.stride(),
+        BITS=bits, HAS_VALID=valid is not None, HAS_LEN=lengths is not None, BLOCK_S=block_s,
         C_PAD=cpad)
     return out
 
