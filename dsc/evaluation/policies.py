@@ -23,7 +23,6 @@ token-by-token sparse decoding (queries at positions ``< prefill`` attend densel
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
@@ -34,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 
 import dsc.kernels  # noqa: F401  (registers torch.ops.dsc.*)
 from dsc.attention_mask import causal_valid, valid_from_mask
+from dsc.bytes import kv_bytes, label_bytes
 from dsc.config import (SELECTION_FIELDS, BudgetView, DSConfig, Selection, check_value, parse_budget,  # noqa: F401
                         resolve_r)
 from dsc.sites import is_sdpa, layer_index, module_stack, sdpa_arguments
@@ -125,15 +125,12 @@ class Policy(BudgetView):
         if self.name == "sparq":
             chans = self.r if self.gqa == "group" else min(d, group_size * self.r)
             return float(chans * e)
-        # dsparse: r labels of b bits (+ fp32 scale and zero per token when quantized)
-        if self.label_bits == 16:
-            return float(self.r * e)
-        return math.ceil(self.r * self.label_bits / 8) + 8.0
+        return float(label_bytes(self.r, self.label_bits, e))  # dsparse: the labels (dsc.bytes, the one model)
 
     def for_bytes(self, bytes_frac: float, head_dim: int, group_size: int) -> "Policy | None":
         """This policy with the fractional token budget that makes its bytes read ``bytes_frac`` of dense
         (group selection assumed: one fetched row per selected token), or None if scoring alone exceeds it."""
-        dense = 2.0 * head_dim * ELEM_BYTES
+        dense = kv_bytes(head_dim, ELEM_BYTES)
         tok = bytes_frac - self.score_bytes(head_dim, group_size) / dense
         if tok <= 0:
             return None

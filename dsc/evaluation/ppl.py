@@ -138,6 +138,9 @@ def perplexity(model, windows, forward=None, progress: bool = True, policy=None,
     import torch
     from tqdm import tqdm
 
+    from dsc.bytes import kv_bytes
+    from dsc.evaluation.policies import ELEM_BYTES
+
     from dsc.evaluation.policies import apply_policy, check_model
 
     forward = forward or model
@@ -170,7 +173,7 @@ def perplexity(model, windows, forward=None, progress: bool = True, policy=None,
         res.update(policy=policy.name, label=policy.label(), budget=policy.budget, r=policy.r,
                    label_bits=policy.label_bits, gqa=policy.gqa, sink=policy.sink, recent=policy.recent,
                    dense_layers=list(policy.dense_layers), min_length=policy.min_length, prefill=prefill,
-                   fetched_frac=frac, bytes_frac=policy.score_bytes(d, hq // hkv) / (4.0 * d) + frac
+                   fetched_frac=frac, bytes_frac=policy.score_bytes(d, hq // hkv) / kv_bytes(d, ELEM_BYTES) + frac
                    if policy.name != "dense" else 1.0)
     return res
 
