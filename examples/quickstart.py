@@ -59,19 +59,18 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. Double Sparsity: compile with the dsparse backend, then generate as usual.
     budget = dsc.config.parse_budget(args.budget)
-    model.compile(backend="dsparse", options={"channels": cfg, "budget": budget, "inner": args.inner})
+    dsc.compile(model, channels=cfg, budget=budget, inner=args.inner)  # model.compile(backend="dsparse", ...) + checks
     with torch.no_grad():
         t0 = time.perf_counter()
         sparse = model.generate(ids, **gen)[0, ids.shape[1]:]
         sparse_s = time.perf_counter() - t0  # includes compilation
 
-    from dsc.passes.store import STATS
-
     same = int((dense == sparse).long().cumprod(0).sum())
     print(f"prompt: {ids.shape[1]} tokens, budget {budget}, {args.cache} cache, inner {args.inner}")
     print(f"dense : {tok.decode(dense)!r}  ({dense_s:.1f} s)")
     print(f"sparse: {tok.decode(sparse)!r}  ({sparse_s:.1f} s incl. compile)")
-    print(f"first {same} of {len(dense)} tokens identical; sparse attention calls: {STATS['sparse_calls']}")
+    print(f"first {same} of {len(dense)} tokens identical; sparse attention calls: "
+          f"{dsc.runtime_of(model).stats['sparse_calls']}")
     return 0
 
 
