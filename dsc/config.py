@@ -234,8 +234,9 @@ class DSConfig(BudgetView):
       :func:`dsc.kernels.reference.group_scores`; each selected row is read once for the G query heads) or
       ``"head"`` (one selection per query head: a little more accurate, up to G times the rows read). Measured on
       SmolLM2 at 2K context: perplexity +1.79% (group) vs +1.53% (head) at k=128, +4.23% vs +3.10% at 1/16; the
-      decode attention op at 16K, batch 4, 1/16 on this CPU: group 1.97x the fastest dense attention, head 0.99x
-      (slower than dense), so the default is ``"group"``. With offload, per-head selection moved 0.106 vs 0.058 of
+      decode attention op on a 2-core CPU at 16K and 1/16 (batch 1 and 4, 9x3x64 and 32x8x128 heads, 16/8/4-bit
+      labels): group 1.3-3.1x the fastest dense attention, head 0.8-1.1x (no faster than dense), so the default is
+      ``"group"``. With offload, per-head selection moved 0.106 vs 0.058 of
       whole-layer offload's bytes (3.5x vs 12.5x its speed, H200). ``None`` means ``"group"``.
     - ``sink``/``recent``: first/last valid tokens always selected (inside the budget; when the budget cannot
       hold both, the recent ones, the current token first, win).
