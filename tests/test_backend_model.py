@@ -10,7 +10,6 @@ import torch
 
 import dsc
 from dsc.assets import cache_dir, calibration_essays, essay_text
-from dsc.passes import store
 
 pytestmark = pytest.mark.slow
 DENSE_LAYERS = (0, 1)
@@ -43,10 +42,12 @@ def _dynamo():
 
 @contextlib.contextmanager
 def compiled(model, **options):
-    """Compile a wrapper (``model.forward``) for generate to pick up; the shared model is restored after."""
-    model.forward = torch.compile(model.forward, backend="dsparse", options=options)
+    """Compile a wrapper (``model.forward``) for generate to pick up; the shared model is restored after. Yields the
+    compile's runtime (its counters start at zero)."""
+    backend = dsc.sparse_backend(**options)
+    model.forward = torch.compile(model.forward, backend=backend)
     try:
-        yield
+        yield backend.runtime
     finally:
         del model.forward
 
@@ -64,10 +65,10 @@ def generate(model, ids, n, kind):
 def test_full_budget_is_exact(model, channels, prompt, kind, inner):
     ids = prompt[:, :48]
     ref = generate(model, ids, 6, kind)
-    calls0 = store.STATS["sparse_calls"]
-    with compiled(model, channels=channels, budget=4096, inner=inner, dense_layers=DENSE_LAYERS):
+    with compiled(model, channels=channels, budget=4096, inner=inner, dense_layers=DENSE_LAYERS) as rt:
         out = generate(model, ids, 6, kind)
-    assert store.STATS["sparse_calls"] - calls0 == 5 * (30 - len(DENSE_LAYERS))
+    assert rt.stats["sparse_calls"] == 5 * (30 - len(DENSE_LAYERS))
+    assert rt.stats["label_rebuilds"] == 0
     assert out.sequences.tolist() == ref.sequences.tolist()
     for a, b in zip(ref.logits, out.logits):
         torch.testing.assert_close(b, a, atol=2e-3, rtol=1e-3)
@@ -82,12 +83,11 @@ def _nll(model, ids, n_new):
 def test_eighth_budget_runs_sparse_and_stays_fluent(model, tokenizer, channels, prompt):
     n = 10
     ref = generate(model, prompt, n, "static")
-    calls0 = store.STATS["sparse_calls"]
     # 256 tokens lie below the default dense_below of 1/8 (288): min_length=0 makes every step sparse
     opts = dict(channels=channels, budget=1 / 8, inner="eager", dense_layers=DENSE_LAYERS, min_length=0)
-    with compiled(model, **opts):
+    with compiled(model, **opts) as rt:
         out = generate(model, prompt, n, "static")
-    assert store.STATS["sparse_calls"] - calls0 == (n - 1) * (30 - len(DENSE_LAYERS))
+    assert rt.stats["sparse_calls"] == (n - 1) * (30 - len(DENSE_LAYERS))
     dense_text = tokenizer.decode(ref.sequences[0, prompt.shape[1]:])
     sparse_text = tokenizer.decode(out.sequences[0, prompt.shape[1]:])
     print(f"dense : {dense_text!r}\nsparse: {sparse_text!r}")
@@ -114,8 +114,8 @@ def test_short_chat_prompt_answers_like_dense(model, tokenizer, channels):
     ref = generate(model, ids, 8, "dynamic")
     assert "Paris" in tokenizer.decode(ref.sequences[0, ids.shape[1]:])
     for min_length, sparse in ((None, False), (0, True)):
-        calls0 = store.STATS["sparse_calls"]
-        with compiled(model, channels=channels, budget=1 / 16, inner="eager", min_length=min_length):
+        with compiled(model, channels=channels, budget=1 / 16, inner="eager", min_length=min_length) as rt:
             out = generate(model, ids, 8, "dynamic")
-        assert (store.STATS["sparse_calls"] > calls0) == sparse
+        # 7 decode steps x 28 sparse layers (DSConfig's default dense layers 0, 1): all sparse, or all dense
+        assert rt.stats["sparse_calls"] == (7 * 28 if sparse else 0), rt.stats
         assert out.sequences.tolist() == ref.sequences.tolist(), tokenizer.decode(out.sequences[0, ids.shape[1]:])
