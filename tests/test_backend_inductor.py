@@ -119,16 +119,18 @@ def test_inductor_options_reach_inductor():
 # ------------------------------------------------------------------------------------- binding budget vs oracle
 def _definition_scores(q, k, channels, valid, group):
     """``q . k`` over each KV head's label channels, from the keys themselves (fp32 ``[B, Hsel, Lq, S]``, -inf where
-    invalid; per KV group: summed over its query heads, valid where all of them may see the position)."""
+    invalid). Per KV group (valid where all its query heads may see the position): for each position, the largest
+    over the group's heads of its score minus that head's best score in the row."""
     b, hq, lq, _ = q.shape
     hkv, s = k.shape[1], k.shape[2]
     g = hq // hkv
     sc = torch.stack([q[:, h][..., channels[h // g]] @ k[:, h // g][..., channels[h // g]].transpose(-1, -2)
                       for h in range(hq)], 1)
     ok = torch.ones(b, hq, lq, s, dtype=torch.bool) if valid is None else valid.expand(b, hq, lq, s)
-    if group:
-        sc, ok = sc.view(b, hkv, g, lq, s).sum(2), ok.view(b, hkv, g, lq, s).all(2)
-    return sc.masked_fill(~ok, float("-inf"))
+    if not group:
+        return sc.masked_fill(~ok, float("-inf"))
+    sc = sc.view(b, hkv, g, lq, s).masked_fill(~ok.view(b, hkv, g, lq, s).all(2, keepdim=True), float("-inf"))
+    return (sc - sc.amax(-1, keepdim=True)).amax(2)
 
 
 def _definition_attention(q, k, v, idx, sm_scale, bias):
@@ -153,7 +155,7 @@ def test_binding_budget_under_inductor_selects_and_attends_by_the_definition(mon
     cached keys, its selection obeys the top-k rule (the oracle ``assert_valid_selection``) and drops tokens, and
     the op's output equals attention computed from the definition over that selection. The whole generation
     equals the eager inner compiler's at the same budget."""
-    opts = dict(budget=6, sink=1, recent=2)  # selection per query head (the default gqa)
+    opts = dict(budget=6, sink=1, recent=2, gqa="group")  # one selection per KV group (the default)
     model = tiny("llama")
     ids = _ids(41)
     with compiled(model, **opts):
@@ -175,7 +177,7 @@ def test_binding_budget_under_inductor_selects_and_attends_by_the_definition(mon
     dropped = 0
     for args, out in seen:
         q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink, recent, group, sm = args
-        assert (bits, budget, frac, sink, recent, group, lengths) == (16, 6, 0.0, 1, 2, False, None)
+        assert (bits, budget, frac, sink, recent, group, lengths) == (16, 6, 0.0, 1, 2, True, None)
         n = k.shape[2] if valid is None else int(valid[0, 0, -1].sum())  # positions written so far
         assert torch.equal(data[:, :, :n], k[:, :, :n].gather(-1, channels[None, :, None, :].expand(
             *k.shape[:2], n, channels.shape[1])))  # the labels are the cache's keys' channels
