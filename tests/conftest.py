@@ -41,3 +41,15 @@ def model(smollm):
 @pytest.fixture(scope="session")
 def tokenizer(smollm):
     return smollm[1]
+
+
+@pytest.fixture
+def clean_dynamo():
+    """HF forwards share one decorated code object, so Dynamo's per-code recompile limit is shared by every model
+    in the process: start the test from a clean Dynamo state with room to spare, and leave one behind."""
+    import torch
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=64):
+        yield
+    torch._dynamo.reset()

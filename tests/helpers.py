@@ -8,6 +8,11 @@ import contextlib
 import torch
 import transformers as T
 
+import dsc
+from dsc.calibration.config import ChannelConfig
+from dsc.kernels.testing import assert_valid_selection
+from dsc.passes import site_op
+
 HQ, HKV, HIDDEN = 4, 2, 64
 D = HIDDEN // HQ
 
@@ -45,8 +50,6 @@ def compiled(model, options: dict):
     """``model.forward`` compiled with the dsparse backend and ``options`` for the duration; restored after. Yields
     the compile's runtime (:class:`dsc.passes.runtime.Runtime`: its counters ``.stats``, site reports ``.reports``),
     which starts empty: nothing in it comes from another compile."""
-    import dsc
-
     backend = dsc.sparse_backend(**options)
     model.forward = torch.compile(model.forward, backend=backend)
     try:
@@ -58,3 +61,130 @@ def compiled(model, options: dict):
 GEMMA3 = (T.Gemma3TextConfig, T.Gemma3ForCausalLM)
 MISTRAL = (T.MistralConfig, T.MistralForCausalLM)
 QWEN2 = (T.Qwen2Config, T.Qwen2ForCausalLM)
+
+
+# ------------------------------------------------------------------------ tiny decoders of every architecture
+LAYERS = 3  # tiny(): decoder layers
+ARCHS = {
+    "llama": (T.LlamaConfig, T.LlamaForCausalLM, {}),
+    "mistral": (T.MistralConfig, T.MistralForCausalLM, {"sliding_window": None}),  # sliding: tests/test_hybrid.py
+    "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, {}),
+    "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, {"head_dim": D}),
+    "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM, {"head_dim": D, "layer_types": ["full_attention"] * LAYERS}),
+    "phi3": (T.Phi3Config, T.Phi3ForCausalLM, {"pad_token_id": 0}),
+}
+
+
+def tiny(arch: str = "llama", **overrides):
+    cfg_cls, model_cls, extra = ARCHS[arch]
+    cfg = cfg_cls(vocab_size=128, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS,
+                  num_attention_heads=HQ, num_key_value_heads=HKV, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2, **{**extra, **overrides})
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return model_cls(cfg).eval()
+
+
+CHANNELS = ChannelConfig.random(LAYERS, HQ, HKV, D, seed=1)
+
+
+@contextlib.contextmanager
+def compiled_tiny(model, **options):
+    """``model.forward`` compiled with dsparse (eager inner unless given) for the duration; restored after. Yields
+    the compile's runtime (its counters ``.stats``, its site reports ``.reports``)."""
+    backend = dsc.sparse_backend(**{"channels": CHANNELS, "inner": "eager", "dense_layers": (0,), "r": 8, **options})
+    model.forward = torch.compile(model.forward, backend=backend)
+    try:
+        yield backend.runtime
+    finally:
+        del model.forward
+
+
+def left_pad(prompts):
+    """``(ids, attention_mask)`` of 1-D prompts left-padded to the longest (pad id 0)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    return ids, mask
+
+
+def sites_of(rt):
+    """Every site decision of every graph the runtime ``rt`` compiled."""
+    return [s for rep in rt.reports for s in rep]
+
+
+# ------------------------------------------------------------------------ offload vs on-device decode
+OFFLOAD_OPTS = dict(budget=6, sink=1, recent=2)
+
+
+def padded_batch():
+    gen = torch.Generator().manual_seed(11)
+    return left_pad([torch.randint(3, 128, (n,), generator=gen) for n in (40, 27)])
+
+
+def _oracle_scores(spec, q, entry, n, valid, group):
+    """Label scores from the definition, in plain torch (16-bit labels): each query head's ``r`` calibrated channels
+    dotted with the stored labels of its KV head (summed over the group's heads when selecting per group); invalid
+    positions ``-inf``."""
+    b, hq, lq, _ = q.shape
+    chans = spec.label.channels.to(q.device)  # [Hkv, r]
+    hkv = chans.shape[0]
+    labels = entry.data[:, :, :n].float()  # [B, Hkv, n, r]
+    g = hq // hkv
+    per_head = torch.stack([q[:, h].float()[..., chans[h // g]] @ labels[:, h // g].transpose(-1, -2)
+                            for h in range(hq)], 1)  # [B, Hq, Lq, n]
+    scores = per_head.view(b, hkv, g, lq, n).sum(2) if group else per_head
+    if valid is not None:
+        v = valid.expand(b, hq, lq, n)
+        v = v.view(b, hkv, g, lq, n).all(2) if group else v
+        scores = scores.masked_fill(~v, float("-inf"))
+    return scores
+
+
+def _record_selections(monkeypatch):
+    """Selections of both paths: the offload path's own (each checked against scores computed from the definition
+    by the independent oracle ``assert_valid_selection``), and the on-device kernel's (recomputed from its inputs)."""
+    seen = []
+    real_select, real_decode = site_op._select, site_op._ds_decode
+
+    def select(spec, q, entry, n, valid, group):
+        idx = real_select(spec, q, entry, n, valid, group)
+        sel = spec.selection
+        assert_valid_selection(_oracle_scores(spec, q, entry, n, valid, group).cpu(), idx.cpu(), sel.budget_tokens,
+                               sel.budget_frac, sel.sink, sel.recent)
+        seen.append(idx.clone())
+        return idx
+
+    def decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink, recent, group,
+               sm_scale):
+        scores = torch.ops.dsc.label_scores(q, channels, data, scale, zero, bits, valid, lengths, group)
+        seen.append(torch.ops.dsc.select_topk(scores, budget, frac, sink, recent))
+        return real_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink,
+                           recent, group, sm_scale)
+
+    monkeypatch.setattr(site_op, "_select", select)
+    monkeypatch.setattr(site_op, "_ds_decode", decode)
+    return seen
+
+
+def decode_both_ways(model, ids, mask, cache, gqa, monkeypatch, atol=1e-5, options=None, **gen_kw):
+    """Decode with and without offload (same ``OFFLOAD_OPTS`` + ``options`` otherwise) and assert the same tokens,
+    logits and selections; returns (offload selections, on-device traffic, offload traffic)."""
+    seen = _record_selections(monkeypatch)
+    runs = []
+    for off in (False, True):
+        seen.clear()
+        with compiled_tiny(model, offload=off, gqa=gqa, **OFFLOAD_OPTS, **(options or {})) as rt:
+            out = generate(model, ids, 5, cache, attention_mask=mask, **gen_kw)
+        runs.append((out, [t.cpu().clone() for t in seen], dict(rt.stats)))
+        torch._dynamo.reset()
+    (ref, ref_sel, ref_stats), (got, got_sel, got_stats) = runs
+    assert got.sequences.tolist() == ref.sequences.tolist()
+    for a, b in zip(ref.logits, got.logits):
+        torch.testing.assert_close(b, a, atol=atol, rtol=atol)
+    assert len(got_sel) == len(ref_sel) > 0
+    for a, b in zip(ref_sel, got_sel):
+        assert torch.equal(a, b)
+    return got_sel, ref_stats, got_stats

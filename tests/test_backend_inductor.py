@@ -19,8 +19,10 @@ import dsc
 from dsc.kernels import reference as R
 from dsc.kernels.testing import assert_valid_selection
 from dsc.passes import site_op
-from test_passes_models import _dynamo  # noqa: F401  (the autouse fixture: a clean Dynamo per test)
-from test_passes_models import CHANNELS, LAYERS, assert_same, compiled, generate, tiny
+from helpers import CHANNELS, LAYERS, assert_same, generate, tiny
+from helpers import compiled_tiny as compiled
+
+pytestmark = pytest.mark.usefixtures("clean_dynamo")
 
 PROMPT, NEW = 12, 4
 

@@ -15,7 +15,8 @@ import dsc.kernels  # noqa: F401  (registers torch.ops.dsc)
 from dsc.kernels import reference as R
 from dsc.kernels import triton_ops as T
 from dsc.kernels.testing import assert_ds_decode_matches_oracle, assert_valid_selection, dense_attention, make_case
-from test_kernels import TOL, cases, with_formats
+from helpers import assert_same, compiled_tiny, decode_both_ways, generate, padded_batch, tiny
+from kernel_helpers import TOL, cases, with_formats
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                                 reason="needs a CUDA GPU and TRITON_INTERPRET=0")
@@ -110,27 +111,14 @@ def test_zero_copy_attention_over_pinned_host_kv_equals_on_device(dtype, hsel):
 # ------------------------------------------------------------------------------------------ end to end
 @pytest.fixture
 def models():
-    from test_passes_models import tiny
-
     return tiny("llama").to(CUDA)
-
-
-@pytest.fixture
-def clean_dynamo():
-    """A clean Dynamo state before and after (HF forwards share one code object, hence one recompile limit)."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_backend_with_inductor_exact_at_full_budget_on_gpu(models, cache, clean_dynamo):
-    from helpers import assert_same, generate
-    from test_passes_models import compiled
-
     ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(0)).to(CUDA)
     ref = generate(models, ids, 6, cache, disable_compile=True)
-    with compiled(models, inner="inductor", budget=4096):
+    with compiled_tiny(models, inner="inductor", budget=4096):
         out = generate(models, ids, 6, cache, disable_compile=True)
     assert_same(ref, out, atol=1e-4)
 
@@ -138,11 +126,8 @@ def test_backend_with_inductor_exact_at_full_budget_on_gpu(models, cache, clean_
 @pytest.mark.parametrize("zero_copy", [True, False])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_offload_on_gpu_equals_on_device_decode(models, cache, zero_copy, monkeypatch, clean_dynamo):
-    from dsc.passes import offload
-    from test_offload import decode_both_ways, padded_batch
-
-    monkeypatch.setattr(offload, "ZERO_COPY", zero_copy)
     ids, mask = (t.to(CUDA) for t in padded_batch())
     # eager inner: the ops run the CUDA paths and compiles stay short
-    _, _, stats = decode_both_ways(models, ids, mask, cache, "group", monkeypatch, atol=1e-4, disable_compile=True)
+    _, _, stats = decode_both_ways(models, ids, mask, cache, "group", monkeypatch, atol=1e-4,
+                                   options={"zero_copy": zero_copy}, disable_compile=True)
     assert stats["offload_fetches"] > 0 and stats["h2d_bytes"] > 0

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 
 import dsc.kernels  # noqa: F401  (registers torch.ops.dsc)
 from dsc.kernels import paged as P
-from test_kernels import TOL
-from test_paged_attention import DTYPES, make_paged, params, with_examples
+from kernel_helpers import TOL
+from paged_helpers import DTYPES, make_paged, params, with_examples
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                                 reason="needs a CUDA GPU and TRITON_INTERPRET=0")

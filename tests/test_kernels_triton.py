@@ -1,7 +1,7 @@
 """Triton kernels (launched directly on CPU tensors under TRITON_INTERPRET=1) against the plain-torch reference.
 
 The interpreter is slow, so these use fewer examples and shorter caches than the CPU tests. Coverage does not rest on
-the (derandomized) draws: explicit examples (``test_kernels.format_grid``, tiny shapes) run every label format
+the (derandomized) draws: explicit examples (``kernel_helpers.format_grid``, tiny shapes) run every label format
 (16 / 8 / 4 bits) x GQA group (1, 2, 4+) x head_dim class (64, 80, 16), rotating dtypes (bf16 included: catches
 missing fp32 upcasts), mask kinds, Lq, selection modes and budget rules.
 """
@@ -16,7 +16,7 @@ from dsc.kernels import reference as R
 from dsc.kernels import triton_ops as T
 from dsc.kernels.testing import (assert_ds_decode_matches_oracle, assert_valid_selection, dense_attention,
                                  make_case)
-from test_kernels import ONCE, TOL, cases, count_checks, scaled, with_formats
+from kernel_helpers import ONCE, TOL, cases, count_checks, scaled, with_formats
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 

@@ -8,84 +8,12 @@ import torch
 
 from collections import Counter
 
-from dsc.kernels.testing import assert_valid_selection
-from dsc.passes import offload, site_op
-from test_passes_models import _dynamo  # noqa: F401  (the autouse fixture: a clean Dynamo per test)
-from test_passes_models import HKV, LAYERS, D, compiled, generate, left_pad, tiny
+from dsc.passes import offload
+from helpers import HKV, LAYERS, OFFLOAD_OPTS as OPTS, D, decode_both_ways, generate, padded_batch, tiny
+from helpers import compiled_tiny as compiled
 
-OPTS = dict(budget=6, sink=1, recent=2)
+pytestmark = pytest.mark.usefixtures("clean_dynamo")
 OPTS_NO_BUDGET = dict(sink=1, recent=2)
-
-
-def padded_batch():
-    gen = torch.Generator().manual_seed(11)
-    return left_pad([torch.randint(3, 128, (n,), generator=gen) for n in (40, 27)])
-
-
-def _oracle_scores(spec, q, entry, n, valid, group):
-    """Label scores from the definition, in plain torch (16-bit labels): each query head's ``r`` calibrated channels
-    dotted with the stored labels of its KV head (summed over the group's heads when selecting per group); invalid
-    positions ``-inf``."""
-    b, hq, lq, _ = q.shape
-    chans = spec.label.channels  # [Hkv, r]
-    hkv = chans.shape[0]
-    labels = entry.data[:, :, :n].float()  # [B, Hkv, n, r]
-    g = hq // hkv
-    per_head = torch.stack([q[:, h].float()[..., chans[h // g]] @ labels[:, h // g].transpose(-1, -2)
-                            for h in range(hq)], 1)  # [B, Hq, Lq, n]
-    scores = per_head.view(b, hkv, g, lq, n).sum(2) if group else per_head
-    if valid is not None:
-        v = valid.expand(b, hq, lq, n)
-        v = v.view(b, hkv, g, lq, n).all(2) if group else v
-        scores = scores.masked_fill(~v, float("-inf"))
-    return scores
-
-
-def _record_selections(monkeypatch):
-    """Selections of both paths: the offload path's own (each checked against scores computed from the definition
-    by the independent oracle ``assert_valid_selection``), and the on-device kernel's (recomputed from its inputs)."""
-    seen = []
-    real_select, real_decode = site_op._select, site_op._ds_decode
-
-    def select(spec, q, entry, n, valid, group):
-        idx = real_select(spec, q, entry, n, valid, group)
-        sel = spec.selection
-        assert_valid_selection(_oracle_scores(spec, q, entry, n, valid, group), idx, sel.budget_tokens,
-                               sel.budget_frac, sel.sink, sel.recent)
-        seen.append(idx.clone())
-        return idx
-
-    def decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink, recent, group,
-               sm_scale):
-        scores = torch.ops.dsc.label_scores(q, channels, data, scale, zero, bits, valid, lengths, group)
-        seen.append(torch.ops.dsc.select_topk(scores, budget, frac, sink, recent))
-        return real_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink,
-                           recent, group, sm_scale)
-
-    monkeypatch.setattr(site_op, "_select", select)
-    monkeypatch.setattr(site_op, "_ds_decode", decode)
-    return seen
-
-
-def decode_both_ways(model, ids, mask, cache, gqa, monkeypatch, atol=1e-5, **gen_kw):
-    """Decode with and without offload (same options otherwise) and assert the same tokens, logits and selections;
-    returns (offload selections, on-device traffic, offload traffic)."""
-    seen = _record_selections(monkeypatch)
-    runs = []
-    for off in (False, True):
-        seen.clear()
-        with compiled(model, offload=off, gqa=gqa, **OPTS) as rt:
-            out = generate(model, ids, 5, cache, attention_mask=mask, **gen_kw)
-        runs.append((out, [t.cpu().clone() for t in seen], dict(rt.stats)))
-        torch._dynamo.reset()
-    (ref, ref_sel, ref_stats), (got, got_sel, got_stats) = runs
-    assert got.sequences.tolist() == ref.sequences.tolist()
-    for a, b in zip(ref.logits, got.logits):
-        torch.testing.assert_close(b, a, atol=atol, rtol=atol)
-    assert len(got_sel) == len(ref_sel) > 0
-    for a, b in zip(ref_sel, got_sel):
-        assert torch.equal(a, b)
-    return got_sel, ref_stats, got_stats
 
 
 @pytest.mark.parametrize("gqa", ["head", "group"])

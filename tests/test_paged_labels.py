@@ -12,8 +12,8 @@ import dsc.kernels  # noqa: F401  (registers torch.ops.dsc)
 from dsc.kernels import paged as P
 from dsc.kernels import reference as R
 from dsc.kernels.testing import dense_attention
-from test_kernels import TOL
-from test_paged_attention import DTYPES, make_paged
+from kernel_helpers import TOL
+from paged_helpers import DTYPES, make_paged
 
 triton_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 

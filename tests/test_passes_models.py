@@ -3,7 +3,6 @@ inner compiler so each model costs seconds: every site found and rewritten, exac
 must be, padding never selected, the label store's life cycle, bounded recompilation, explain()."""
 from __future__ import annotations
 
-import contextlib
 import gc
 import warnings
 
@@ -14,69 +13,11 @@ import transformers as T
 import dsc
 from dsc.calibration.config import ChannelConfig
 from dsc.passes import site_op
-from helpers import assert_same, generate  # noqa: F401  (also imported from here by other test modules)
+from helpers import assert_same, generate
+from helpers import ARCHS, CHANNELS, HKV, HQ, LAYERS, D, left_pad, tiny
+from helpers import compiled_tiny as compiled
 
-LAYERS, HQ, HKV, HIDDEN = 3, 4, 2, 64
-D = HIDDEN // HQ
-ARCHS = {
-    "llama": (T.LlamaConfig, T.LlamaForCausalLM, {}),
-    "mistral": (T.MistralConfig, T.MistralForCausalLM, {"sliding_window": None}),  # sliding: tests/test_hybrid.py
-    "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, {}),
-    "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, {"head_dim": D}),
-    "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM, {"head_dim": D, "layer_types": ["full_attention"] * LAYERS}),
-    "phi3": (T.Phi3Config, T.Phi3ForCausalLM, {"pad_token_id": 0}),
-}
-
-
-def tiny(arch: str = "llama", **overrides):
-    cfg_cls, model_cls, extra = ARCHS[arch]
-    cfg = cfg_cls(vocab_size=128, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS,
-                  num_attention_heads=HQ, num_key_value_heads=HKV, max_position_embeddings=256,
-                  bos_token_id=1, eos_token_id=2, **{**extra, **overrides})
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return model_cls(cfg).eval()
-
-
-CHANNELS = ChannelConfig.random(LAYERS, HQ, HKV, D, seed=1)
-
-
-@pytest.fixture(autouse=True)
-def _dynamo():
-    """HF forwards share one decorated code object, so Dynamo's per-code recompile limit is shared by every model
-    in the process: start each test from a clean Dynamo state with room to spare."""
-    torch._dynamo.reset()
-    with torch._dynamo.config.patch(recompile_limit=64):
-        yield
-    torch._dynamo.reset()
-
-
-@contextlib.contextmanager
-def compiled(model, **options):
-    """``model.forward`` compiled with dsparse (eager inner unless given) for the duration; restored after. Yields
-    the compile's runtime (its counters ``.stats``, its site reports ``.reports``)."""
-    backend = dsc.sparse_backend(**{"channels": CHANNELS, "inner": "eager", "dense_layers": (0,), "r": 8, **options})
-    model.forward = torch.compile(model.forward, backend=backend)
-    try:
-        yield backend.runtime
-    finally:
-        del model.forward
-
-
-def left_pad(prompts):
-    """``(ids, attention_mask)`` of 1-D prompts left-padded to the longest (pad id 0)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
-    return ids, mask
-
-
-def sites_of(rt):
-    """Every site decision of every graph the runtime ``rt`` compiled."""
-    return [s for rep in rt.reports for s in rep]
-
+pytestmark = pytest.mark.usefixtures("clean_dynamo")
 
 # ------------------------------------------------------------------------------------------ architectures
 @pytest.mark.parametrize("cache", ["dynamic", "static"])

@@ -9,8 +9,10 @@ import torch
 import transformers as T
 
 import dsc
-from test_passes_models import _dynamo  # noqa: F401  (the autouse fixture: a clean Dynamo per test)
-from test_passes_models import CHANNELS, compiled, generate, tiny
+from helpers import CHANNELS, generate, tiny
+from helpers import compiled_tiny as compiled
+
+pytestmark = pytest.mark.usefixtures("clean_dynamo")
 
 OPTS = dict(channels=CHANNELS, inner="eager", dense_layers=(0,), r=8)
 

@@ -8,8 +8,10 @@ import transformers as T
 
 import dsc
 from dsc.calibration.config import ChannelConfig
-from test_passes_models import _dynamo  # noqa: F401  (the autouse fixture: a clean Dynamo per test)
-from test_passes_models import CHANNELS, LAYERS, compiled, generate, tiny
+from helpers import CHANNELS, LAYERS, generate, tiny
+from helpers import compiled_tiny as compiled
+
+pytestmark = pytest.mark.usefixtures("clean_dynamo")
 
 BINDING = dict(budget=6, sink=1, recent=2)  # 6 of 12+ tokens: selection matters
 
@@ -77,7 +79,7 @@ def test_static_cache_written_outside_the_compiled_model_relabels():
 def _ten_models(compile_one):
     """Sparse decode calls of each of 10 tiny models (each with its own channel config) compiled in turn, under
     Dynamo's default recompile limit (0 for a model that ran uncompiled: its options never reached a backend)."""
-    from test_passes_models import HKV, HQ, D
+    from helpers import HKV, HQ, D
 
     calls = []
     with torch._dynamo.config.patch(recompile_limit=8):  # Dynamo's default (the autouse fixture raises it)

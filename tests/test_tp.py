@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_passes_models import CHANNELS, generate, tiny
+from helpers import CHANNELS, generate, tiny
 from tp_worker import RUNS
 
 pytestmark = pytest.mark.slow
