@@ -14,7 +14,7 @@ import dsc
 from dsc.calibration.config import ChannelConfig
 from dsc.passes import site_op
 from helpers import assert_same, generate
-from helpers import ARCHS, CHANNELS, HKV, HQ, LAYERS, D, left_pad, tiny
+from helpers import ARCHS, CHANNELS, HKV, HQ, LAYERS, D, left_pad, sites_of, tiny
 from helpers import compiled_tiny as compiled
 
 pytestmark = pytest.mark.usefixtures("clean_dynamo")
