@@ -160,9 +160,10 @@ def test_mode_patches_inductor_and_graphs_without_decode_sites_pass_through(monk
 def test_selection_is_the_configs_selection_knobs():
     """DSConfig.selection: the validated selection knobs (r and gqa resolved), equal to a Selection built alike."""
     cfg = DSConfig(channels=CH, budget="1/8", sink=2, recent=3, label_bits=4, min_length=7)
-    want = Selection(budget=0.125, r=CH.head_dim // 4, label_bits=4, sink=2, recent=3, gqa="head", min_length=7)
-    assert cfg.selection == want
+    want = Selection(budget=0.125, r=CH.head_dim // 4, label_bits=4, sink=2, recent=3, gqa="group", min_length=7)
+    assert cfg.selection == want  # per KV group by default (issue 14), with or without offload
     assert DSConfig(channels=CH, offload=True).selection.gqa == "group"
+    assert DSConfig(channels=CH, gqa="head").selection.gqa == "head"
     for name in ("budget_tokens", "budget_frac", "dense_below"):
         assert getattr(cfg, name) == getattr(want, name)
     assert [cfg.tokens_kept(n) for n in (3, 7, 40, 400)] == [want.tokens_kept(n) for n in (3, 7, 40, 400)] \
