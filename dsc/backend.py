@@ -147,6 +147,14 @@ class SparseBackend:
     def __repr__(self) -> str:
         return f"dsc.sparse_backend(budget={self.config.budget_text()!r}, r={self.config.r})"
 
+    def __copy__(self) -> "SparseBackend":
+        return self
+
+    def __deepcopy__(self, memo) -> "SparseBackend":
+        """Itself: a backend owns run-time state (label caches, counters) that a copy must not split; HF's
+        ``CompileConfig.to_dict()`` deep-copies its ``backend``."""
+        return self
+
 
 def sparse_backend(**options) -> SparseBackend:
     """A ``dsparse`` backend callable with ``options`` bound (see :class:`SparseBackend`)."""

@@ -28,6 +28,20 @@ from dsc.config import DSConfig, Selection
 from .store import LabelSpec, LabelStore
 
 _LIVE: "weakref.WeakValueDictionary[int, Runtime]" = weakref.WeakValueDictionary()
+_LIVE_LOCK = threading.Lock()
+
+
+def _claim_key(rt: "Runtime") -> int:
+    """The smallest positive int no live runtime holds. Small and reproducible (1 for a process's first compiled
+    model), because graphs carry it as a constant: inductor's and AOTAutograd's caches key on it, so a second
+    process compiling the same model hits them. A key is free again only once its runtime, hence every graph that
+    names it, is gone."""
+    with _LIVE_LOCK:
+        key = 1
+        while key in _LIVE:
+            key += 1
+        _LIVE[key] = rt
+        return key
 
 
 @dataclass(frozen=True)
@@ -62,12 +76,7 @@ class Runtime:
         self._site_index: dict[SiteSpec, int] = {}
         self._label_specs: dict[tuple, tuple[LabelSpec, Any]] = {}
         self._lock = threading.Lock()
-        _LIVE[self.key] = self
-
-    @property
-    def key(self) -> int:
-        """The int the graphs carry to find this runtime (unique among live runtimes)."""
-        return id(self)
+        self.key = _claim_key(self)  # the int the graphs carry to find this runtime (unique among live ones)
 
     @property
     def zero_copy(self) -> bool:
