@@ -126,21 +126,24 @@ def padded_batch():
 
 def _oracle_scores(spec, q, entry, n, valid, group):
     """Label scores from the definition, in plain torch (16-bit labels): each query head's ``r`` calibrated channels
-    dotted with the stored labels of its KV head (summed over the group's heads when selecting per group); invalid
-    positions ``-inf``."""
+    dotted with the stored labels of its KV head; invalid positions ``-inf``. Per group: a position valid for every
+    head of the group scores the largest over the heads of (its score - that head's best valid score)."""
     b, hq, lq, _ = q.shape
     chans = spec.label.channels.to(q.device)  # [Hkv, r]
     hkv = chans.shape[0]
     labels = entry.data[:, :, :n].float()  # [B, Hkv, n, r]
     g = hq // hkv
-    per_head = torch.stack([q[:, h].float()[..., chans[h // g]] @ labels[:, h // g].transpose(-1, -2)
-                            for h in range(hq)], 1)  # [B, Hq, Lq, n]
-    scores = per_head.view(b, hkv, g, lq, n).sum(2) if group else per_head
-    if valid is not None:
-        v = valid.expand(b, hq, lq, n)
-        v = v.view(b, hkv, g, lq, n).all(2) if group else v
-        scores = scores.masked_fill(~v, float("-inf"))
-    return scores
+    scores = torch.stack([q[:, h].float()[..., chans[h // g]] @ labels[:, h // g].transpose(-1, -2)
+                          for h in range(hq)], 1)  # [B, Hq, Lq, n]
+    v = valid.expand(b, hq, lq, n) if valid is not None else torch.ones(b, hq, lq, n, dtype=torch.bool,
+                                                                         device=q.device)
+    if not group:
+        return scores.masked_fill(~v, float("-inf"))
+    v = v.reshape(b, hkv, g, lq, n).all(2, keepdim=True)  # [B, Hkv, 1, Lq, n]
+    per = scores.view(b, hkv, g, lq, n).masked_fill(~v, float("-inf"))
+    best = per.amax(-1, keepdim=True)
+    best = torch.where(torch.isfinite(best), best, torch.zeros_like(best))
+    return (per - best).amax(2)
 
 
 def _record_selections(monkeypatch):
