@@ -101,8 +101,7 @@ class BudgetView:
         return f"{self.budget:.4g} of valid tokens (at least {self.budget_tokens})"
 
 
-DEFAULT_GQA = "group"  # one selection per KV group: the speed default (see DSConfig.gqa for the measurements)
-OFFLOAD_GQA = "group"  # per KV group with offload too: each selected row crosses the bus once
+DEFAULT_GQA = "group"  # one selection per KV group, with or without offload (see DSConfig.gqa for the measurements)
 DEFAULT_R = 16  # label channels when no channel config tells head_dim (head_dim 64, e.g. SmolLM2: 64 / 4)
 
 
@@ -267,7 +266,7 @@ class DSConfig(BudgetView):
     label_bits: int = Selection.label_bits
     dense_layers: tuple[int, ...] = (0, 1)
     min_length: Optional[int] = Selection.min_length
-    gqa: Optional[str] = None  # None: by offload (DEFAULT_GQA or OFFLOAD_GQA)
+    gqa: Optional[str] = None  # None: DEFAULT_GQA
     sink: int = Selection.sink
     recent: int = Selection.recent
     prefill: str = "dense"
@@ -288,10 +287,10 @@ class DSConfig(BudgetView):
         elif chans is not None and not all(hasattr(chans, a) for a in ("channels", "has_layer", "check_shapes")):
             raise ValueError(f"DSConfig.channels must be a ChannelConfig or the path of its JSON file, got "
                              f"{type(chans).__name__}; {CALIBRATE_HINT}")
-        check_fields(self, "DSConfig", ("budget", "offload"))  # the defaults of r and gqa depend on these
+        check_fields(self, "DSConfig", ("budget", "offload"))  # reported before any other field's error
         object.__setattr__(self, "r", resolve_r(self.r, self.channels))
         if self.gqa is None:
-            object.__setattr__(self, "gqa", OFFLOAD_GQA if self.offload else DEFAULT_GQA)
+            object.__setattr__(self, "gqa", DEFAULT_GQA)
         check_fields(self, "DSConfig", [f.name for f in fields(self) if f.name in RULES])
         if self.predict and not self.offload:
             raise ValueError("DSConfig.predict=True needs offload=True (prediction decides which host rows to fetch "

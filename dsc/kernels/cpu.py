@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from . import checks
 from . import topk as _topk
-from .reference import group_scores
+from .reference import group_scores, group_valid
 
 # fp32 elements of converted label codes per scoring chunk (16 MB: about half an L3; fewer, larger chunks also
 # mean fewer OpenMP regions, which matters on an oversubscribed machine). Read once; never reassigned: a caller
@@ -151,11 +151,7 @@ def _masked_scores(q, channels, data, scale, zero, bits, valid, lengths, group: 
         sc.masked_fill_(torch.arange(s) >= lengths[:, None, None, None], NEG_INF)
     sc = sc.view(b, hq, lq, s)  # [B, Hkv, G*Lq, S] is already [B, Hq, Lq, S] in memory
     if valid is not None:
-        vm = valid
-        if group and valid.dim() >= 3 and valid.shape[-3] != 1:  # a group sees a position only if all its heads do
-            vm = valid.expand(b, hq, lq, s).view(b, hkv, g, lq, s).all(2, keepdim=True).expand(b, hkv, g, lq, s)
-            vm = vm.reshape(b, hq, lq, s)
-        sc.masked_fill_(~vm, NEG_INF)
+        sc.masked_fill_(~(group_valid(valid, b, hkv, g, lq, s) if group else valid), NEG_INF)
     if group:
         return group_scores(sc.view(b, hkv, g, lq, s))
     return sc

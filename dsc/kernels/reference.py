@@ -104,6 +104,15 @@ def _label_scores(q, channels, data, scale, zero, bits, valid, lengths, group):
     return sc.masked_fill(~m, float("-inf")).contiguous()
 
 
+def group_valid(valid, b: int, hkv: int, g: int, lq: int, s: int):
+    """A per-query-head ``valid`` ``[.., Hq, Lq, S]`` as group selection reads it, still ``[B, Hq, Lq, S]``: a
+    position only where every head of its group may see it (a mask shared by the heads is returned as is)."""
+    if valid is None or valid.dim() < 3 or valid.shape[-3] == 1:
+        return valid
+    per_group = valid.expand(b, hkv * g, lq, s).view(b, hkv, g, lq, s).all(2, keepdim=True)
+    return per_group.expand(b, hkv, g, lq, s).reshape(b, hkv * g, lq, s)
+
+
 def group_scores(per_head: torch.Tensor) -> torch.Tensor:
     """One score per KV group from its query heads' label scores ``[B, Hkv, G, Lq, S]`` (invalid ``-inf``): for
     each position, the largest over the group's heads of its score minus that head's best score in the row. Each

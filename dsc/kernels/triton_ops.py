@@ -14,7 +14,7 @@ import triton
 from . import checks
 from . import triton_kernels as tk
 from . import topk
-from .reference import group_scores
+from .reference import group_scores, group_valid
 
 NUM_SMS_DEFAULT = 132  # H100 SXM; only sizes the split count (more programs than SMs keeps the GPU busy)
 
@@ -84,9 +84,7 @@ def _label_scores(q, channels, data, scale, zero, bits, valid, lengths, group, b
     hkv, s = data.shape[1], data.shape[2]
     g = hq // hkv
     if group:
-        if valid is not None and valid.dim() >= 3 and valid.shape[-3] != 1:
-            valid = valid.expand(b, hq, lq, s).view(b, hkv, g, lq, s).all(2, keepdim=True).expand(
-                b, hkv, g, lq, s).reshape(b, hq, lq, s)
+        valid = group_valid(valid, b, hkv, g, lq, s)
         per_head = _label_scores(q, channels, data, scale, zero, bits, valid, lengths, False, block_s)
         return group_scores(per_head.view(b, hkv, g, lq, s))
     r = channels.shape[1]

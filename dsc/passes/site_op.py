@@ -163,8 +163,12 @@ def _selection_inputs(spec: SiteSpec, call: SiteCall, s: int):
     valid, bias = valid_from_mask(call.attn_mask)
     if call.is_causal:
         valid = causal_valid(call.q.shape[2], s, call.q.device)
-    group = spec.group and (valid is None or valid.dim() < 3 or valid.shape[-3] == 1)
-    return valid, bias, group
+    return valid, bias, _selects_per_group(spec, valid)
+
+
+def _selects_per_group(spec: SiteSpec, valid: Optional[Tensor]) -> bool:
+    """Per KV group when configured and the mask is the same for every head (else per query head: exact)."""
+    return spec.group and (valid is None or valid.dim() < 3 or valid.shape[-3] == 1)
 
 
 def attend_device_sparse(spec: SiteSpec, call: SiteCall, entry: Entry, k: Tensor, v: Tensor) -> Tensor:
@@ -245,8 +249,7 @@ def site_predict(runtime: int, site_index: int, q_pred: Tensor, label_key: Tenso
         if cache == "static":
             rt.labels.ensure_capacity(spec.label, entry, label_key, n)  # a longer view of a placeholder buffer
         valid = offload.previous_tokens(valid, n, current_is_last=cache == "static")
-        group = spec.group and (valid is None or valid.dim() < 3 or valid.shape[-3] == 1)
-        idx = _select(spec, q_pred, entry, n, valid, group)
+        idx = _select(spec, q_pred, entry, n, valid, _selects_per_group(spec, valid))
         rt.predictions[site_index] = offload.prefetch(entry.host, idx, q_pred.device)
     return q_pred.new_empty((0,), dtype=torch.int64)
 
