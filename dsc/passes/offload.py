@@ -8,9 +8,9 @@ What lives where (per sparse layer, per sequence):
   the selected rows only.
 
 A decode step (:func:`attend`), label scores -> top-k on the device, then one of two gathers:
-- zero-copy (a GPU, the default; ``DSConfig.zero_copy``): the sparse-attention kernel reads the selected rows straight from the pinned host
-  store over the bus (``dsc::sparse_attention_host``); nothing else moves and the host never
-  waits. New rows are written by a kernel into the pinned store in stream order (``write_rows``), so the current
+- zero-copy (a GPU, the default; ``DSConfig.zero_copy``): the sparse-attention kernel reads the selected rows
+  straight from the pinned host store over the bus (``dsc::sparse_attention_host``); nothing else moves and the host
+  never waits. New rows are written by a kernel into the pinned store in stream order (``write_rows``), so the current
   token's row is there before the attention kernel runs.
 - staged (CPU, next-layer prediction, or ``zero_copy=False``): the selected indices go to the host; per KV head
   the union of its query heads' rows is gathered into one block and copied to the device in one transfer; exact
