@@ -270,11 +270,45 @@ def _op_samples():
         "select_topk": (sc, 6, 0.0, 1, 1),
         "sparse_attention": (c.q, c.k, c.v, idx, 0.17, c.bias),
         "ds_decode": (c.q, c.k, c.v, *c.labels, c.valid, c.bias, c.lengths, 6, 0.0, 1, 1, True, 0.17),
+        "dense_attention": (torch.randn(2, 4, 1, 32), c.k, c.v, torch.randn(2, 1, 1, 33), False, 0.17),
     }
 
 
+def _attention_by_definition(q, k, v, mask, is_causal, scale):
+    """softmax(q k^T * scale + mask) v in fp64, query head h reading KV head h // G (K/V repeated explicitly)."""
+    g = q.shape[1] // k.shape[1]
+    kk, vv = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    logits = q.double() @ kk.transpose(-1, -2) * scale
+    if is_causal:
+        lq, s = logits.shape[-2:]
+        logits = logits.masked_fill(torch.ones(lq, s, dtype=torch.bool).tril().logical_not(), float("-inf"))
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.double()
+    return logits.softmax(-1) @ vv
+
+
+@pytest.mark.parametrize("mask", ["none", "bool shared", "float per head", "float per batch"])
+@pytest.mark.parametrize("lq,is_causal", [(1, False), (5, False), (5, True)])
+@pytest.mark.parametrize("hq,hkv", [(9, 3), (4, 4)])
+def test_dense_attention_matches_definition(mask, lq, is_causal, hq, hkv):
+    """``dsc::dense_attention`` over KV-native K/V (the CPU kernel packs a group's query heads at decode) equals
+    attention computed from its definition, for every mask layout a decoder passes."""
+    gen = torch.Generator().manual_seed(hq * 10 + lq)
+    b, s, d = 2, 37, 16
+    q, k, v = (torch.randn(b, h, n, d, generator=gen) for h, n in ((hq, lq), (hkv, s), (hkv, s)))
+    m = {"none": None,
+         "bool shared": torch.rand(b, 1, lq, s, generator=gen) > 0.3,
+         "float per head": torch.randn(b, hq, lq, s, generator=gen),
+         "float per batch": torch.randn(b, 1, 1, s, generator=gen)}[mask]
+    if m is not None and m.dtype == torch.bool:
+        m[..., 0] = True  # no fully masked row (SDPA gives NaN there, the definition too)
+    out = torch.ops.dsc.dense_attention(q, k, v, m, is_causal, 0.3)
+    torch.testing.assert_close(out.double(), _attention_by_definition(q, k, v, m, is_causal, 0.3), atol=1e-5,
+                               rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["label_write", "label_scores", "select_topk", "sparse_attention", "ds_decode",
-                                  "write_rows", "sparse_attention_host"])
+                                  "dense_attention", "write_rows", "sparse_attention_host"])
 def test_opcheck(name):
     torch.library.opcheck(getattr(torch.ops.dsc, name).default, _op_samples()[name])
 
@@ -289,7 +323,7 @@ def test_cpu_tensors_dispatch_to_the_cpu_kernels(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the reference ran")
 
-    for name in ("label_write", "label_scores", "select_topk", "sparse_attention", "ds_decode"):
+    for name in ("label_write", "label_scores", "select_topk", "sparse_attention", "ds_decode", "dense_attention"):
         monkeypatch.setattr(R, name, boom)
     for name, args in samples.items():
         out = getattr(torch.ops.dsc, name)(*args)

@@ -35,6 +35,7 @@ def test_every_site_rewritten_and_exact_at_full_budget(arch, cache):
         assert len(sites) == LAYERS
         assert sum(s.action == "sparse" for s in sites) == LAYERS - 1, [s.reason for s in sites]
         assert sites[0].action == "dense" and "configured dense layer" in sites[0].reason
+        assert sites[0].becomes == "dsc.dense_attention (KV-native)"  # the dense layer reads K/V without repeat_kv
     # 3 decode steps x 2 sparse layers went through the sparse kernel.
     assert rt.stats["sparse_calls"] == 3 * (LAYERS - 1)
 
@@ -236,7 +237,7 @@ def test_explain_reports_prefill_and_decode_sites():
     assert len(ex.graphs) == 2
     assert ex.counts() == {"sites": 2 * LAYERS, "sparse": 2 * (LAYERS - 1), "dense": 2}
     assert "labels + dense prefill" in text and "sparse decode" in text and "repeat_kv x2 seen through" in text
-    assert "layer 0 is a configured dense layer" in text
+    assert "layer 0 is a configured dense layer" in text and "dsc.dense_attention (KV-native)" in text
     assert "forward" not in model.__dict__  # explain leaves the model as it was
     partial = ChannelConfig.random(LAYERS, HQ, HKV, D, layers=[0, 1])
     text = str(dsc.explain(model, {"input_ids": ids}, {"channels": partial, "dense_layers": ()}))

@@ -227,6 +227,26 @@ def sparse_attention(q, k, v, idx, sm_scale: float, bias=None):
     return _attend(q, k, v, idx, idx >= 0, float(sm_scale), bias)
 
 
+def dense_attention(q, k, v, attn_mask=None, is_causal: bool = False, scale: float | None = None):
+    """Exact dense attention over KV-native K/V, the fastest way on this CPU: at decode (one query per head, no
+    causal flag) the G query heads of a KV group are packed into the query-length dim, ``[B, Hkv, G, D]``, so each
+    K/V row is read once for the group (SDPA with ``enable_gqa`` reads it once per query head, up to 3.6x slower
+    at long context: ``dsc bench attention``); otherwise SDPA with ``enable_gqa``."""
+    checks.check_dense_attention(q, k, v, attn_mask)
+    b, hq, lq, d = q.shape
+    hkv = k.shape[1]
+    if hq == hkv or lq != 1 or is_causal:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=hq != hkv).contiguous()
+    g = hq // hkv
+    mask = attn_mask
+    if mask is not None:  # [.., Hq or 1, 1, S] -> [B or 1, Hkv or 1, G, S] (a view: Lq = 1)
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+        mask = mask.reshape(mask.shape[0], hkv, g, -1) if mask.shape[1] == hq else mask
+    out = F.scaled_dot_product_attention(q.view(b, hkv, g, d), k, v, attn_mask=mask, scale=scale)
+    return out.view(b, hq, 1, v.shape[-1])
+
+
 def ds_decode(q, k, v, channels, data, scale, zero, bits: int, valid=None, bias=None, lengths=None,
               budget: int = 64, frac: float = 0.0, sink: int = 0, recent: int = 0, group: bool = True,
               sm_scale: float | None = None):

@@ -141,6 +141,24 @@ def _(q, k, v, channels, data, scale, zero, bits, valid=None, bias=None, lengths
 _register(ds_decode, "ds_decode", cpu.ds_decode)
 
 
+# ----------------------------------------------------------------------------------------------- dense attention
+@torch.library.custom_op("dsc::dense_attention", mutates_args=())
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
+                    scale: Optional[float] = None) -> Tensor:
+    """Exact attention of ``q [B,Hq,Lq,D]`` over KV-native ``k``/``v`` ``[B,Hkv,S,D]`` (never repeated to Hq heads):
+    what the rewrite puts at the sites it leaves dense, and what a sparse site runs when it attends densely."""
+    return reference.dense_attention(q, k, v, attn_mask, is_causal, scale)
+
+
+@dense_attention.register_fake
+def _(q, k, v, attn_mask=None, is_causal=False, scale=None):
+    checks.check_dense_attention(q, k, v, attn_mask)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+dense_attention.register_kernel("cpu")(cpu.dense_attention)  # CUDA: the default body (SDPA's GQA-aware kernels)
+
+
 # ----------------------------------------------------------------------------------------------- offload
 @torch.library.custom_op("dsc::write_rows", mutates_args=("dst",))
 def write_rows(src: Tensor, positions: Tensor, dst: Tensor) -> None:

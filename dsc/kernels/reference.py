@@ -6,6 +6,7 @@ Quantisation rounds half up (``floor(x + 0.5)``) so every implementation can rep
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import checks
 
@@ -211,6 +212,14 @@ def ds_decode(q, k, v, channels, data, scale, zero, bits: int, valid=None, bias=
     sc = _label_scores(q, channels, data, scale, zero, bits, valid, lengths, group)
     idx = _select_topk(sc, budget, frac, sink, recent)
     return _sparse_attention(q, k, v, idx, sm_scale, bias)
+
+
+def dense_attention(q, k, v, attn_mask=None, is_causal: bool = False, scale: float | None = None):
+    """Exact attention of ``q [B, Hq, Lq, D]`` over KV-native ``k``/``v`` ``[B, Hkv, S, D]``: by definition, SDPA with
+    ``enable_gqa`` (query head ``h`` reads KV head ``h // G``, HF's ``repeat_kv`` order)."""
+    checks.check_dense_attention(q, k, v, attn_mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1]).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------- offload helpers

@@ -35,7 +35,8 @@ class Site:
     s: Any = None
     heads: tuple = ()  # (Hq, Hkv as read)
     mask: str = "none"
-    # rewrite inputs (sparse sites only)
+    # rewrite inputs: q/k/v (KV-native)/attn_mask/is_causal/scale for every exact, recognised site (dense ones
+    # become dsc::dense_attention), the cache nodes for sparse sites only
     q: Optional[Node] = None
     k: Optional[Node] = None
     v: Optional[Node] = None
@@ -48,9 +49,14 @@ class Site:
     extra: dict = field(default_factory=dict)
 
     @property
+    def kv_native(self) -> bool:
+        """A dense site the rewrite points at the KV-native K/V (GQA without HF's repeat_kv copy)."""
+        return self.action != "sparse" and self.extra.get("gqa_exact", False)
+
+    @property
     def becomes(self) -> str:
         if self.action != "sparse":
-            return "SDPA (unchanged)"
+            return "dsc.dense_attention (KV-native)" if self.kv_native else "SDPA (unchanged)"
         if self.lq == 1:
             return "dsc.site_attention: sparse decode"
         if isinstance(self.lq, int):
@@ -314,6 +320,11 @@ def _decide(site: Site, a: dict, order: dict, has_layer, dense_layers: set, r: i
             return f"attn_mask dtype {me.dtype} is neither bool nor float"
         if not _mask_ok(me, b, hq, lq, s):
             return f"attn_mask shape {tuple(me.shape)} does not broadcast to [B, Hq, Lq, S] = {(b, hq, lq, s)}"
+    # Exact and recognised: whatever is decided below, the rewrite can attend KV-native (no repeat_kv copy).
+    site.q, site.k, site.v, site.attn_mask = q, kn, vn, mask
+    site.is_causal = is_causal
+    site.scale = float(scale) if scale is not None else None
+    site.extra["gqa_exact"] = hq != hkv
     if (bounded := bounded_window(site, kn, mask, order)) is not None:
         return bounded
     if w is None:
@@ -338,10 +349,7 @@ def _decide(site: Site, a: dict, order: dict, has_layer, dense_layers: set, r: i
         return f"layer {site.layer} is not in the channel config"
     if isinstance(d, int) and r > d:
         return f"r={r} label channels exceed head_dim {d}"
-    site.q, site.k, site.v, site.attn_mask = q, kn, vn, mask
     site.past_k, site.new_k, site.positions = w.get("past_k"), w["new_k"], w.get("positions")
-    site.is_causal = is_causal
-    site.scale = float(scale) if scale is not None else None
     site.action = "sparse"
     seen = f", repeat_kv x{g} seen through" if g > 1 else ""
     return f"{site.cache} cache (layer {site.layer}, {site.mask} mask{seen})"

@@ -27,7 +27,7 @@ class SiteRow:
 
     @property
     def sparse(self) -> bool:
-        return self.becomes.startswith("dsc.")
+        return self.becomes.startswith("dsc.site_attention")
 
 
 def _phase(rows: list[SiteRow]) -> str:

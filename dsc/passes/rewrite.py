@@ -1,8 +1,9 @@
-"""Apply the analysis: replace each sparse-capable SDPA node with ``dsc::site_attention``.
+"""Apply the analysis: replace each sparse-capable SDPA node with ``dsc::site_attention``, and each other exact
+GQA site with ``dsc::dense_attention`` (the same attention over the KV-native K/V).
 
 Runs on the Dynamo graph, before AOTAutograd: the new op reads the KV-native cache value *after* its in-place
 write (the same FX node the SDPA read), so functionalization keeps the cache update in place, and the dead
-``repeat_kv`` copies are removed. Dense sites are left exactly as they were.
+``repeat_kv`` copies are removed. Any other site (training, dropout, unrecognised shapes) is left as it was.
 """
 from __future__ import annotations
 
@@ -71,6 +72,27 @@ def _drop_dead(nodes: list) -> None:
         inputs = list(n.all_input_nodes)
         n.graph.erase_node(n)
         todo.extend(inputs)
+
+
+def _replace(graph, old: Node, target, args: tuple) -> Node:
+    """Put a call of ``target(*args)`` in place of ``old`` (same metadata) and erase ``old`` with the view/copy
+    chains only it read (HF's repeat_kv)."""
+    with graph.inserting_before(old):
+        new = graph.call_function(target, args)
+    new.meta.update({k: v for k, v in old.meta.items() if k in ("example_value", "val", "nn_module_stack",
+                                                              "source_fn_stack", "stack_trace")})
+    old_inputs = list(old.all_input_nodes)
+    old.replace_all_uses_with(new)
+    graph.erase_node(old)
+    _drop_dead(old_inputs)
+    return new
+
+
+def _attend_kv_native(graph, site: Site) -> None:
+    """A dense GQA site: ``dsc::dense_attention`` over the KV-native K/V instead of SDPA over K/V repeated to Hq
+    heads (exact; the repeat_kv copy, G times the cache, is gone)."""
+    site.node = _replace(graph, site.node, torch.ops.dsc.dense_attention.default,
+                         (site.q, site.k, site.v, site.attn_mask, site.is_causal, site.scale))
 
 
 def _placeholder_dynamic(graph, site: Site) -> str:
@@ -148,6 +170,8 @@ def rewrite(gm: GraphModule, cfg: DSConfig, runtime: Runtime) -> list[Site]:
     _check_layers(sites, cfg)
     graph = gm.graph
     for site in sites:
+        if site.kv_native:
+            _attend_kv_native(graph, site)
         if site.action != "sparse":
             continue
         chans = _site_channels(site, cfg)
@@ -161,15 +185,7 @@ def rewrite(gm: GraphModule, cfg: DSConfig, runtime: Runtime) -> list[Site]:
             scale = default_scale(int(old.args[0].meta["example_value"].shape[-1]))
         call = SiteCall(runtime.key, sid, site.q, site.k, site.v, site.past_k, site.new_k, site.positions,
                         site.attn_mask, site.is_causal, float(scale), site.cache)
-        with graph.inserting_before(old):
-            new = graph.call_function(torch.ops.dsc.site_attention.default, call.args())
-        new.meta.update({k: v for k, v in old.meta.items() if k in ("example_value", "val", "nn_module_stack",
-                                                                  "source_fn_stack", "stack_trace")})
-        old_inputs = list(old.all_input_nodes)
-        old.replace_all_uses_with(new)
-        graph.erase_node(old)
-        site.node = new
-        _drop_dead(old_inputs)
+        new = site.node = _replace(graph, old, torch.ops.dsc.site_attention.default, call.args())
         if spec.offload:
             place = _placeholder_dynamic if site.cache == "dynamic" else _placeholder_static
             site.extra["device_cache"] = place(graph, site)

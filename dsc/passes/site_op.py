@@ -22,7 +22,6 @@ from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 import dsc.kernels  # noqa: F401  (registers torch.ops.dsc.*)
@@ -149,11 +148,9 @@ def sync_labels(rt: Runtime, spec: SiteSpec, call: SiteCall) -> Step:
 
 
 def attend_dense(rt: Runtime, call: SiteCall, k: Tensor, v: Tensor) -> Tensor:
-    """SDPA over ``k``/``v`` (KV-native: GQA by ``enable_gqa``), as the model would have computed it."""
+    """Exact attention over ``k``/``v`` (KV-native), as the model would have computed it."""
     rt.stats["dense_calls"] += 1
-    out = F.scaled_dot_product_attention(call.q, k, v, attn_mask=call.attn_mask, is_causal=call.is_causal,
-                                         scale=call.scale, enable_gqa=call.q.shape[1] != k.shape[1])
-    return out.contiguous()
+    return torch.ops.dsc.dense_attention(call.q, k, v, call.attn_mask, call.is_causal, call.scale)
 
 
 def _selection_inputs(spec: SiteSpec, call: SiteCall, s: int):
