@@ -102,8 +102,9 @@ def _chunk_tokens(rows: int, r: int, chunk_elements: int) -> int:
     return max(256, chunk_elements // max(1, rows * r))
 
 
-def _scores(qc, data, scale, zero, bits: int, chunk_elements: int = CHUNK_ELEMENTS):
-    """``[B, Hkv, M, S]`` fp32 = q . label, by the score identity ``scale * (q . code) + zero * sum(q)``.
+def _scores(qc, data, scale, zero, bits: int, chunk_elements: int = CHUNK_ELEMENTS, out=None):
+    """``[B, Hkv, M, S]`` fp32 = q . label, by the score identity ``scale * (q . code) + zero * sum(q)``, into
+    ``out`` when given (a scratch buffer: a fresh multi-MB result costs more in page faults than the product).
 
     Codes are converted to fp32 one cache-sized chunk of tokens at a time (never a full fp32 copy of the labels);
     4-bit codes are split into low/high nibbles and dotted with the even/odd query channels, so nothing is
@@ -112,7 +113,7 @@ def _scores(qc, data, scale, zero, bits: int, chunk_elements: int = CHUNK_ELEMEN
     b, hkv, m, r = qc.shape
     s = data.shape[2]
     if bits == 16 and data.dtype == torch.float32:
-        return qc @ data.transpose(-1, -2)
+        return torch.matmul(qc, data.transpose(-1, -2), out=out)
     if bits == 4:  # low nibbles hold the even channels, high nibbles the odd ones
         qe, qo = qc[..., 0::2], qc[..., 1::2]
         if qo.shape[-1] < qe.shape[-1]:  # odd r: the last high nibble is padding (0)
@@ -120,40 +121,47 @@ def _scores(qc, data, scale, zero, bits: int, chunk_elements: int = CHUNK_ELEMEN
     if bits != 16:
         qsum = qc.sum(-1, keepdim=True)  # [B, Hkv, M, 1]
     step = _chunk_tokens(b * hkv, r, chunk_elements)
-    out = None if step >= s else torch.empty(b, hkv, m, s, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(b, hkv, m, s, dtype=torch.float32)
     for s0 in range(0, s, step):
         s1 = min(s, s0 + step)
         chunk = data[:, :, s0:s1]
+        dot = out[..., s0:s1]
         if bits == 4:
-            dot = qe @ (chunk & 15).float().transpose(-1, -2)
-            dot.add_(qo @ (chunk >> 4).float().transpose(-1, -2))
+            torch.matmul(qe, _as_float(torch.bitwise_and(chunk, 15), "lo").transpose(-1, -2), out=dot)
+            dot.add_(qo @ _as_float(torch.bitwise_right_shift(chunk, 4), "hi").transpose(-1, -2))
         else:
-            dot = qc @ chunk.float().transpose(-1, -2)
+            torch.matmul(qc, _as_float(chunk, "codes").transpose(-1, -2), out=dot)
         if bits != 16:
             dot.mul_(scale[:, :, None, s0:s1]).addcmul_(zero[:, :, None, s0:s1], qsum)
-        if out is None:
-            return dot
-        out[..., s0:s1] = dot
     return out
 
 
+def _as_float(codes, name: str):
+    """``codes`` as fp32 in this thread's scratch buffer ``name`` (reused: no fresh chunk-sized allocation)."""
+    return _scratch(name, codes.shape, torch.float32, codes.device).copy_(codes)
+
+
 def _masked_scores(q, channels, data, scale, zero, bits, valid, lengths, group: bool,
-                   chunk_elements: int = CHUNK_ELEMENTS):
-    """Scores ``[B, Hsel, Lq, S]`` with invalid positions at ``-inf`` (a fresh buffer the caller owns); the label
-    codes are converted ``chunk_elements`` fp32 values at a time (unchecked: callers have validated)."""
+                   chunk_elements: int = CHUNK_ELEMENTS, scratch: bool = False):
+    """Scores ``[B, Hsel, Lq, S]`` with invalid positions at ``-inf``: a fresh buffer the caller owns, or with
+    ``scratch`` (per-head scores only) this thread's reused buffer, valid until the next call. The label codes
+    are converted ``chunk_elements`` fp32 values at a time (unchecked: callers have validated)."""
     b, hq, lq, _ = q.shape
     hkv, r = channels.shape
     g = hq // hkv
     s = data.shape[2]
     qc = _query_channels(q, channels)
-    sc = _scores(qc, data, scale, zero, bits, chunk_elements)
+    owned = group or scratch  # the per-head buffer is ours (group scores are a fresh reduction of it)
+    out = _scratch("scores", (b, hkv, g * lq, s), torch.float32, q.device) if owned else None
+    sc = _scores(qc, data, scale, zero, bits, chunk_elements, out)
     if lengths is not None:
         sc.masked_fill_(torch.arange(s) >= lengths[:, None, None, None], NEG_INF)
     sc = sc.view(b, hq, lq, s)  # [B, Hkv, G*Lq, S] is already [B, Hq, Lq, S] in memory
     if valid is not None:
         sc.masked_fill_(~(group_valid(valid, b, hkv, g, lq, s) if group else valid), NEG_INF)
     if group:
-        return group_scores(sc.view(b, hkv, g, lq, s))
+        return group_scores(sc.view(b, hkv, g, lq, s), inplace=True)
     return sc
 
 
@@ -254,6 +262,6 @@ def ds_decode(q, k, v, channels, data, scale, zero, bits: int, valid=None, bias=
         sm_scale = q.shape[-1] ** -0.5
     checks.check_ds_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink,
                            recent, sm_scale)
-    sc = _masked_scores(q, channels, data, scale, zero, bits, valid, lengths, group)
+    sc = _masked_scores(q, channels, data, scale, zero, bits, valid, lengths, group, scratch=True)
     idx, used = _topk.topk_inplace(sc, budget, frac, sink, recent)
     return _attend(q, k, v, idx, used, float(sm_scale), bias)

@@ -23,19 +23,39 @@ def topk_inplace(sc, budget: int, frac: float, sink: int, recent: int):
         nvalid = ok.sum(-1)
         keep = checks.keep_count(nvalid, kk, budget, frac)
         if sink or recent:
-            n_recent = keep.clamp(max=recent)
-            n_sink = (keep - n_recent).clamp(max=sink)
-            upto = ok.cumsum(-1, dtype=torch.int32)  # valid positions at or before p
-            forced = upto <= n_sink[..., None]
-            if recent:
-                after = nvalid[..., None] - upto + ok.int()  # valid positions at or after p
-                forced |= after <= n_recent[..., None]
-            sc.masked_fill_(forced & ok, float("inf"))
+            _force(sc, ok, nvalid, keep, sink, recent)
         idx = sc.topk(kk, dim=-1, sorted=True).indices
         used = torch.arange(kk, device=sc.device) < keep[..., None]
         return idx, used
     vals, idx = sc.topk(kk, dim=-1, sorted=False)
     return idx, vals != NEG_INF
+
+
+def _force(sc, ok, nvalid, keep, sink: int, recent: int) -> None:
+    """Set ``sc`` to ``+inf`` at each row's forced positions: its ``min(keep, recent)`` newest valid positions and
+    then up to ``sink`` oldest ones within ``keep``."""
+    n_recent = keep.clamp(max=recent)
+    n_sink = (keep - n_recent).clamp(max=sink)
+    s = sc.shape[-1]
+    if sc.device.type == "cpu":  # reading the test below is free on the host (on a GPU it would be a wait)
+        first_invalid = ok.byte().argmin(-1)
+        if bool(((nvalid == s) | (first_invalid == nvalid)).all()):  # every row valid on a prefix [0, n)
+            slot = torch.arange(max(sink, recent), device=sc.device)
+            _fill_inf(sc, (nvalid[..., None] - 1 - slot[:recent]).clamp(min=0), slot[:recent] < n_recent[..., None])
+            _fill_inf(sc, slot[:sink].clamp(max=s - 1).expand(*sc.shape[:-1], -1),
+                      slot[:sink] < n_sink[..., None])
+            return
+    upto = ok.cumsum(-1, dtype=torch.int32)  # valid positions at or before p
+    forced = upto <= n_sink[..., None]
+    if recent:
+        after = nvalid[..., None] - upto + ok.int()  # valid positions at or after p
+        forced |= after <= n_recent[..., None]
+    sc.masked_fill_(forced & ok, float("inf"))
+
+
+def _fill_inf(sc, positions, where) -> None:
+    """``sc[..., positions] = +inf`` where ``where`` (same shape as ``positions``), a gather/scatter of a few slots."""
+    sc.scatter_(-1, positions, sc.gather(-1, positions).masked_fill_(where, float("inf")))
 
 
 def select_topk(scores, budget: int, frac: float = 0.0, sink: int = 0, recent: int = 0):
