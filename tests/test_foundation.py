@@ -60,16 +60,94 @@ def test_parse_list_fractions_and_errors():
         parse_list("4,x", int, "batch size")
 
 
-def test_cli_demo(capsys):
+def _png(path) -> bytes:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, f"{path} is not a drawn PNG"
+    return data
+
+
+def _table(out: str, first_header: str) -> list[dict]:
+    """The rows of the aligned table whose header line starts with ``first_header`` (numbers as floats)."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == [first_header])
+    header = re.split(r"\s{2,}", lines[start].strip())
+    rows = []
+    for line in lines[start + 2:]:
+        cells = re.split(r"\s{2,}", line.strip())
+        if len(cells) != len(header) or not cells[0].isdigit():
+            break
+        rows.append({h: int(c) if c.isdigit() else float(c) if re.fullmatch(r"[\d.e+-]+", c) else c
+                     for h, c in zip(header, cells)})
+    return rows
+
+
+def test_cli_demo(capsys, tmp_path):
     # A prompt shorter than the budget: the sparse op runs, selects every token, and must agree with dense.
+    # Then a tiny speed sweep (2 contexts, batch 2, 1 timed step) with its table, crossover line and plot.
+    png = tmp_path / "demo.png"
     assert main(["demo", "--prompt", "The capital of France is", "--max-new-tokens", "4", "--budget", "64",
-                 "--min-length", "0"]) == 0
+                 "--min-length", "0", "--sweep-contexts", "40,64", "--sweep-batch", "2", "--steps", "1",
+                 "--warmup", "1", "--threads", "1", "--plot", str(png)]) == 0
     out = capsys.readouterr().out
     dense = re.search(r"dense +'(.*)'", out).group(1)
     sparse = re.search(r"dsparse +'(.*)'", out).group(1)
     assert "Paris" in dense and sparse == dense
     assert "agreement  4/4" in out and "tok/s" in out
     assert int(re.search(r"sparse op +(\d+) calls", out).group(1)) == 3 * 28  # 3 decode steps x 28 sparse layers
+
+    from dsc.demo import crossover
+
+    rows = _table(out, "context")
+    assert [r["context"] for r in rows] == [40, 64]
+    for r in rows:
+        assert r["dense ms/step"] > 0 and r["dsparse ms/step"] > 0
+        assert r["speedup"] == pytest.approx(r["dense ms/step"] / r["dsparse ms/step"], rel=0.02)
+        # budget 64 >= context: dsparse keeps every token and reads the labels too (K/V limit < 1)
+        assert 0 < r["K/V limit"] < 1 and 0 < r["step limit"] <= 1
+    assert "baseline   dense eager" in out
+    line = re.search(r"crossover  (.*)", out).group(1)
+    expected = crossover([{"context": r["context"], "speedup": r["speedup"]} for r in rows])
+    assert re.match(r"(not reached within the sweep \(40, 64\)|(at or below )?(40|64) tokens)", line)
+    if all(abs(r["speedup"] - 1) > 0.01 for r in rows):  # printed to 3 digits: which side of 1 is then certain
+        assert line.split(":")[0] == expected.split(":")[0]
+    assert f"plot       wrote {png}" in out
+    assert re.search(r"machine    other processes kept \d+% of the \d+ cores busy during the sweep", out)
+    _png(png)
+
+
+def test_crossover_names_the_first_faster_context_or_none():
+    from dsc.demo import crossover
+
+    def rows(*speedups):
+        return [{"context": 1024 << i, "speedup": x} for i, x in enumerate(speedups)]
+
+    assert crossover(rows(0.7, 1.2, 1.6)).startswith("2048 tokens: the first swept context where dsparse is faster "
+                                                    "(1.20x; 0.70x at 1024)")
+    assert crossover(rows(0.7, 0.9)).startswith("not reached within the sweep (1024, 2048)")
+    assert "closest 0.90x at 2048" in crossover(rows(0.7, 0.9))
+    assert crossover(rows(1.1, 1.3)).startswith("at or below 1024 tokens")
+    assert crossover(rows(0.8, 1.1, 0.95)).endswith("but slower again at 4096 (noise, or no stable crossover)")
+    assert crossover(list(reversed(rows(0.8, 1.1)))).startswith("2048 tokens")  # order of the rows does not matter
+
+
+def test_plot_ms_per_step_draws_one_line_per_combination(tmp_path):
+    from dsc.bench.common import plot_ms_per_step
+
+    rows = [{"policy": p, "compile": "eager", "batch": b, "context": c, "ms_per_step": ms}
+            for p, ms in (("dense", 10.0), ("dsparse", 8.0)) for b in (1, 4) for c in (1024, 2048)]
+    labels = plot_ms_per_step(str(tmp_path / "p.png"), rows, ("policy", "compile", "batch"), "t")
+    assert labels == ["dense batch 1", "dense batch 4", "dsparse batch 1", "dsparse batch 4"]
+    _png(tmp_path / "p.png")
+    one = plot_ms_per_step(str(tmp_path / "q.png"), rows[:2], ("policy", "compile", "batch"))
+    assert one == ["dense eager batch 1"]
+
+
+def test_cli_bench_decode_plot(capsys, tmp_path):
+    png = tmp_path / "d.png"
+    assert main(["bench", "decode", "--contexts", "24,32", "--batch", "1", "--compile", "eager", "--policy",
+                 "dense", "--steps", "1", "--warmup", "1", "--threads", "1", "--plot", str(png)]) == 0
+    assert f"wrote plot {png}" in capsys.readouterr().out
+    _png(png)
 
 
 def test_cli_bench_decode(capsys, tmp_path):
@@ -94,13 +172,23 @@ def test_cli_bench_decode_offload_measures_traffic_and_cache_memory(tmp_path):
     assert 0 < off["h2d_share"] < 1
 
 
-def test_cli_bench_offload_runs_on_cpu(tmp_path):
+def test_cli_bench_offload_runs_on_cpu(capsys, tmp_path):
     path = tmp_path / "b.json"
     assert main(["bench", "offload", "--contexts", "1K", "--layers", "2", "--shape", "4x2x32", "--dtype", "float32",
                  "--repeats", "1", "--warmup", "0", "--json", str(path)]) == 0
-    rows = {r["policy"]: r for r in json.loads(path.read_text())["rows"]}
+    res = json.loads(path.read_text())
+    rows = {r["policy"]: r for r in res["rows"]}
     assert set(rows) == {"whole-layer", "ds staged", "ds on-device", "dense on-device"}  # zero-copy: GPU only
     assert 0 < rows["ds staged"]["MB"] <= rows["whole-layer"]["MB"] / 10
+    # the dense row is the fastest of the dense candidates, named in the output; ratios are against it
+    (cands,) = res["dense_candidates"]
+    assert {"sdpa-gqa", "packed-gqa", "matmul-softmax", "repeat-kv"} <= set(cands["dense"])
+    best = min(cands["dense"], key=cands["dense"].get)
+    assert cands["best_dense"] == best == rows["dense on-device"]["best_dense"]
+    assert rows["dense on-device"]["ms"] == cands["dense"][best]
+    for r in rows.values():
+        assert r["vs_dense"] == pytest.approx(rows["dense on-device"]["ms"] / r["ms"])
+    assert f"best dense S=1024: {best} (the 'dense on-device' row" in capsys.readouterr().out
 
 
 def test_cli_eval_ppl(capsys, tmp_path):
@@ -117,6 +205,10 @@ def test_cli_eval_ppl(capsys, tmp_path):
     (["eval", "ppl", "--context", "100000"], "exceeds the model's limit"),
     (["bench", "decode", "--batch", "0", "--compile", "eager"], "must be positive"),
     (["bench", "decode", "--compile", "tvm"], "--compile values"),
+    (["bench", "decode", "--compile", "eager", "--plot", "/no/such/dir/p.png"], "does not exist"),
+    (["demo", "--sweep-contexts", "4"], "must exceed the decode steps"),
+    (["demo", "--no-sweep", "--plot", "{tmp}/p.png"], "cannot go with --no-sweep"),
+    (["demo", "--sweep-contexts", "1K,x"], "cannot read 'x'"),
 ])
 def test_cli_bad_input_is_a_clear_error(argv, message, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

@@ -91,6 +91,18 @@ def machine_info() -> dict:
     return info
 
 
+def cpu_busy_seconds() -> float | None:
+    """CPU seconds all processes on the machine have spent busy since boot (user, nice, system, irq, softirq of
+    Linux ``/proc/stat``), or None where that file is missing. The difference over a run, less the run's own
+    ``time.process_time()``, is what other work took from the cores meanwhile."""
+    try:
+        user, nice, system, _idle, _iowait, irq, softirq = (
+            int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8])
+    except (OSError, ValueError):
+        return None
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
 def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     """Plain aligned text table; ``columns`` are ``(key, header)`` pairs."""
     def cell(v):
@@ -109,3 +121,67 @@ def write_json(path: str | None, payload: dict) -> None:
     if path:
         Path(path).write_text(json.dumps(payload, indent=2))
         print(f"wrote {path}")
+
+
+def check_plot_path(path: str | None, flag: str = "--plot"):
+    """Fail before a long run, not after it: matplotlib must import and the folder of ``path`` must exist.
+    Returns ``matplotlib.pyplot`` (Agg backend), or None when there is no ``path``."""
+    if not path:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError(f"{flag} needs matplotlib (the `plot` extra); install it with: .venv/bin/pip install -c "
+                         "constraints.txt matplotlib   (or pip install 'dsc[plot]')") from None
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{flag} {path}: the folder {folder} does not exist")
+    return plt
+
+
+def _context_label(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def plot_ms_per_step(path: str, rows: list[dict], keys: tuple[str, ...], title: str = "") -> list[str]:
+    """Draw ms/step (``row["ms_per_step"]``) against context (``row["context"]``) to ``path``: one line per distinct
+    combination of the ``keys`` values among ``rows``. A line's label gives the values of the keys that vary between
+    lines (numbers and ``quant`` as ``key value``, e.g. ``dense eager batch 4``); the keys that do not vary go into
+    the title. Returns the line labels in order."""
+    plt = check_plot_path(path)
+    varying = [k for k in keys if len({r.get(k) for r in rows}) > 1]
+    fixed = [k for k in keys if k not in varying]
+
+    def describe(row, names, named=False):
+        return " ".join(f"{k} {row.get(k)}" if named or k == "quant" or not isinstance(row.get(k), str)
+                        else row.get(k) for k in names)
+
+    lines: dict[tuple, list] = {}
+    for r in rows:
+        lines.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    labels = []
+    for group in lines.values():
+        group = sorted(group, key=lambda r: r["context"])
+        label = describe(group[0], varying) or describe(group[0], fixed) or "ms/step"
+        ax.plot([r["context"] for r in group], [r["ms_per_step"] for r in group], marker="o", label=label)
+        labels.append(label)
+    contexts = sorted({r["context"] for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(contexts, [_context_label(c) for c in contexts])
+    ax.minorticks_off()
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("context (tokens in the cache)")
+    ax.set_ylabel("ms per decode step (median)")
+    if rows and fixed:
+        title = "; ".join(t for t in (title, ", ".join(describe(rows[0], [k], True) for k in fixed)) if t)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return labels

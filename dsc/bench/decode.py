@@ -12,13 +12,14 @@ Every configuration is prefilled with real essay text, then decoded greedily so 
 context length (prompt = context - decode steps); the figure is the median per-step latency over the timed steps
 (after warm-up steps), and tokens/s = batch / latency.
 Eager and compiled runs happen in the same process, one after the other, so their ratio is meaningful; absolute
-numbers on a shared 2-core CPU are noisy.
+numbers on a shared 2-core CPU are noisy. ``--plot PATH`` draws ms/step vs context, one line per (policy, compile,
+batch, dtype, quant) measured (:func:`dsc.bench.common.plot_ms_per_step`, which ``dsc demo --plot`` uses too).
 """
 from __future__ import annotations
 
 import time
 
-from dsc.bench.common import format_table, machine_info, parse_list, write_json
+from dsc.bench.common import check_plot_path, format_table, machine_info, parse_list, plot_ms_per_step, write_json
 
 COMPILERS = ("eager", "inductor")
 
@@ -45,8 +46,11 @@ def add_arguments(p):
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="tensor-parallel ranks: relaunch under torchrun with N processes, load the model with HF's "
                         "tp_plan='auto' (gloo on CPU); each rank reports its own tok/s and KV cache MB "
-                        "(--json PATH writes PATH.rank<r>.json)")
+                        "(--json PATH writes PATH.rank<r>.json, --plot PATH writes PATH.rank<r>.png)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--plot", default=None, metavar="PATH.png",
+                   help="also draw ms/step vs context, one line per (policy, compile, batch, dtype, quant) measured "
+                        "(needs matplotlib, the plot extra)")
 
 
 def relaunch_tensor_parallel(args) -> int:
@@ -149,6 +153,8 @@ def run(args) -> int:
         rank = int(os.environ["RANK"])
         if args.json:
             args.json = f"{args.json}.rank{rank}.json"
+        if args.plot:
+            args.plot = f"{args.plot}.rank{rank}.png"
     contexts = parse_list(args.contexts, int, "context length")
     batches = parse_list(args.batch, int, "batch size")
     dtypes = parse_list(args.dtype, str, "dtype")
@@ -173,6 +179,7 @@ def run(args) -> int:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    check_plot_path(args.plot)  # before the long run, not after it
 
     rows = []
     configs = [(d, q, c, b, x, p) for d in dtypes for q in quants for c in contexts for b in batches
@@ -209,6 +216,9 @@ def run(args) -> int:
     info = machine_info()
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     write_json(args.json, {"machine": info, "results": rows, "steps": args.steps, "warmup": args.warmup})
+    if args.plot:
+        plot_ms_per_step(args.plot, rows, PLOT_KEYS, f"decode step latency, median of {args.steps} steps")
+        print(f"wrote plot {args.plot} (ms/step vs context, one line per {', '.join(PLOT_KEYS)} measured)")
     return 0
 
 
@@ -274,6 +284,7 @@ def memory_report(model, contexts, batches, ds_options) -> str:
 
 
 POLICIES = ("dense", "dsparse", "dsparse+offload")
+PLOT_KEYS = ("policy", "compile", "batch", "dtype", "quant")  # one line per combination in --plot
 QUANTS = ("none", "int8")
 _COLUMNS = [("policy", "policy"), ("quant", "quant"), ("dtype", "dtype"), ("context", "context"), ("batch", "batch"), ("compile", "compile"),
             ("tok_per_s", "tok/s"), ("ms_per_step", "ms/step"), ("prefill_s", "prefill s"),

@@ -8,7 +8,10 @@ compute device; one decode step is timed across all of them, side by side in one
   pinned host memory itself (``torch.ops.dsc.sparse_attention_host``, the Triton kernel; GPU only);
 - ``ds staged``: the same selection, indices to the host, the selected rows gathered there and copied in one
   transfer per K/V (:meth:`dsc.passes.offload.HostKV.fetch`), sparse attention over the block;
-- ``ds on-device`` / ``dense on-device``: the same step with K/V resident on the device (compute floor).
+- ``ds on-device`` / ``dense on-device``: the same step with K/V resident on the device (compute floor); dense is
+  the fastest exact dense attention available there (:func:`dsc.bench.attention.dense_candidates`: enable_gqa
+  SDPA, packed-GQA SDPA, matmul + softmax, repeat_kv SDPA, and on CUDA each SDPA backend), checked against
+  enable_gqa SDPA and timed side by side; the winner is printed and ``x best dense`` is every row against it.
 
 Bytes over the bus per step are counted from the shapes (selected slots, K and V); the bus rate is measured once
 with a large pinned host -> device copy, so ``bus floor`` = bytes / rate is the time no implementation can beat.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+from dsc.bench.attention import best_dense, dense_candidates
 from dsc.bench.common import format_table, machine_info, median_timer, parse_list, parse_shapes, write_json
 from dsc.bytes import cache_bytes
 
@@ -35,6 +39,18 @@ def add_arguments(p):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--max-host-gb", type=float, default=64.0, help="skip contexts whose host K/V exceed this")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+
+
+EXPAND_MAX_GB = 8.0  # the repeat-kv dense candidate copies one layer's K/V G times: only while that stays small
+
+
+def _per_layer(fn, layers: int):
+    """``fn`` run once per layer (the same K/V: the dense floor of a step), returning the last output."""
+    def run():
+        for _ in range(layers):
+            out = fn()
+        return out
+    return run
 
 
 def bus_rate(device, mb: int = 1024) -> float:
@@ -89,7 +105,7 @@ def run(args) -> int:
     sm = d ** -0.5
     timer = median_timer(device)
     rate = bus_rate(device)
-    rows, checks = [], []
+    rows, checks, winners = [], [], []
     for s in parse_list(args.contexts, int, "context"):
         host_gb = cache_bytes(s, hkv, d, e, args.layers, args.batch) / 2**30
         if host_gb > args.max_host_gb:
@@ -131,9 +147,10 @@ def run(args) -> int:
             for _, _, lab in layers:
                 torch.ops.dsc.sparse_attention(q, k0, v0, select(lab), sm, None)
 
-        def on_device_dense():
-            for _ in layers:
-                F.scaled_dot_product_attention(q, k0, v0, enable_gqa=True, scale=sm)
+        # the fastest exact dense attention on the device (dsc.bench.attention.dense_candidates), each candidate
+        # run once per layer as the other policies are; repeat-kv (a G-times copy of K/V) only while it is small
+        expand = hq // hkv * cache_bytes(s, hkv, d, e, 1, args.batch) <= EXPAND_MAX_GB * 2**30
+        dense_fns = [(name, _per_layer(fn, len(layers))) for name, fn in dense_candidates(q, k0, v0, sm, expand)]
 
         whole_bytes = cache_bytes(s, hkv, d, e, args.layers, args.batch)
         ds_bytes = cache_bytes(kk, hsel, d, e, args.layers, args.batch)  # slots; per-head selection may repeat rows
@@ -151,9 +168,13 @@ def run(args) -> int:
             except Exception as e:  # noqa: BLE001  (reported, and the other policies still run)
                 check["zero_copy_error"] = f"{type(e).__name__}: {e}"
             checks.append(check)
-        policies += [("ds on-device", on_device_ds, 0), ("dense on-device", on_device_dense, 0)]
+        policies += [("ds on-device", on_device_ds, 0)]
         with torch.no_grad():
             times = {name: timer(fn, args.repeats, args.warmup) for name, fn, _ in policies}
+            best, dense_times = best_dense(dense_fns, timer, args.repeats, args.warmup)
+        policies.append(("dense on-device", None, 0))
+        times["dense on-device"] = dense_times[best]
+        winners.append({"length": s, "best_dense": best, "dense": dense_times})
         for name, _, nbytes in policies:
             if nbytes is None:  # staged: the per-KV-head union actually moved, counted by the stores
                 for host in stores:
@@ -163,8 +184,10 @@ def run(args) -> int:
             rows.append({"length": s, "policy": name, "ms": times[name], "MB": nbytes / 1e6,
                          "bus_floor_ms": nbytes / rate * 1e3 if nbytes and rate == rate else float("nan"),
                          "GBps": nbytes / (times[name] / 1e3) / 1e9 if nbytes else float("nan"),
-                         "vs_whole": times["whole-layer"] / times[name]})
-        del layers, stores, kd, vd, k0, v0
+                         "vs_whole": times["whole-layer"] / times[name],
+                         "vs_dense": times["dense on-device"] / times[name]})
+        rows[-1]["best_dense"] = best  # the dense on-device row (the last one) names its winner
+        del layers, stores, kd, vd, k0, v0, dense_fns
         if cuda:
             torch.cuda.empty_cache()
 
@@ -173,12 +196,18 @@ def run(args) -> int:
           f"{args.dtype}, budget {args.budget}, {args.gqa} selection, r={args.r}; {device} "
           f"({info['gpu'] or info['cpu']}); median of {args.repeats}; bus {rate / 1e9:.1f} GB/s (pinned copy)")
     cols = [("length", "S"), ("policy", "policy"), ("ms", "step ms"), ("MB", "MB over bus"),
-            ("bus_floor_ms", "bus floor ms"), ("GBps", "GB/s"), ("vs_whole", "x whole-layer")]
+            ("bus_floor_ms", "bus floor ms"), ("GBps", "GB/s"), ("vs_whole", "x whole-layer"),
+            ("vs_dense", "x best dense")]
     print(format_table(rows, cols))
+    for w in winners:
+        others = ", ".join(f"{name} {ms:.3g}" for name, ms in sorted(w["dense"].items(), key=lambda x: x[1]))
+        print(f"best dense S={w['length']}: {w['best_dense']} (the 'dense on-device' row; ms over "
+              f"{args.layers} layers: {others})")
     for c in checks:
         zc = (f"{c['zero_copy_max_err']:.2e}" if "zero_copy_max_err" in c else c["zero_copy_error"])
         print(f"check S={c['length']}: max |zero-copy - on-device| = {zc}, "
               f"max |staged - on-device| = {c['staged_max_err']:.2e}")
     write_json(args.json, {"machine": info, "device": str(device), "bus_bytes_per_s": rate, "args": vars(args) | {
-        "_run": None}, "rows": rows, "checks": checks})
+        "_run": None}, "rows": rows, "checks": checks,
+                           "dense_candidates": winners})
     return 0
