@@ -327,6 +327,8 @@ def test_cpu_tensors_dispatch_to_the_cpu_kernels(monkeypatch):
         monkeypatch.setattr(R, name, boom)
     for name, args in samples.items():
         out = getattr(torch.ops.dsc, name)(*args)
+        if name == "select_topk":  # the contract fixes the selected set, not the slot order
+            out, want[name] = out.sort(-1).values, want[name].sort(-1).values
         if name in want:
             torch.testing.assert_close(out, want[name], atol=1e-5, rtol=1e-5)
     monkeypatch.setattr(R, "write_rows", boom)

@@ -24,7 +24,10 @@ def topk_inplace(sc, budget: int, frac: float, sink: int, recent: int):
         keep = checks.keep_count(nvalid, kk, budget, frac)
         if sink or recent:
             _force(sc, ok, nvalid, keep, sink, recent)
-        idx = sc.topk(kk, dim=-1, sorted=True).indices
+        # rows keeping fewer than kk slots need the best first; when every row keeps all kk (read on the host only
+        # on CPU, where it is free) any order will do
+        every_slot = sc.device.type == "cpu" and bool((keep == kk).all())
+        idx = sc.topk(kk, dim=-1, sorted=not every_slot).indices
         used = torch.arange(kk, device=sc.device) < keep[..., None]
         return idx, used
     vals, idx = sc.topk(kk, dim=-1, sorted=False)

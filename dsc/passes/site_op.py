@@ -170,12 +170,31 @@ def _selects_per_group(spec: SiteSpec, valid: Optional[Tensor]) -> bool:
 
 def attend_device_sparse(spec: SiteSpec, call: SiteCall, entry: Entry, k: Tensor, v: Tensor) -> Tensor:
     """Double Sparsity on the device: label scores -> top-k -> attention over the selected rows, one op."""
-    s = k.shape[2]
-    valid, bias, group = _selection_inputs(spec, call, s)
+    valid, bias, group = _selection_inputs(spec, call, k.shape[2])
+    s, valid, bias = _valid_prefix(valid, bias, k.shape[2])
+    k, v = k[:, :, :s], v[:, :, :s]
     data, sc, zero = entry.view(s, spec.label.bits)
     sel = spec.selection
     return _ds_decode(call.q, k, v, spec.label.on(call.q.device), data, sc, zero, spec.label.bits, valid, bias, None,
                       sel.budget_tokens, sel.budget_frac, sel.sink, sel.recent, group, call.scale).contiguous()
+
+
+def _valid_prefix(valid: Optional[Tensor], bias: Optional[Tensor], s: int):
+    """``(n, valid, bias)``: when every row may see exactly the positions ``[0, n)`` under a mask shared by the
+    heads and query rows (a decode step over a static cache: the buffer past the current token is masked), the
+    first ``n`` positions with no mask (a zero bias dropped too): the same selection and attention, without a
+    scan of the unused buffer or a mask pass. Read on the host only for CPU masks (free there); else unchanged."""
+    if valid is None or valid.device.type != "cpu" or valid.dim() != 4 or valid.shape[1:3] != (1, 1):
+        return s, valid, bias
+    rows = valid[:, 0, 0]  # [B or 1, S]
+    counts = rows.sum(-1)
+    n = int(counts[0])
+    if n == 0 or not bool((counts == n).all()) or not bool(rows[:, :n].all()):
+        return s, valid, bias
+    if bias is not None:
+        bias = bias[..., :n]
+        bias = None if bool((bias == 0).all()) else bias
+    return n, None, bias
 
 
 def _select(spec: SiteSpec, q: Tensor, entry: Entry, n: int, valid, group: bool) -> Tensor:
