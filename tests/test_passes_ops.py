@@ -110,3 +110,27 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.dsc.site_attention.default,
                           (rt.key, site, q, k, v, None, k[:, :, 6:], torch.tensor([6]), mask, False, 0.25, "static"),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_valid_prefix_trims_only_masks_that_are_one_shared_prefix():
+    """A decode step over a static buffer (every row may see exactly [0, n)) runs on the first n positions, with a
+    zero bias dropped; padding (rows of different lengths), holes, per-head masks and a real bias are kept whole."""
+    from dsc.passes.site_op import _valid_prefix
+
+    s = 10
+    prefix = (torch.arange(s) < 6).view(1, 1, 1, s).expand(2, 1, 1, s)
+    bias = torch.zeros(2, 1, 1, s).masked_fill(~prefix, torch.finfo(torch.float32).min)
+    assert _valid_prefix(prefix, bias, s) == (6, None, None)
+    real_bias = bias.clone()
+    real_bias[..., 2] = -1.5
+    n, valid, kept = _valid_prefix(prefix, real_bias, s)
+    assert n == 6 and valid is None and torch.equal(kept, real_bias[..., :6])
+    padded = prefix.clone()
+    padded[1, ..., 0] = False  # left padding in the second row: rows differ
+    holes = prefix.clone()
+    holes[..., 3] = False
+    per_head = prefix.expand(2, 4, 1, s)
+    for mask in (padded, holes, per_head):
+        n, valid, _ = _valid_prefix(mask, None, s)
+        assert n == s and valid is mask
+    assert _valid_prefix(None, None, s) == (s, None, None)
