@@ -132,7 +132,9 @@ def test_budget_covering_prefix_is_dense(model, ids, cfg, name):
         ref = model(input_ids=ids[:, :40], use_cache=False).logits
         with apply_policy(model, Policy(name, budget=40, channels=cfg, dense_layers=()), chunk=16) as mode:
             out = model(input_ids=ids[:, :40], use_cache=False).logits
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    # fp32 sums over the same rows in another order (the CPU top-k leaves the slot order free): 30 layers deep,
+    # logits differ by up to ~1.4e-4
+    torch.testing.assert_close(out, ref, atol=3e-4, rtol=1e-4)
     if name != "dense":
         assert mode.stats.fetched_frac() == 1.0 and mode.stats.rows == 30 * 40
 
