@@ -40,20 +40,25 @@ def _force(sc, ok, nvalid, keep, sink: int, recent: int) -> None:
     n_recent = keep.clamp(max=recent)
     n_sink = (keep - n_recent).clamp(max=sink)
     s = sc.shape[-1]
-    if sc.device.type == "cpu":  # reading the test below is free on the host (on a GPU it would be a wait)
-        first_invalid = ok.byte().argmin(-1)
-        if bool(((nvalid == s) | (first_invalid == nvalid)).all()):  # every row valid on a prefix [0, n)
-            slot = torch.arange(max(sink, recent), device=sc.device)
-            _fill_inf(sc, (nvalid[..., None] - 1 - slot[:recent]).clamp(min=0), slot[:recent] < n_recent[..., None])
-            _fill_inf(sc, slot[:sink].clamp(max=s - 1).expand(*sc.shape[:-1], -1),
-                      slot[:sink] < n_sink[..., None])
-            return
+    if sc.device.type == "cpu" and _valid_on_prefixes(ok, nvalid):  # read on the host: free there, a GPU wait
+        slot = torch.arange(max(sink, recent), device=sc.device)
+        _fill_inf(sc, (nvalid[..., None] - 1 - slot[:recent]).clamp(min=0), slot[:recent] < n_recent[..., None])
+        _fill_inf(sc, slot[:sink].clamp(max=s - 1).expand(*sc.shape[:-1], -1), slot[:sink] < n_sink[..., None])
+        return
     upto = ok.cumsum(-1, dtype=torch.int32)  # valid positions at or before p
     forced = upto <= n_sink[..., None]
     if recent:
         after = nvalid[..., None] - upto + ok.int()  # valid positions at or after p
         forced |= after <= n_recent[..., None]
     sc.masked_fill_(forced & ok, float("inf"))
+
+
+def _valid_on_prefixes(ok, nvalid) -> bool:
+    """Whether every row's valid positions are ``[0, n)``: all valid (a trimmed or unmasked row, no extra pass),
+    else the first invalid position is the valid count."""
+    if bool((nvalid == ok.shape[-1]).all()):
+        return True
+    return bool((ok.byte().argmin(-1) == nvalid).all())
 
 
 def _fill_inf(sc, positions, where) -> None:
