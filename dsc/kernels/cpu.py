@@ -17,7 +17,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from . import checks
+from . import checks, native
 from . import topk as _topk
 from .reference import group_scores, group_valid
 
@@ -262,6 +262,10 @@ def ds_decode(q, k, v, channels, data, scale, zero, bits: int, valid=None, bias=
         sm_scale = q.shape[-1] ** -0.5
     checks.check_ds_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink,
                            recent, sm_scale)
+    if native.covers(q, k, v, data, scale, zero, bits, valid, bias):  # the decode step: one fused native pass
+        kk = checks.topk_width(k.shape[2], budget, frac)
+        return native.ds_decode(q, k, v, channels, data, scale, zero, bits, lengths, budget, frac, sink, recent,
+                                group, float(sm_scale), kk)
     sc = _masked_scores(q, channels, data, scale, zero, bits, valid, lengths, group, scratch=True)
     idx, used = _topk.topk_inplace(sc, budget, frac, sink, recent)
     return _attend(q, k, v, idx, used, float(sm_scale), bias)

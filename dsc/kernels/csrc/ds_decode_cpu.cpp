@@ -1,0 +1,445 @@
+// Fused Double Sparsity decode step for the CPU: label scores -> top-k -> attention over the selected rows, one
+// pass per (batch, KV head), nothing materialised beyond a few per-thread rows of scratch.
+//
+// Why native: the torch path (cpu.py) spends more per step on fixed costs than on memory traffic (a bmm with G rows,
+// a sorted topk over every row, two gathers into fresh rows, SDPA, Python glue); here the labels are read once, the
+// selection is a linear-time select on the group score, and each selected K/V row is read once for the G heads.
+//
+// The contract is the op's (DESIGN.md, `dsc::ds_decode`), for the case the fast path takes: one query position,
+// every row valid on the prefix [0, n) (n = lengths[b] or S), no bias. Called through ctypes (dsc/kernels/native.py),
+// which validates the arguments; nothing here checks them again.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+enum Kind { F32 = 0, BF16 = 1, F16 = 2, U8 = 3, U4 = 4 };
+
+inline float bf16_to_f32(uint16_t x) {
+  uint32_t u = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float f16_to_f32(uint16_t x) {
+  _Float16 h;
+  std::memcpy(&h, &x, 2);
+  return static_cast<float>(h);
+}
+
+// A row of `n` values of `kind` as fp32 into `dst`.
+inline void load_row(const void* src, int kind, int64_t n, float* dst) {
+  if (kind == F32) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else if (kind == BF16) {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
+  } else {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    for (int64_t i = 0; i < n; ++i) dst[i] = f16_to_f32(s[i]);
+  }
+}
+
+inline int elem_size(int kind) { return kind == F32 ? 4 : (kind == U8 || kind == U4) ? 1 : 2; }
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+// A float's rank as an unsigned key: larger float -> larger key; every NaN above +inf (NaN ranks first).
+inline uint32_t rank_key(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t flip = static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u;  // negative: all bits
+  return f != f ? 0xFFFFFFFFu : u ^ flip;
+}
+
+struct Labels {
+  const uint8_t* data;
+  int kind;  // F32 / BF16 / F16 (16-bit labels) or U8 / U4 (codes)
+  int64_t sb, sh, ss;  // strides of data in elements (batch, head, token); the channel stride is 1
+  const float* scale;
+  const float* zero;
+  int64_t zb, zh;  // strides of scale/zero (batch, head); the token stride is 1
+};
+
+struct Scratch {  // per thread, grown on demand and kept: no allocation (and no page faults) per step
+  std::vector<float> qc, qsum, scores, lab, krow, logits, acc;
+  std::vector<uint32_t> keys;
+  std::vector<int64_t> picked;
+};
+
+thread_local Scratch scratch;
+
+// Each head's score of one token from its r label values (fp32): R > 0 fixes r at compile time (fully unrolled).
+template <int R>
+inline void score_token(const float* lab, const float* qc, const float* qsum, int64_t g_rows, int64_t r_rt,
+                        float scale, float zero, bool quantized, float* scores, int64_t n, int64_t t) {
+  const int64_t r = R > 0 ? R : r_rt;
+  for (int64_t g = 0; g < g_rows; ++g) {
+    const float* qg = qc + g * r;
+    float s = 0.f;
+    for (int64_t c = 0; c < r; ++c) s += qg[c] * lab[c];
+    if (quantized) s = s * scale + zero * qsum[g];
+    scores[g * n + t] = s;
+  }
+}
+
+// Token t's r label values as fp32: a pointer into the data for fp32 labels, else converted into `lab`. 4-bit
+// codes come out even channels first, then odd ones (low nibbles, then high nibbles: no interleaving), the order
+// of the query channels `qc` for 4-bit labels (query_channels).
+template <int R>
+inline const float* label_row(const Labels& L, const uint8_t* row, int64_t r_rt, float* lab) {
+  const int64_t r = R > 0 ? R : r_rt;
+  if (L.kind == F32) return reinterpret_cast<const float*>(row);
+  int64_t c = 0;
+  if (L.kind == U8) {
+#if defined(__AVX2__)
+    for (; c + 8 <= r; c += 8)
+      _mm256_storeu_ps(lab + c, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                                    _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c)))));
+#endif
+    for (; c < r; ++c) lab[c] = static_cast<float>(row[c]);
+  } else if (L.kind == U4) {
+    const int64_t even = (r + 1) / 2, odd = r / 2;
+#if defined(__AVX2__)
+    if (odd == even) {
+      const __m128i low4 = _mm_set1_epi8(15);
+      for (; c + 8 <= odd; c += 8) {
+        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c));
+        _mm256_storeu_ps(lab + c, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(bytes, low4))));
+        _mm256_storeu_ps(lab + even + c, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                                             _mm_and_si128(_mm_srli_epi16(bytes, 4), low4))));
+      }
+    }
+#endif
+    for (int64_t j = c; j < even; ++j) lab[j] = static_cast<float>(row[j] & 15);
+    for (int64_t j = c; j < odd; ++j) lab[even + j] = static_cast<float>(row[j] >> 4);
+  } else {
+    load_row(row, L.kind, r, lab);
+  }
+  return lab;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// Lane i of the result: the sum of v[i]'s eight lanes.
+inline __m256 transpose_sum8(const __m256* v) {
+  const __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 cd = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
+}
+
+// Scores of 8 consecutive tokens (rows[i]: token i's R fp32 labels) for each head, into scores[g * n + t0 ..]:
+// one 8-lane product per (token, head), then a transpose-add, instead of a horizontal sum per dot product.
+template <int R>
+inline void score8(const float* const* rows, const float* qc, const float* qsum, int64_t g_rows, const float* sc,
+                   const float* zp, float* scores, int64_t n, int64_t t0) {
+  static_assert(R % 8 == 0, "whole 8-lane vectors");
+  for (int64_t g = 0; g < g_rows; ++g) {
+    __m256 acc[8];
+    for (int i = 0; i < 8; ++i) {
+      acc[i] = _mm256_mul_ps(_mm256_loadu_ps(rows[i]), _mm256_loadu_ps(qc + g * R));
+      for (int c = 8; c < R; c += 8)
+        acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(rows[i] + c), _mm256_loadu_ps(qc + g * R + c), acc[i]);
+    }
+    __m256 s = transpose_sum8(acc);
+    if (sc) s = _mm256_fmadd_ps(_mm256_loadu_ps(zp + t0), _mm256_set1_ps(qsum[g]),
+                                _mm256_mul_ps(s, _mm256_loadu_ps(sc + t0)));
+    _mm256_storeu_ps(scores + g * n + t0, s);
+  }
+}
+#endif
+
+// scores[g * n + t] = q_g . label_t for t in [0, n): the score identity on codes (scale * (q . code) + zero * sum q).
+template <int R>
+void label_scores_r(const Labels& L, int64_t b, int64_t h, const float* qc, const float* qsum, int64_t g_rows,
+                    int64_t r_rt, int64_t n, float* scores, float* lab) {
+  const int64_t r = R > 0 ? R : r_rt;
+  const int64_t es = elem_size(L.kind);
+  const uint8_t* base = L.data + (b * L.sb + h * L.sh) * es;
+  const int64_t row_bytes = L.ss * es;
+  const bool quantized = L.scale != nullptr;
+  const float* sc = quantized ? L.scale + b * L.zb + h * L.zh : nullptr;
+  const float* zp = quantized ? L.zero + b * L.zb + h * L.zh : nullptr;
+  int64_t t = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (R > 0 && R % 8 == 0) {
+    const float* rows[8];
+    for (; t + 8 <= n; t += 8) {
+      for (int i = 0; i < 8; ++i) rows[i] = label_row<R>(L, base + (t + i) * row_bytes, r, lab + i * R);
+      score8<R>(rows, qc, qsum, g_rows, sc, zp, scores, n, t);
+    }
+  }
+#endif
+  for (; t < n; ++t) {
+    const float* l = label_row<R>(L, base + t * row_bytes, r, lab);
+    score_token<R>(l, qc, qsum, g_rows, r, quantized ? sc[t] : 0.f, quantized ? zp[t] : 0.f, quantized, scores,
+                   n, t);
+  }
+}
+
+void label_scores(const Labels& L, int64_t b, int64_t h, const float* qc, const float* qsum, int64_t g_rows,
+                  int64_t r, int64_t n, float* scores, float* lab) {
+  if (r == 16) return label_scores_r<16>(L, b, h, qc, qsum, g_rows, r, n, scores, lab);
+  if (r == 32) return label_scores_r<32>(L, b, h, qc, qsum, g_rows, r, n, scores, lab);
+  if (r == 8) return label_scores_r<8>(L, b, h, qc, qsum, g_rows, r, n, scores, lab);
+  return label_scores_r<0>(L, b, h, qc, qsum, g_rows, r, n, scores, lab);
+}
+
+// The largest of x[0, n), or NaN when one is NaN.
+inline float max_or_nan(const float* x, int64_t n) {
+  int64_t t = 0;
+  float top = -INFINITY;
+  bool nan = false;
+#if defined(__AVX2__)
+  __m256 m = _mm256_set1_ps(-INFINITY), unordered = _mm256_setzero_ps();
+  for (; t + 8 <= n; t += 8) {
+    const __m256 v = _mm256_loadu_ps(x + t);
+    m = _mm256_max_ps(m, v);
+    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, m);
+  for (float l : lanes) top = std::max(top, l);
+  nan = _mm256_movemask_ps(unordered) != 0;
+#endif
+  for (; t < n; ++t) {
+    nan |= std::isnan(x[t]);
+    top = std::max(top, x[t]);
+  }
+  return nan ? NAN : top;
+}
+
+// Group score into row 0: per position, the largest over the heads of (score - that head's best score), NaN when
+// one head's is (reference.group_scores).
+void group_score(float* scores, int64_t g_rows, int64_t n) {
+  float top[64];
+  std::vector<float> many;
+  float* tops = top;
+  if (g_rows > 64) {
+    many.resize(g_rows);
+    tops = many.data();
+  }
+  for (int64_t g = 0; g < g_rows; ++g) {
+    const float m = max_or_nan(scores + g * n, n);
+    tops[g] = std::isfinite(m) ? m : 0.f;  // a NaN row, or nothing finite: not normalised
+  }
+  int64_t t = 0;
+#if defined(__AVX2__)
+  for (; t + 8 <= n; t += 8) {
+    __m256 best = _mm256_set1_ps(-INFINITY), unordered = _mm256_setzero_ps();
+    for (int64_t g = 0; g < g_rows; ++g) {
+      const __m256 v = _mm256_sub_ps(_mm256_loadu_ps(scores + g * n + t), _mm256_set1_ps(tops[g]));
+      best = _mm256_max_ps(best, v);
+      unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    _mm256_storeu_ps(scores + t, _mm256_blendv_ps(best, _mm256_set1_ps(NAN), unordered));
+  }
+#endif
+  for (; t < n; ++t) {
+    float best = -INFINITY;
+    bool nan = false;
+    for (int64_t g = 0; g < g_rows; ++g) {
+      const float v = scores[g * n + t] - tops[g];
+      nan |= std::isnan(v);
+      best = std::max(best, v);
+    }
+    scores[t] = nan ? NAN : best;
+  }
+}
+
+// The key T of the m-th largest of `keys` (1 <= m <= n) by radix select (11, 11, 10 bits; after the first pass
+// only the keys in the chosen bucket are kept, in `spare`): count(> T) < m <= count(>= T). Sets `*ties` to how
+// many keys equal to T belong in the top m. Linear time, no sort.
+uint32_t radix_threshold(const uint32_t* keys, int64_t n, int64_t m, int64_t* ties, uint32_t* spare) {
+  static const int kShift[3] = {21, 10, 0}, kBits[3] = {11, 11, 10};
+  uint32_t prefix = 0;
+  int64_t need = m;
+  int64_t hist[1 << 11];
+  for (int pass = 0; pass < 3; ++pass) {
+    const int shift = kShift[pass], width = 1 << kBits[pass];
+    std::fill(hist, hist + width, 0);
+    for (int64_t i = 0; i < n; ++i) ++hist[(keys[i] >> shift) & (width - 1)];
+    int bin = width - 1;
+    for (; bin > 0 && hist[bin] < need; --bin) need -= hist[bin];
+    prefix |= static_cast<uint32_t>(bin) << shift;
+    if (pass == 2) break;
+    int64_t kept = 0;  // the chosen bucket's keys: every later pass looks at them only
+    for (int64_t i = 0; i < n; ++i)
+      if (static_cast<int>((keys[i] >> shift) & (width - 1)) == bin) spare[kept++] = keys[i];
+    keys = spare;
+    n = kept;
+  }
+  *ties = need;
+  return prefix;
+}
+
+// The `keep` positions of a row valid on [0, n), ascending: the `n_sink` oldest, the best-scored others (NaN
+// first; among equal scores the older position), the `n_recent` newest. Returns how many (keep).
+int64_t select_row(const float* score, int64_t n, int64_t keep, int64_t sink, int64_t recent, int64_t* picked,
+                   uint32_t* keys) {
+  const int64_t n_recent = std::min(keep, recent);
+  const int64_t n_sink = std::min(keep - n_recent, sink);
+  const int64_t lo = n_sink, hi = n - n_recent, m = keep - n_sink - n_recent;
+  int64_t out = 0;
+  for (int64_t t = 0; t < n_sink; ++t) picked[out++] = t;
+  if (m >= hi - lo) {
+    for (int64_t t = lo; t < hi; ++t) picked[out++] = t;
+  } else if (m > 0) {
+    for (int64_t t = lo; t < hi; ++t) keys[t - lo] = rank_key(score[t]);
+    int64_t ties;
+    const uint32_t kth = radix_threshold(keys, hi - lo, m, &ties, keys + (hi - lo));
+    for (int64_t t = lo; t < hi; ++t) {
+      const uint32_t key = keys[t - lo];
+      if (key > kth || (key == kth && ties-- > 0)) picked[out++] = t;
+    }
+  }
+  for (int64_t t = hi; t < n; ++t) picked[out++] = t;
+  return out;
+}
+
+// Selected rows are scattered: ask for row j + kAhead while reading row j (memory latency, not bandwidth, bounds
+// a gather of a few hundred bytes per row).
+constexpr int64_t kAhead = 8;
+
+inline void prefetch_row(const uint8_t* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+}
+
+struct KV {
+  const uint8_t* k;
+  const uint8_t* v;
+  int kind;
+  int64_t ksb, ksh, kss, vsb, vsh, vss;  // element strides (batch, head, token); the dim stride is 1
+};
+
+// out_g = softmax_j(sm_scale * q_g . K[p_j]) . V[p_j] over the picked rows, for the `g_rows` heads in `qf`.
+void attend(const KV& kv, int64_t b, int64_t h, const float* qf, int64_t g_rows, int64_t d, int64_t dv,
+            const int64_t* picked, int64_t np, float sm_scale, float* out, Scratch& s) {
+  if (np == 0) {  // nothing to attend: 0 by contract
+    std::fill(out, out + g_rows * dv, 0.f);
+    return;
+  }
+  const int64_t es = elem_size(kv.kind);
+  const uint8_t* kb = kv.k + (b * kv.ksb + h * kv.ksh) * es;
+  const uint8_t* vb = kv.v + (b * kv.vsb + h * kv.vsh) * es;
+  s.logits.resize(g_rows * np);
+  s.krow.resize(std::max(d, dv));
+  float* lg = s.logits.data();
+  float* row = s.krow.data();
+  for (int64_t j = 0; j < np; ++j) {
+    if (j + kAhead < np) prefetch_row(kb + picked[j + kAhead] * kv.kss * es, d * es);
+    const uint8_t* src = kb + picked[j] * kv.kss * es;
+    const float* kr = reinterpret_cast<const float*>(src);
+    if (kv.kind != F32) {
+      load_row(src, kv.kind, d, row);
+      kr = row;
+    }
+    for (int64_t g = 0; g < g_rows; ++g) lg[g * np + j] = dot(qf + g * d, kr, d) * sm_scale;
+  }
+  for (int64_t g = 0; g < g_rows; ++g) {
+    float* l = lg + g * np;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < np; ++j) mx = std::max(mx, l[j]);
+    float sum = 0.f;
+    for (int64_t j = 0; j < np; ++j) {
+      l[j] = std::exp(l[j] - mx);
+      sum += l[j];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t j = 0; j < np; ++j) l[j] *= inv;
+  }
+  std::fill(out, out + g_rows * dv, 0.f);
+  for (int64_t j = 0; j < np; ++j) {
+    if (j + kAhead < np) prefetch_row(vb + picked[j + kAhead] * kv.vss * es, dv * es);
+    const uint8_t* src = vb + picked[j] * kv.vss * es;
+    const float* vr = reinterpret_cast<const float*>(src);
+    if (kv.kind != F32) {
+      load_row(src, kv.kind, dv, row);
+      vr = row;
+    }
+    for (int64_t g = 0; g < g_rows; ++g) {
+      const float w = lg[g * np + j];
+      float* o = out + g * dv;
+      for (int64_t i = 0; i < dv; ++i) o[i] += w * vr[i];
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// One decode step of Double Sparsity attention. q: fp32 [B, Hkv*G, D] (strides qb, qh; dim stride 1). out: fp32
+// [B, Hkv*G, Dv] contiguous. channels: int64 [Hkv, r] contiguous. lengths: int64 [B] or null (n = min(len, S)).
+// kk = the op's slot count; keep per row from budget/frac (checks.keep_count). group: one selection per KV head
+// (group score) else one per query head.
+int dsc_ds_decode(const float* q, int64_t qb, int64_t qh, const void* k, const void* v, int kv_kind, int64_t ksb,
+                  int64_t ksh, int64_t kss, int64_t vsb, int64_t vsh, int64_t vss, const int64_t* channels,
+                  const void* data, int label_kind, int64_t lsb, int64_t lsh, int64_t lss, const float* scale,
+                  const float* zero, int64_t zb, int64_t zh, const int64_t* lengths, int64_t B, int64_t Hkv,
+                  int64_t G, int64_t S, int64_t D, int64_t Dv, int64_t r, int64_t kk, int64_t budget, double frac,
+                  int64_t sink, int64_t recent, int group, float sm_scale, float* out, int nthreads) {
+  const Labels L{static_cast<const uint8_t*>(data), label_kind, lsb, lsh, lss, scale, zero, zb, zh};
+  const KV kv{static_cast<const uint8_t*>(k), static_cast<const uint8_t*>(v), kv_kind, ksb, ksh, kss, vsb, vsh, vss};
+  const int64_t tasks = B * Hkv;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && tasks > 1)
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t b = task / Hkv, h = task % Hkv;
+    Scratch& s = scratch;
+    int64_t n = S;
+    if (lengths) n = std::max<int64_t>(0, std::min<int64_t>(lengths[b], S));
+    int64_t keep = n;
+    if (frac == 0.0) {
+      keep = std::min(n, kk);
+    } else {
+      const int64_t share = std::max<int64_t>(static_cast<int64_t>(std::ceil(static_cast<double>(n) * frac)), budget);
+      keep = std::min(std::min(share, n), kk);
+    }
+    s.qc.resize(G * r);
+    s.qsum.resize(G);
+    s.lab.resize(8 * r);
+    s.scores.resize(std::max<int64_t>(1, G * n));
+    s.keys.resize(std::max<int64_t>(1, 2 * n));  // the keys, and radix_threshold's spare bucket
+    s.picked.resize(std::max<int64_t>(1, G * keep));
+    const float* qrow = q + b * qb + h * G * qh;  // query head h * G + g
+    std::vector<float>& qf_store = s.acc;  // the group's queries, contiguous [G, D]
+    qf_store.resize(G * D);
+    for (int64_t g = 0; g < G; ++g) {
+      std::memcpy(qf_store.data() + g * D, qrow + g * qh, D * sizeof(float));
+      float sum = 0.f;
+      for (int64_t c = 0; c < r; ++c) {
+        const int64_t slot = label_kind == U4 ? (c % 2 ? (r + 1) / 2 + c / 2 : c / 2) : c;  // label_row's order
+        s.qc[g * r + slot] = qrow[g * qh + channels[h * r + c]];
+        sum += qrow[g * qh + channels[h * r + c]];
+      }
+      s.qsum[g] = sum;
+    }
+    float* o = out + (b * Hkv * G + h * G) * Dv;
+    if (n > 0) label_scores(L, b, h, s.qc.data(), s.qsum.data(), G, r, n, s.scores.data(), s.lab.data());
+    if (group) {
+      if (n > 0) group_score(s.scores.data(), G, n);
+      const int64_t np = select_row(s.scores.data(), n, keep, sink, recent, s.picked.data(), s.keys.data());
+      attend(kv, b, h, qf_store.data(), G, D, Dv, s.picked.data(), np, sm_scale, o, s);
+    } else {
+      for (int64_t g = 0; g < G; ++g) {
+        int64_t* picked = s.picked.data() + g * keep;
+        const int64_t np = select_row(s.scores.data() + g * n, n, keep, sink, recent, picked, s.keys.data());
+        attend(kv, b, h, qf_store.data() + g * D, 1, D, Dv, picked, np, sm_scale, o + g * Dv, s);
+      }
+    }
+  }
+  return 0;
+}
+
+}  // extern "C"

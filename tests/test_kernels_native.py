@@ -1,0 +1,133 @@
+"""The native CPU decode kernel (``dsc/kernels/native.py``, ``csrc/ds_decode_cpu.cpp``) against the definition:
+reference label scores -> reference top-k -> exact attention (``assert_ds_decode_matches_oracle``), on every
+call shape it takes (one query position, no mask, no bias), and the torch path for the rest."""
+import contextlib
+import warnings
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+import dsc.kernels  # noqa: F401  (registers torch.ops.dsc)
+from dsc.kernels import cpu as C
+from dsc.kernels import native
+from dsc.kernels.testing import assert_ds_decode_matches_oracle, make_case
+from kernel_helpers import TOL
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="no C++ compiler: the native kernel is not built")
+
+
+@contextlib.contextmanager
+def native_calls():
+    """The list of ``ds_decode`` calls that took the native kernel (so a test cannot pass on the torch path
+    unnoticed), while the block runs."""
+    calls = []
+    real = native.ds_decode
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    with mock.patch.object(native, "ds_decode", spy):
+        yield calls
+
+
+# explicit examples: every label format x dtype, group and head selection, r on the vector path (16, 32) and off it
+# (odd, 8-bit with r = 5), lengths, cache lengths with a tail (not a multiple of 8), fractional budgets with
+# sink/recent, a budget covering the row, forced tokens filling it
+@given(seed=st.integers(0, 2**31 - 1), bits=st.sampled_from([16, 8, 4]),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), group=st.booleans(),
+       g=st.sampled_from([1, 3, 4]), d=st.sampled_from([64, 128, 80]), r=st.sampled_from([16, 32, 5, 1]),
+       s=st.integers(1, 700), lengths=st.booleans(), budget=st.integers(1, 80),
+       frac=st.sampled_from([0.0, 1 / 16, 0.3]), sink=st.integers(0, 4), recent=st.integers(0, 16))
+@example(seed=1, bits=16, dtype=torch.float32, group=True, g=3, d=64, r=16, s=611, lengths=False, budget=36,
+         frac=1 / 16, sink=4, recent=16)
+@example(seed=2, bits=8, dtype=torch.float32, group=True, g=4, d=128, r=32, s=517, lengths=True, budget=36,
+         frac=1 / 16, sink=4, recent=16)
+@example(seed=3, bits=4, dtype=torch.float32, group=False, g=3, d=64, r=16, s=403, lengths=True, budget=24,
+         frac=0.0, sink=2, recent=3)
+@example(seed=4, bits=16, dtype=torch.bfloat16, group=True, g=4, d=128, r=32, s=299, lengths=False, budget=30,
+         frac=0.3, sink=1, recent=1)
+@example(seed=5, bits=8, dtype=torch.float16, group=False, g=1, d=80, r=5, s=77, lengths=False, budget=9,
+         frac=0.0, sink=0, recent=0)
+@example(seed=6, bits=4, dtype=torch.bfloat16, group=True, g=3, d=64, r=5, s=130, lengths=True, budget=12,
+         frac=1 / 16, sink=3, recent=8)
+@example(seed=7, bits=16, dtype=torch.float16, group=False, g=4, d=64, r=16, s=45, lengths=False, budget=80,
+         frac=0.0, sink=2, recent=2)
+@example(seed=8, bits=8, dtype=torch.bfloat16, group=True, g=1, d=128, r=1, s=8, lengths=True, budget=3,
+         frac=0.0, sink=4, recent=16)
+def test_native_decode_matches_definition(seed, bits, dtype, group, g, d, r, s, lengths, budget, frac,
+                                          sink, recent):
+    c = make_case(seed, 2, 2, g, 1, s, d, min(r, d), bits, dtype, lengths=lengths)
+    args = (budget, frac, sink, recent)
+    with native_calls() as calls:
+        out = C.ds_decode(c.q, c.k, c.v, *c.labels, None, None, c.lengths, *args, group, None)
+    assert calls, "the call did not take the native kernel"
+    assert_ds_decode_matches_oracle(out, c, *args, group, None, TOL[dtype])
+
+
+def test_native_decode_reads_hf_layout_views():
+    """K/V and labels as the caches hold them: a prefix view of a longer (static) buffer; q transposed from
+    [B, L, H, D] (the model's projection layout)."""
+    c = make_case(11, 2, 3, 3, 1, 300, 64, 16, 16, lengths=False)
+    big = make_case(11, 2, 3, 3, 1, 400, 64, 16, 16)
+    big.channels = c.channels
+    for name in ("k", "v", "data"):
+        buf = getattr(big, name)
+        buf[:, :, :300] = getattr(c, name)
+        setattr(big, name, buf[:, :, :300])
+    q = c.q.transpose(1, 2).contiguous().transpose(1, 2)
+    out = C.ds_decode(q, big.k, big.v, *big.labels, None, None, None, 36, 0.0, 0, 0, True, None)
+    want = C.ds_decode(c.q, c.k, c.v, *c.labels, None, None, None, 36, 0.0, 0, 0, True, None)
+    assert assert_ds_decode_matches_oracle(out, c, 36, 0.0, 0, 0, True, None, TOL[torch.float32]) > 0
+    assert torch.allclose(out, want, atol=1e-6)
+
+
+def test_native_nan_query_propagates_and_empty_rows_are_zero():
+    c = make_case(12, 2, 1, 3, 1, 50, 32, 8, 16, lengths=False)
+    q = c.q.clone()
+    q[0, 1, 0, 0] = float("nan")
+    out = C.ds_decode(q, c.k, c.v, *c.labels, None, None, torch.tensor([50, 0]), 8, 0.0, 1, 2, True, None)
+    assert torch.isnan(out[0]).any()  # NaN scores rank first and the NaN query's logits are NaN
+    assert (out[1] == 0).all()  # a row with no valid position attends nothing: 0 by contract
+
+
+def test_native_threads_agree_with_one_thread():
+    c = make_case(13, 4, 3, 3, 1, 700, 64, 16, 16)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = C.ds_decode(c.q, c.k, c.v, *c.labels, None, None, c.lengths, 36, 1 / 16, 4, 16, True, None)
+        torch.set_num_threads(2)
+        two = C.ds_decode(c.q, c.k, c.v, *c.labels, None, None, c.lengths, 36, 1 / 16, 4, 16, True, None)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_masked_and_multi_query_calls_take_the_torch_path():
+    c = make_case(14, 1, 2, 2, 2, 90, 32, 8, 16, valid="shared", bias=True)
+    with native_calls() as calls:
+        out = C.ds_decode(c.q, c.k, c.v, *c.labels, c.valid, c.bias, None, 20, 0.0, 1, 2, True, None)
+    assert not calls
+    assert_ds_decode_matches_oracle(out, c, 20, 0.0, 1, 2, True, None, TOL[torch.float32])
+
+
+def test_without_a_compiler_the_torch_path_runs_and_says_why(monkeypatch):
+    native.library.cache_clear()
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    try:
+        with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+            assert native.library() is None
+        c = make_case(15, 1, 2, 2, 1, 90, 32, 8, 16)
+        out = C.ds_decode(c.q, c.k, c.v, *c.labels, None, None, c.lengths, 20, 0.0, 1, 2, True, None)
+        assert_ds_decode_matches_oracle(out, c, 20, 0.0, 1, 2, True, None, TOL[torch.float32])
+        native.library.cache_clear()
+        monkeypatch.setenv("DSC_NATIVE", "0")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # choosing the torch path on purpose is silent
+            assert native.library() is None
+    finally:
+        native.library.cache_clear()
