@@ -269,7 +269,16 @@ uint32_t radix_threshold(const uint32_t* keys, int64_t n, int64_t m, int64_t* ti
   for (int pass = 0; pass < 3; ++pass) {
     const int shift = kShift[pass], width = 1 << kBits[pass];
     std::fill(hist, hist + width, 0);
-    for (int64_t i = 0; i < n; ++i) ++hist[(keys[i] >> shift) & (width - 1)];
+    if (pass == 0) {  // scores share few exponents: four interleaved counts keep increments of one bin apart
+      int32_t part[4][1 << 11] = {};
+      int64_t i = 0;
+      for (; i + 4 <= n; i += 4)
+        for (int j = 0; j < 4; ++j) ++part[j][keys[i + j] >> shift];
+      for (; i < n; ++i) ++part[0][keys[i] >> shift];
+      for (int b = 0; b < width; ++b) hist[b] = part[0][b] + part[1][b] + part[2][b] + part[3][b];
+    } else {
+      for (int64_t i = 0; i < n; ++i) ++hist[(keys[i] >> shift) & (width - 1)];
+    }
     int bin = width - 1;
     for (; bin > 0 && hist[bin] < need; --bin) need -= hist[bin];
     prefix |= static_cast<uint32_t>(bin) << shift;
@@ -338,7 +347,10 @@ void attend(const KV& kv, int64_t b, int64_t h, const float* qf, int64_t g_rows,
   float* lg = s.logits.data();
   float* row = s.krow.data();
   for (int64_t j = 0; j < np; ++j) {
-    if (j + kAhead < np) prefetch_row(kb + picked[j + kAhead] * kv.kss * es, d * es);
+    if (j + kAhead < np) {  // V's rows too: the second pass then finds them in cache
+      prefetch_row(kb + picked[j + kAhead] * kv.kss * es, d * es);
+      prefetch_row(vb + picked[j + kAhead] * kv.vss * es, dv * es);
+    }
     const uint8_t* src = kb + picked[j] * kv.kss * es;
     const float* kr = reinterpret_cast<const float*>(src);
     if (kv.kind != F32) {
