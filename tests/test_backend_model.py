@@ -10,6 +10,7 @@ import torch
 
 import dsc
 from dsc.assets import cache_dir, calibration_essays, essay_text
+from dsc.generation import greedy_decode
 
 pytestmark = pytest.mark.slow
 DENSE_LAYERS = (0, 1)
@@ -119,3 +120,27 @@ def test_short_chat_prompt_answers_like_dense(model, tokenizer, channels):
         # 7 decode steps x 28 sparse layers (DSConfig's default dense layers 0, 1): all sparse, or all dense
         assert rt.stats["sparse_calls"] == (7 * 28 if sparse else 0), rt.stats
         assert out.sequences.tolist() == ref.sequences.tolist(), tokenizer.decode(out.sequences[0, ids.shape[1]:])
+
+
+def test_shared_prefill_decodes_as_its_own_prefill(model, channels, prompt):
+    """``dsc bench decode`` and the demo prefill a prompt once (identical rows run as one, the cache widened) and
+    decode every configuration from that cache, rewound: dense and dsparse tokens equal those of decodes that
+    prefill for themselves, run after run (the dsparse runtime labels the cache it first sees)."""
+    from dsc.bench.decode import compiled_forward
+    from dsc.generation import prefill
+
+    ids = prompt[:, :200].expand(2, -1).contiguous()
+    shared = prefill(model, ids, 6)
+    assert shared.cache.layers[0].keys.shape[0] == 2
+    for policy, options in (("dense", None), ("dsparse", {"channels": channels, "budget": 64})):
+        torch._dynamo.reset()
+        own = greedy_decode(model, ids, 6, forward=compiled_forward(model, "eager", policy, options))
+        for _ in range(2):
+            torch._dynamo.reset()
+            forward = compiled_forward(model, "eager", policy, options)
+            again = greedy_decode(model, ids, 6, forward=forward, prefilled=shared)
+            assert torch.equal(again.tokens, own.tokens), policy
+            if policy == "dsparse":
+                assert dsc.runtime_of(forward).stats["sparse_calls"] > 0
+    with pytest.raises(ValueError, match="prefilled holds 2 x 200"):
+        greedy_decode(model, ids[:1], 6, prefilled=shared)

@@ -1,5 +1,9 @@
 """Fast CPU path of the ``dsc::`` ops.
 
+The decode step the backend runs (one query position, rows valid on a prefix, no bias) goes to the fused native
+kernel (:mod:`.native`); what follows is the torch path, for every other call (masks, biases, Lq > 1, the separate
+ops) and for machines without a C++ compiler.
+
 What it reads: the label cache (``r`` channels per token, maybe 8/4-bit codes) and, after top-k, only the selected
 K/V rows (gathered by index from the HF-layout cache; never a repeated-KV copy, never the whole cache).
 
