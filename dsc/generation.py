@@ -57,6 +57,12 @@ class Prefilled:
     length: int
     seconds: float
 
+    @property
+    def rewindable(self) -> bool:
+        """Whether rewinding restores the prompt: not with sliding-window layers, whose decode writes roll the
+        window's rows away."""
+        return not any(getattr(layer, "is_sliding", False) for layer in self.cache.layers)
+
 
 def _last_only(model) -> dict:
     """Only the last position's logits are read: a model that can skip the others (HF's logits_to_keep) does, which
@@ -118,6 +124,9 @@ def greedy_decode(model, input_ids: torch.Tensor, steps: int, *, forward=None, c
                                   or attention_mask is not None or cache != "static"):
         raise ValueError(f"prefilled holds {prefilled.logits.shape[0]} x {prefilled.length} tokens in a static cache "
                          f"without padding; these ids are {B} x {L} (cache {cache!r})")
+    if prefilled is not None and not prefilled.rewindable:
+        raise ValueError("prefilled: a cache with sliding-window layers cannot be rewound to its prompt; prefill "
+                         "for each decode instead")
     kv = prefilled.cache if prefilled is not None else make_cache(model, cache, L + steps)
     mask = attention_mask
     pos = torch.arange(L)

@@ -240,3 +240,18 @@ def test_dsparse_entry_point_resolves_in_a_fresh_interpreter():
 def test_console_script_runs():
     r = subprocess.run([sys.executable, "-m", "dsc.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "bench" in r.stdout and "demo" in r.stdout
+
+
+def test_prefilled_cache_with_sliding_layers_is_not_rewound(model):
+    """A sliding-window layer's decode writes roll its rows away, so a shared prefill would not restore the prompt:
+    refused (and ``bench decode`` / the demo then prefill each run themselves)."""
+    from types import SimpleNamespace
+
+    from dsc.generation import Prefilled
+
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    cache = SimpleNamespace(layers=[SimpleNamespace(is_sliding=False), SimpleNamespace(is_sliding=True)])
+    shared = Prefilled(cache, torch.zeros(1, 8), 4, 0.0)
+    assert not shared.rewindable
+    with pytest.raises(ValueError, match="sliding-window layers cannot be rewound"):
+        greedy_decode(model, ids, 2, prefilled=shared)

@@ -104,10 +104,12 @@ def prompt_ids(tok, context: int, batch: int, steps: int, warmup: int):
 
 
 def shared_prefill(model, tok, context: int, batch: int, steps: int, warmup: int):
-    """The prompt prefilled once (eager, dense: what every policy's prefill computes) for the runs of one shape."""
+    """The prompt prefilled once (eager, dense: what every policy's prefill computes) for the runs of one shape, or
+    None where the cache cannot be rewound (sliding-window layers: each run then prefills for itself)."""
     from dsc.generation import prefill
 
-    return prefill(model, prompt_ids(tok, context, batch, steps, warmup), steps + warmup + 1)
+    done = prefill(model, prompt_ids(tok, context, batch, steps, warmup), steps + warmup + 1)
+    return done if done.rewindable else None
 
 
 def bench_one(model, tok, context: int, batch: int, compiler: str, steps: int, warmup: int,
