@@ -124,7 +124,7 @@ def ds_decode(q, k, v, channels, data, scale, zero, bits: int, lengths, budget: 
         qf.data_ptr(), qf.stride(0), qf.stride(1), k.data_ptr(), v.data_ptr(), DTYPE_KIND[k.dtype],
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), channels.data_ptr(),
         data.data_ptr(), CODE_KIND[bits] if quantized else DTYPE_KIND[data.dtype], data.stride(0), data.stride(1),
-        data.stride(2), _ptr(scale) if quantized else None, _ptr(zero) if quantized else None,
+        data.stride(2), _ptr(scale), _ptr(zero),
         scale.stride(0) if quantized else 0, scale.stride(1) if quantized else 0, _ptr(ln), b, hkv, hq // hkv, s, d,
         dv, channels.shape[1], kk, budget, float(frac), sink, recent, int(group), float(sm_scale), out.data_ptr(),
         torch.get_num_threads())

@@ -15,6 +15,7 @@
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
+#define DSC_AVX2 1  // the vector paths below; scalar loops finish every one of them (and stand alone without it)
 #include <immintrin.h>
 #endif
 
@@ -35,11 +36,9 @@ inline float f16_to_f32(uint16_t x) {
   return static_cast<float>(h);
 }
 
-// A row of `n` values of `kind` as fp32 into `dst`.
+// A row of `n` 16-bit values (BF16 or F16) as fp32 into `dst` (fp32 rows are read in place by the callers).
 inline void load_row(const void* src, int kind, int64_t n, float* dst) {
-  if (kind == F32) {
-    std::memcpy(dst, src, n * sizeof(float));
-  } else if (kind == BF16) {
+  if (kind == BF16) {
     const uint16_t* s = static_cast<const uint16_t*>(src);
     for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
   } else {
@@ -74,7 +73,7 @@ struct Labels {
 };
 
 struct Scratch {  // per thread, grown on demand and kept: no allocation (and no page faults) per step
-  std::vector<float> qc, qsum, scores, lab, krow, logits, acc;
+  std::vector<float> queries, qc, qsum, scores, lab, krow, logits;
   std::vector<uint32_t> keys;
   std::vector<int64_t> picked;
 };
@@ -97,14 +96,14 @@ inline void score_token(const float* lab, const float* qc, const float* qsum, in
 
 // Token t's r label values as fp32: a pointer into the data for fp32 labels, else converted into `lab`. 4-bit
 // codes come out even channels first, then odd ones (low nibbles, then high nibbles: no interleaving), the order
-// of the query channels `qc` for 4-bit labels (query_channels).
+// of the query channels `qc` for 4-bit labels (dsc_ds_decode).
 template <int R>
 inline const float* label_row(const Labels& L, const uint8_t* row, int64_t r_rt, float* lab) {
   const int64_t r = R > 0 ? R : r_rt;
   if (L.kind == F32) return reinterpret_cast<const float*>(row);
   int64_t c = 0;
   if (L.kind == U8) {
-#if defined(__AVX2__)
+#ifdef DSC_AVX2
     for (; c + 8 <= r; c += 8)
       _mm256_storeu_ps(lab + c, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
                                     _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c)))));
@@ -112,7 +111,7 @@ inline const float* label_row(const Labels& L, const uint8_t* row, int64_t r_rt,
     for (; c < r; ++c) lab[c] = static_cast<float>(row[c]);
   } else if (L.kind == U4) {
     const int64_t even = (r + 1) / 2, odd = r / 2;
-#if defined(__AVX2__)
+#ifdef DSC_AVX2
     if (odd == even) {
       const __m128i low4 = _mm_set1_epi8(15);
       for (; c + 8 <= odd; c += 8) {
@@ -131,7 +130,7 @@ inline const float* label_row(const Labels& L, const uint8_t* row, int64_t r_rt,
   return lab;
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
+#ifdef DSC_AVX2
 // Lane i of the result: the sum of v[i]'s eight lanes.
 inline __m256 transpose_sum8(const __m256* v) {
   const __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
@@ -172,7 +171,7 @@ void label_scores_r(const Labels& L, int64_t b, int64_t h, const float* qc, cons
   const float* sc = quantized ? L.scale + b * L.zb + h * L.zh : nullptr;
   const float* zp = quantized ? L.zero + b * L.zb + h * L.zh : nullptr;
   int64_t t = 0;
-#if defined(__AVX2__) && defined(__FMA__)
+#ifdef DSC_AVX2
   if constexpr (R > 0 && R % 8 == 0) {
     const float* rows[8];
     for (; t + 8 <= n; t += 8) {
@@ -201,7 +200,7 @@ inline float max_or_nan(const float* x, int64_t n) {
   int64_t t = 0;
   float top = -INFINITY;
   bool nan = false;
-#if defined(__AVX2__)
+#ifdef DSC_AVX2
   __m256 m = _mm256_set1_ps(-INFINITY), unordered = _mm256_setzero_ps();
   for (; t + 8 <= n; t += 8) {
     const __m256 v = _mm256_loadu_ps(x + t);
@@ -235,7 +234,7 @@ void group_score(float* scores, int64_t g_rows, int64_t n) {
     tops[g] = std::isfinite(m) ? m : 0.f;  // a NaN row, or nothing finite: not normalised
   }
   int64_t t = 0;
-#if defined(__AVX2__)
+#ifdef DSC_AVX2
   for (; t + 8 <= n; t += 8) {
     __m256 best = _mm256_set1_ps(-INFINITY), unordered = _mm256_setzero_ps();
     for (int64_t g = 0; g < g_rows; ++g) {
@@ -423,12 +422,11 @@ int dsc_ds_decode(const float* q, int64_t qb, int64_t qh, const void* k, const v
     s.lab.resize(8 * r);
     s.scores.resize(std::max<int64_t>(1, G * n));
     s.keys.resize(std::max<int64_t>(1, 2 * n));  // the keys, and radix_threshold's spare bucket
-    s.picked.resize(std::max<int64_t>(1, G * keep));
+    s.picked.resize(std::max<int64_t>(1, keep));
     const float* qrow = q + b * qb + h * G * qh;  // query head h * G + g
-    std::vector<float>& qf_store = s.acc;  // the group's queries, contiguous [G, D]
-    qf_store.resize(G * D);
+    s.queries.resize(G * D);  // the group's queries, contiguous [G, D]
     for (int64_t g = 0; g < G; ++g) {
-      std::memcpy(qf_store.data() + g * D, qrow + g * qh, D * sizeof(float));
+      std::memcpy(s.queries.data() + g * D, qrow + g * qh, D * sizeof(float));
       float sum = 0.f;
       for (int64_t c = 0; c < r; ++c) {
         const int64_t slot = label_kind == U4 ? (c % 2 ? (r + 1) / 2 + c / 2 : c / 2) : c;  // label_row's order
@@ -442,12 +440,11 @@ int dsc_ds_decode(const float* q, int64_t qb, int64_t qh, const void* k, const v
     if (group) {
       if (n > 0) group_score(s.scores.data(), G, n);
       const int64_t np = select_row(s.scores.data(), n, keep, sink, recent, s.picked.data(), s.keys.data());
-      attend(kv, b, h, qf_store.data(), G, D, Dv, s.picked.data(), np, sm_scale, o, s);
-    } else {
+      attend(kv, b, h, s.queries.data(), G, D, Dv, s.picked.data(), np, sm_scale, o, s);
+    } else {  // each query head selects and attends on its own (one picked buffer, reused)
       for (int64_t g = 0; g < G; ++g) {
-        int64_t* picked = s.picked.data() + g * keep;
-        const int64_t np = select_row(s.scores.data() + g * n, n, keep, sink, recent, picked, s.keys.data());
-        attend(kv, b, h, qf_store.data() + g * D, 1, D, Dv, picked, np, sm_scale, o + g * Dv, s);
+        const int64_t np = select_row(s.scores.data() + g * n, n, keep, sink, recent, s.picked.data(), s.keys.data());
+        attend(kv, b, h, s.queries.data() + g * D, 1, D, Dv, s.picked.data(), np, sm_scale, o + g * Dv, s);
       }
     }
   }
