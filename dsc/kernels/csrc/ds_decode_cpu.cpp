@@ -89,19 +89,19 @@ inline void score_token(const float* lab, const float* qc, const float* qsum, in
 // Token t's r label values as fp32: a pointer into the data for fp32 labels, else converted into `lab`. 4-bit
 // codes come out even channels first, then odd ones (low nibbles, then high nibbles: no interleaving), the order
 // of the query channels `qc` for 4-bit labels (dsc_ds_decode).
-template <int R>
-inline const float* label_row(const Labels& L, const uint8_t* row, int64_t r_rt, float* lab) {
+template <int R, int K>
+inline const float* label_row(const uint8_t* row, int64_t r_rt, float* lab) {
   const int64_t r = R > 0 ? R : r_rt;
-  if (L.kind == F32) return reinterpret_cast<const float*>(row);
+  if constexpr (K == F32) return reinterpret_cast<const float*>(row);
   int64_t c = 0;
-  if (L.kind == U8) {
+  if constexpr (K == U8) {
 #ifdef DSC_AVX2
     for (; c + 8 <= r; c += 8)
       _mm256_storeu_ps(lab + c, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
                                     _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c)))));
 #endif
     for (; c < r; ++c) lab[c] = static_cast<float>(row[c]);
-  } else if (L.kind == U4) {
+  } else if constexpr (K == U4) {
     const int64_t even = (r + 1) / 2, odd = r / 2;
 #ifdef DSC_AVX2
     if (odd == even) {
@@ -117,7 +117,7 @@ inline const float* label_row(const Labels& L, const uint8_t* row, int64_t r_rt,
     for (int64_t j = c; j < even; ++j) lab[j] = static_cast<float>(row[j] & 15);
     for (int64_t j = c; j < odd; ++j) lab[even + j] = static_cast<float>(row[j] >> 4);
   } else {
-    load_row(row, L.kind, r, lab);
+    load_row(row, K, r, lab);
   }
   return lab;
 }
@@ -156,14 +156,14 @@ inline void score8(const float* const* rows, const float* qc, const float* qsum,
 constexpr int64_t kLabelAhead = 2048;
 
 // scores[g * n + t] = q_g . label_t for t in [0, n): the score identity on codes (scale * (q . code) + zero * sum q).
-template <int R>
+template <int R, int K>
 void label_scores_r(const Labels& L, int64_t b, int64_t h, const float* qc, const float* qsum, int64_t g_rows,
                     int64_t r_rt, int64_t n, float* scores, float* lab) {
   const int64_t r = R > 0 ? R : r_rt;
-  const int64_t es = elem_size(L.kind);
+  const int64_t es = elem_size(K);
   const uint8_t* base = L.data + (b * L.sb + h * L.sh) * es;
   const int64_t row_bytes = L.ss * es;
-  const bool quantized = L.scale != nullptr;
+  constexpr bool quantized = K == U8 || K == U4;
   const float* sc = quantized ? L.scale + b * L.zb + h * L.zh : nullptr;
   const float* zp = quantized ? L.zero + b * L.zb + h * L.zh : nullptr;
   int64_t t = 0;
@@ -177,24 +177,37 @@ void label_scores_r(const Labels& L, int64_t b, int64_t h, const float* qc, cons
         __builtin_prefetch(sc + t + kLabelAhead / 4);
         __builtin_prefetch(zp + t + kLabelAhead / 4);
       }
-      for (int i = 0; i < 8; ++i) rows[i] = label_row<R>(L, base + (t + i) * row_bytes, r, lab + i * R);
+      for (int i = 0; i < 8; ++i) rows[i] = label_row<R, K>(base + (t + i) * row_bytes, r, lab + i * R);
       score8<R>(rows, qc, qsum, g_rows, sc, zp, scores, n, t);
     }
   }
 #endif
   for (; t < n; ++t) {
-    const float* l = label_row<R>(L, base + t * row_bytes, r, lab);
+    const float* l = label_row<R, K>(base + t * row_bytes, r, lab);
     score_token<R>(l, qc, qsum, g_rows, r, quantized ? sc[t] : 0.f, quantized ? zp[t] : 0.f, quantized, scores,
                    n, t);
   }
 }
 
+// label_scores_r for the label format K, with r fixed at compile time for the common widths.
+template <int K>
+void label_scores_k(const Labels& L, int64_t b, int64_t h, const float* qc, const float* qsum, int64_t g_rows,
+                    int64_t r, int64_t n, float* scores, float* lab) {
+  if (r == 16) return label_scores_r<16, K>(L, b, h, qc, qsum, g_rows, r, n, scores, lab);
+  if (r == 32) return label_scores_r<32, K>(L, b, h, qc, qsum, g_rows, r, n, scores, lab);
+  if (r == 8) return label_scores_r<8, K>(L, b, h, qc, qsum, g_rows, r, n, scores, lab);
+  return label_scores_r<0, K>(L, b, h, qc, qsum, g_rows, r, n, scores, lab);
+}
+
 void label_scores(const Labels& L, int64_t b, int64_t h, const float* qc, const float* qsum, int64_t g_rows,
                   int64_t r, int64_t n, float* scores, float* lab) {
-  if (r == 16) return label_scores_r<16>(L, b, h, qc, qsum, g_rows, r, n, scores, lab);
-  if (r == 32) return label_scores_r<32>(L, b, h, qc, qsum, g_rows, r, n, scores, lab);
-  if (r == 8) return label_scores_r<8>(L, b, h, qc, qsum, g_rows, r, n, scores, lab);
-  return label_scores_r<0>(L, b, h, qc, qsum, g_rows, r, n, scores, lab);
+  switch (L.kind) {
+    case F32: return label_scores_k<F32>(L, b, h, qc, qsum, g_rows, r, n, scores, lab);
+    case BF16: return label_scores_k<BF16>(L, b, h, qc, qsum, g_rows, r, n, scores, lab);
+    case F16: return label_scores_k<F16>(L, b, h, qc, qsum, g_rows, r, n, scores, lab);
+    case U8: return label_scores_k<U8>(L, b, h, qc, qsum, g_rows, r, n, scores, lab);
+    default: return label_scores_k<U4>(L, b, h, qc, qsum, g_rows, r, n, scores, lab);
+  }
 }
 
 // The largest of x[0, n), or NaN when one is NaN.
