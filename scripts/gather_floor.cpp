@@ -1,0 +1,86 @@
+// What one selected K/V row costs on this machine: the floor under the native kernel's attention phase.
+//
+// Double Sparsity reads 1/16 of the K/V rows, scattered; dense attention streams them all. The byte limit that
+// `dsc bench attention` prints assumes a gathered byte costs what a streamed one does. This program measures both
+// on cold memory (a 64 MB write before each run): a plain streaming read of K and V, and the same loop the kernel
+// runs over m sorted random rows per head (K pass with G dot products, V pass, rows prefetched a few ahead).
+//
+//   c++ -O3 -march=native -ffast-math scripts/gather_floor.cpp -o /tmp/gather_floor
+//   /tmp/gather_floor 16384 3 64 1024      # S, heads (batch x KV heads), head_dim, rows per head
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+static double median_ms(std::vector<double> t) {
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+int main(int argc, char** argv) {
+  if (argc != 5) {
+    std::fprintf(stderr, "usage: %s S heads head_dim rows_per_head\n", argv[0]);
+    return 2;
+  }
+  const int S = std::atoi(argv[1]), H = std::atoi(argv[2]), D = std::atoi(argv[3]), m = std::atoi(argv[4]);
+  const int G = 4, ahead = 4;
+  const size_t n = size_t(H) * S * D;
+  std::vector<float> K(n, 1.f), V(n, 1.f), q(G * D, 0.01f), logits(G * m), out(G * D);
+  std::vector<char> junk(64 << 20);
+  std::mt19937 rng(0);
+  std::vector<std::vector<int>> picked(H);
+  for (auto& p : picked) {
+    std::vector<int> all(S);
+    for (int i = 0; i < S; ++i) all[i] = i;
+    std::shuffle(all.begin(), all.end(), rng);
+    p.assign(all.begin(), all.begin() + m);
+    std::sort(p.begin(), p.end());
+  }
+  std::vector<double> gather, stream;
+  float sink = 0.f;
+  for (int it = 0; it < 15; ++it) {
+    std::memset(junk.data(), it, junk.size());
+    auto t0 = std::chrono::steady_clock::now();
+    for (int h = 0; h < H; ++h) {
+      const float* kb = K.data() + size_t(h) * S * D;
+      const float* vb = V.data() + size_t(h) * S * D;
+      const int* p = picked[h].data();
+      for (int j = 0; j < m; ++j) {
+        if (j + ahead < m)
+          for (int o = 0; o < D; o += 16) __builtin_prefetch(kb + size_t(p[j + ahead]) * D + o);
+        const float* kr = kb + size_t(p[j]) * D;
+        for (int g = 0; g < G; ++g) {
+          float s = 0.f;
+          for (int i = 0; i < D; ++i) s += q[g * D + i] * kr[i];
+          logits[g * m + j] = s;
+        }
+      }
+      for (int j = 0; j < m; ++j) {
+        if (j + ahead < m)
+          for (int o = 0; o < D; o += 16) __builtin_prefetch(vb + size_t(p[j + ahead]) * D + o);
+        const float* vr = vb + size_t(p[j]) * D;
+        for (int g = 0; g < G; ++g)
+          for (int i = 0; i < D; ++i) out[g * D + i] += logits[g * m + j] * vr[i];
+      }
+    }
+    auto t1 = std::chrono::steady_clock::now();
+    gather.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+    std::memset(junk.data(), it + 1, junk.size());
+    t0 = std::chrono::steady_clock::now();
+    float acc = 0.f;
+    for (size_t i = 0; i < n; ++i) acc += K[i] + V[i];
+    sink += acc;
+    t1 = std::chrono::steady_clock::now();
+    stream.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+  }
+  const double g = median_ms(gather), s = median_ms(stream);
+  const double rows = 2.0 * H * m, row_bytes = D * 4.0;
+  std::printf("S=%d heads=%d D=%d rows/head=%d (fp32)\n", S, H, D, m);
+  std::printf("  gather: %.3f ms, %.0f ns per %.0f B row, %.2f GB/s\n", g, g * 1e6 / rows, row_bytes,
+              rows * row_bytes / g / 1e6);
+  std::printf("  stream: %.3f ms for all %d rows, %.2f GB/s\n", s, 2 * H * S, 2.0 * n * 4 / s / 1e6);
+  return (sink + out[0]) > 1e30f;
+}
