@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 import dsc.kernels  # noqa: F401  (registers torch.ops.dsc.*)
+from dsc.kernels.ops import define_op, register_fake
 from dsc.attention_mask import causal_valid, valid_from_mask
 
 from . import offload
@@ -87,7 +88,7 @@ class Step:
     fresh: bool  # the host store began with this step's rows
 
 
-@torch.library.custom_op("dsc::site_attention", mutates_args=())
+@define_op("site_attention")
 def site_attention(runtime: int, site_index: int, q: Tensor, k: Tensor, v: Tensor, past_k: Optional[Tensor],
                    new_k: Tensor, positions: Optional[Tensor], attn_mask: Optional[Tensor], is_causal: bool,
                    scale: float, cache: str, prefetched: Optional[Tensor] = None,
@@ -119,7 +120,7 @@ def site_attention(runtime: int, site_index: int, q: Tensor, k: Tensor, v: Tenso
     return attend_offload_sync(spec, call, step)
 
 
-@site_attention.register_fake
+@register_fake("site_attention")
 def _(runtime, site_index, q, k, v, past_k, new_k, positions, attn_mask, is_causal, scale, cache, prefetched=None,
       new_v=None):
     b, hq, lq, _ = q.shape
@@ -246,7 +247,7 @@ def _check_in_bounds(positions: Tensor, capacity: int) -> None:
 
 
 # ------------------------------------------------------------------------------------- next-layer prediction
-@torch.library.custom_op("dsc::site_predict", mutates_args=())
+@define_op("site_predict")
 def site_predict(runtime: int, site_index: int, q_pred: Tensor, label_key: Tensor, attn_mask: Optional[Tensor],
                  cache: str) -> Tensor:
     """Select a later site's rows from a predicted query and start fetching them (offload with prediction).
@@ -270,7 +271,7 @@ def site_predict(runtime: int, site_index: int, q_pred: Tensor, label_key: Tenso
     return q_pred.new_empty((0,), dtype=torch.int64)
 
 
-@site_predict.register_fake
+@register_fake("site_predict")
 def _(runtime, site_index, q_pred, label_key, attn_mask, cache):
     return q_pred.new_empty((0,), dtype=torch.int64)
 
@@ -297,11 +298,10 @@ def _one_element(size, dtype, device) -> Tensor:
 
 
 # The real and the fake kernels are the same function: it allocates one element.
-kv_placeholder = torch.library.custom_op("dsc::kv_placeholder", _kv_placeholder, mutates_args=())
-kv_placeholder.register_fake(_kv_placeholder)
-kv_buffer_placeholder = torch.library.custom_op("dsc::kv_buffer_placeholder", _kv_buffer_placeholder,
-                                                mutates_args=())
-kv_buffer_placeholder.register_fake(_kv_buffer_placeholder)
+for _name, _fn in (("kv_placeholder", _kv_placeholder), ("kv_buffer_placeholder", _kv_buffer_placeholder)):
+    define_op(_name)(_fn)
+    register_fake(_name)(_fn)
+del _name, _fn
 
 
 def default_scale(head_dim: int) -> float:

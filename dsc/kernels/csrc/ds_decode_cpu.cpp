@@ -369,7 +369,8 @@ uint32_t radix_threshold(const uint32_t* keys, int64_t n, int64_t m, const Tally
 
 // The positions a row valid on [0, n) keeps, ascending, into `picked`: the forced ones, and the best-scored `m` of
 // [lo, hi) (NaN first; among equal scores the older position) from their keys (filled and tallied when
-// needs_ranking). Returns how many.
+// needs_ranking). `picked` has room for one more than that (each candidate is stored before the keep decision).
+// Returns how many.
 int64_t select_row(const uint32_t* keys, const Tally& tally, const Split& sp, int64_t n, int64_t* picked,
                    uint32_t* spare) {
   int64_t out = 0;
@@ -497,7 +498,7 @@ int dsc_ds_decode(const float* q, int64_t qb, int64_t qh, const void* k, const v
     s.lab.resize(8 * r);
     s.scores.resize(std::max<int64_t>(1, G * n));
     s.keys.resize(std::max<int64_t>(1, 2 * n));  // the keys, and radix_threshold's spare bucket
-    s.picked.resize(std::max<int64_t>(1, keep));
+    s.picked.resize(keep + 1);  // + 1: select_row stores each candidate before deciding to keep it
     const float* qrow = q + b * qb + h * G * qh;  // query head h * G + g
     s.queries.resize(G * D);  // the group's queries, contiguous [G, D]
     for (int64_t g = 0; g < G; ++g) {

@@ -1,0 +1,45 @@
+"""Memory-safety sweep of the native CPU decode kernel under AddressSanitizer (a check to run by hand after changing
+``dsc/kernels/csrc/ds_decode_cpu.cpp``; pytest cannot host it: ASan aborts on the C++ exceptions torch throws).
+
+It builds the kernel with ``-fsanitize=address -D_GLIBCXX_SANITIZE_VECTOR`` (scratch vectors checked to their size,
+not their capacity) and calls it over every label format, K/V dtype, selection mode, budget kind (absolute,
+fractional with sink/recent, covering the row), ``lengths`` and row lengths on and off the 8-token blocks::
+
+    LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 .venv/bin/python scripts/native_asan.py
+
+Prints ``clean: N calls`` or ASan's report of the first bad access (and exits non-zero).
+"""
+import itertools
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dsc.kernels import checks, native
+from dsc.kernels.testing import make_case
+
+FLAGS = ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer", "-D_GLIBCXX_SANITIZE_VECTOR",
+         "-march=native", "-std=c++17", "-fPIC", "-shared", "-fopenmp"]
+BUDGETS = [(1, 0.0, 0, 0), (5, 0.0, 0, 0), (50, 0.0, 0, 0), (97, 0.0, 0, 0), (150, 0.0, 0, 0), (4, 1 / 16, 4, 16),
+           (2, 0.5, 1, 3), (30, 0.25, 0, 40)]
+SHAPES = [(100, 16, 4), (37, 64, 16), (300, 128, 32), (9, 16, 5)]  # (S, D, r)
+
+
+def main() -> None:
+    lib = Path(tempfile.mkdtemp()) / "ds_decode_asan.so"
+    subprocess.run([native._compiler() or "c++", *FLAGS, str(native.SOURCE), "-o", str(lib)], check=True)
+    native._build = lambda cxx: lib
+    native.library.cache_clear()
+    calls = 0
+    for seed, bits, dtype, lengths, group, (budget, frac, sink, recent), (s, d, r) in itertools.product(
+            range(3), (16, 8, 4), (torch.float32, torch.bfloat16), (False, True), (True, False), BUDGETS, SHAPES):
+        c = make_case(seed, 2, 2, 3, 1, s, d, r, bits, dtype, "none", False, lengths)
+        native.ds_decode(c.q, c.k, c.v, c.channels, c.data, c.scale, c.zero, bits, c.lengths, budget, frac, sink,
+                         recent, group, d ** -0.5, checks.topk_width(s, budget, frac))
+        calls += 1
+    print(f"clean: {calls} calls")
+
+
+if __name__ == "__main__":
+    main()
