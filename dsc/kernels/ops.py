@@ -11,7 +11,8 @@ The ops are plain ``torch.library.Library`` definitions (:func:`define_op`; the 
 signature, as ``torch.library.custom_op`` infers it) rather than ``custom_op`` objects: a call then goes straight
 from the dispatcher to the kernel. ``custom_op``'s wrapper layers (autograd function, in-place view tracking,
 alias checks) cost 35-90 us per call on this CPU, several times per layer and decode step, for ops that are
-inference-only (no autograd formula; calling them on tensors that require grad gives outputs without a grad_fn).
+inference-only: no autograd formula (backpropagating through one makes torch warn that ``dsc::<op>`` has no
+autograd kernel, and no gradient flows through it; the backend leaves sites whose inputs require grad dense).
 
 Every kernel validates its arguments once (:mod:`.checks`); composite ops (``ds_decode``) check once and run their
 steps unchecked.
