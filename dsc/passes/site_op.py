@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 import dsc.kernels  # noqa: F401  (registers torch.ops.dsc.*)
-from dsc.kernels.ops import define_op, register_fake
 from dsc.attention_mask import causal_valid, valid_from_mask
+from dsc.kernels.ops import define_op, register_fake
 
 from . import offload
 from .runtime import Runtime, SiteSpec, lookup
