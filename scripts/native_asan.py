@@ -3,7 +3,8 @@
 
 It builds the kernel with ``-fsanitize=address -D_GLIBCXX_SANITIZE_VECTOR`` (scratch vectors checked to their size,
 not their capacity) and calls it over every label format, K/V dtype, selection mode, budget kind (absolute,
-fractional with sink/recent, covering the row), ``lengths`` and row lengths on and off the 8-token blocks::
+fractional with sink/recent, covering the row), ``lengths``, row lengths on and off the 8-token blocks and 3, 4 or 6
+query heads per KV head::
 
     LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 .venv/bin/python scripts/native_asan.py
 
@@ -33,8 +34,10 @@ def main() -> None:
     native.library.cache_clear()
     calls = 0
     for seed, bits, dtype, lengths, group, (budget, frac, sink, recent), (s, d, r) in itertools.product(
-            range(3), (16, 8, 4), (torch.float32, torch.bfloat16), (False, True), (True, False), BUDGETS, SHAPES):
-        c = make_case(seed, 2, 2, 3, 1, s, d, r, bits, dtype, "none", False, lengths)
+            range(3), (16, 8, 4), (torch.float32, torch.bfloat16, torch.float16), (False, True), (True, False), BUDGETS,
+            SHAPES):
+        group_size = (3, 4, 6)[seed]  # one or two blocks of 4 heads in the scoring
+        c = make_case(seed, 2, 2, group_size, 1, s, d, r, bits, dtype, "none", False, lengths)
         native.ds_decode(c.q, c.k, c.v, c.channels, c.data, c.scale, c.zero, bits, c.lengths, budget, frac, sink,
                          recent, group, d ** -0.5, checks.topk_width(s, budget, frac))
         calls += 1

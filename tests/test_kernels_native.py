@@ -35,11 +35,12 @@ def native_calls():
 
 
 # explicit examples: every label format x dtype, group and head selection, r on the vector path (16, 32) and off it
-# (odd, 8-bit with r = 5), lengths, cache lengths with a tail (not a multiple of 8), fractional budgets with
-# sink/recent, a budget covering the row, forced tokens filling it
+# (odd, 8-bit with r = 5), 1, 3, 4 and 6 query heads per KV head (none, one or two blocks of 4 heads in the
+# scoring), lengths, cache lengths with a tail (not a multiple of 8), fractional budgets with sink/recent, a budget
+# covering the row, forced tokens filling it
 @given(seed=st.integers(0, 2**31 - 1), bits=st.sampled_from([16, 8, 4]),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), group=st.booleans(),
-       g=st.sampled_from([1, 3, 4]), d=st.sampled_from([64, 128, 80]), r=st.sampled_from([16, 32, 5, 1]),
+       g=st.sampled_from([1, 3, 4, 6]), d=st.sampled_from([64, 128, 80]), r=st.sampled_from([16, 32, 5, 1]),
        s=st.integers(1, 700), lengths=st.booleans(), budget=st.integers(1, 80),
        frac=st.sampled_from([0.0, 1 / 16, 0.3]), sink=st.integers(0, 4), recent=st.integers(0, 16))
 @example(seed=1, bits=16, dtype=torch.float32, group=True, g=3, d=64, r=16, s=611, lengths=False, budget=36,
@@ -58,6 +59,10 @@ def native_calls():
          frac=0.0, sink=2, recent=2)
 @example(seed=8, bits=8, dtype=torch.bfloat16, group=True, g=1, d=128, r=1, s=8, lengths=True, budget=3,
          frac=0.0, sink=4, recent=16)
+@example(seed=9, bits=16, dtype=torch.float16, group=True, g=6, d=64, r=16, s=203, lengths=True, budget=20,
+         frac=1 / 16, sink=4, recent=16)
+@example(seed=10, bits=4, dtype=torch.float32, group=False, g=6, d=128, r=32, s=91, lengths=False, budget=11,
+         frac=0.0, sink=0, recent=4)
 def test_native_decode_matches_definition(seed, bits, dtype, group, g, d, r, s, lengths, budget, frac,
                                           sink, recent):
     c = make_case(seed, 2, 2, g, 1, s, d, min(r, d), bits, dtype, lengths=lengths)

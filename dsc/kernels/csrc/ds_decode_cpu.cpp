@@ -149,11 +149,80 @@ inline void score8(const float* const* rows, const float* qc, const float* qsum,
     _mm256_storeu_ps(scores + g * n + t0, s);
   }
 }
+
+// Token `row`'s R label values as R/8 fp32 vectors, kept in registers (no store and reload), in label_row's
+// channel order.
+template <int R, int K>
+inline void label_vectors(const uint8_t* row, __m256* x) {
+  static_assert(R % 8 == 0 && (K != U4 || R % 16 == 0), "whole 8-lane vectors");
+  for (int j = 0; j < R / 8; ++j) {
+    if constexpr (K == F32) {
+      x[j] = _mm256_loadu_ps(reinterpret_cast<const float*>(row) + 8 * j);
+    } else if constexpr (K == BF16) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row) + j);
+      x[j] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    } else if constexpr (K == F16) {
+      x[j] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row) + j));
+    } else if constexpr (K == U8) {
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * j));
+      x[j] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+    } else if (j < R / 16) {  // 4-bit: vector j holds the low nibbles of bytes [8j, 8j + 8), vector R/16 + j the high
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * j));
+      const __m128i low4 = _mm_set1_epi8(15);
+      x[j] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(b, low4)));
+      x[R / 16 + j] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low4)));
+    }
+  }
+}
+
+// Scores of the 8 tokens t0.. for 4 heads (rows of `qc`, R each), into scores[g * n + t0 ..] for g < g_store.
+// Tokens t0 + i and t0 + 4 + i make the 8 products of one transpose_sum8 (lanes: token t0 + i's 4 heads, then
+// t0 + 4 + i's), and four such vectors transpose into one vector per head: each token's labels are converted
+// once, in registers, for all 4 heads.
+template <int R, int K>
+inline void score8_heads4(const uint8_t* base, int64_t row_bytes, int64_t t0, const float* qc, const float* qsum,
+                          int64_t g_store, const float* sc, const float* zp, float* scores, int64_t n) {
+  __m256 y[4];
+  for (int i = 0; i < 4; ++i) {
+    __m256 acc[8];
+    for (int half = 0; half < 2; ++half) {
+      __m256 x[R / 8];
+      label_vectors<R, K>(base + (t0 + i + 4 * half) * row_bytes, x);
+      for (int g = 0; g < 4; ++g) {
+        __m256 a = _mm256_mul_ps(x[0], _mm256_loadu_ps(qc + g * R));
+        for (int j = 1; j < R / 8; ++j) a = _mm256_fmadd_ps(x[j], _mm256_loadu_ps(qc + g * R + 8 * j), a);
+        acc[4 * half + g] = a;
+      }
+    }
+    y[i] = transpose_sum8(acc);
+  }
+  const __m256 lo01 = _mm256_unpacklo_ps(y[0], y[1]), hi01 = _mm256_unpackhi_ps(y[0], y[1]);
+  const __m256 lo23 = _mm256_unpacklo_ps(y[2], y[3]), hi23 = _mm256_unpackhi_ps(y[2], y[3]);
+  const __m256 head[4] = {_mm256_shuffle_ps(lo01, lo23, 0x44), _mm256_shuffle_ps(lo01, lo23, 0xEE),
+                          _mm256_shuffle_ps(hi01, hi23, 0x44), _mm256_shuffle_ps(hi01, hi23, 0xEE)};
+  for (int64_t g = 0; g < g_store; ++g) {
+    __m256 s = head[g];
+    if (sc) s = _mm256_fmadd_ps(_mm256_loadu_ps(zp + t0), _mm256_set1_ps(qsum[g]),
+                                _mm256_mul_ps(s, _mm256_loadu_ps(sc + t0)));
+    _mm256_storeu_ps(scores + g * n + t0, s);
+  }
+}
 #endif
 
 // Labels are read in order, but the hardware prefetcher stops at each 4 KB page (a TLB miss on this kind of VM
 // costs a nested page walk): ask for the bytes 2 KB ahead (measured against 0.5-4 KB, interleaved: 7-22% faster).
 constexpr int64_t kLabelAhead = 2048;
+
+// Whether score8_heads4 serves labels of format K and width R.
+template <int R, int K>
+constexpr bool heads4_path() {
+#ifdef __F16C__
+  constexpr bool f16 = true;
+#else
+  constexpr bool f16 = false;
+#endif
+  return R > 0 && R % 8 == 0 && (K != U4 || R % 16 == 0) && (K != F16 || f16);
+}
 
 // scores[g * n + t] = q_g . label_t for t in [0, n): the score identity on codes (scale * (q . code) + zero * sum q).
 template <int R, int K>
@@ -168,6 +237,21 @@ void label_scores_r(const Labels& L, int64_t b, int64_t h, const float* qc, cons
   const float* zp = quantized ? L.zero + b * L.zb + h * L.zh : nullptr;
   int64_t t = 0;
 #ifdef DSC_AVX2
+  if constexpr (heads4_path<R, K>()) {
+    if (g_rows >= 3) {  // blocks of 4 heads (qc and qsum are zero-padded to whole blocks)
+      for (; t + 8 <= n; t += 8) {
+        const uint8_t* ahead = base + (t + 8) * row_bytes + kLabelAhead;
+        for (int64_t off = 0; off < 8 * row_bytes; off += 64) __builtin_prefetch(ahead + off);
+        if (quantized) {
+          __builtin_prefetch(sc + t + kLabelAhead / 4);
+          __builtin_prefetch(zp + t + kLabelAhead / 4);
+        }
+        for (int64_t g = 0; g < g_rows; g += 4)
+          score8_heads4<R, K>(base, row_bytes, t, qc + g * R, qsum + g, std::min<int64_t>(4, g_rows - g), sc, zp,
+                              scores + g * n, n);
+      }
+    }
+  }
   if constexpr (R > 0 && R % 8 == 0) {
     const float* rows[8];
     for (; t + 8 <= n; t += 8) {
@@ -493,8 +577,8 @@ int dsc_ds_decode(const float* q, int64_t qb, int64_t qh, const void* k, const v
       const int64_t share = std::max<int64_t>(static_cast<int64_t>(std::ceil(static_cast<double>(n) * frac)), budget);
       keep = std::min(std::min(share, n), kk);
     }
-    s.qc.resize(G * r);
-    s.qsum.resize(G);
+    s.qc.assign((G + 3) / 4 * 4 * r, 0.f);  // whole blocks of 4 heads for score8_heads4, zero-padded
+    s.qsum.assign((G + 3) / 4 * 4, 0.f);
     s.lab.resize(8 * r);
     s.scores.resize(std::max<int64_t>(1, G * n));
     s.keys.resize(std::max<int64_t>(1, 2 * n));  // the keys, and radix_threshold's spare bucket
