@@ -17,12 +17,15 @@ $(STAMP): pyproject.toml constraints.txt assets-requirements.txt Makefile
 demo: venv
 	$(VENV)/bin/dsc demo
 
+# one pytest worker per core (at most 4: each holds a model and its compiles), work stealing for the long tests
+PYTEST := $(PY) -m pytest -n auto --maxprocesses 4 --dist worksteal
+
 test: venv
-	$(PY) -m pytest
+	$(PYTEST)
 
 # the same suite with the random hypothesis profile (more, fresh examples per property; ci is derandomized)
 test-dev: venv
-	HYPOTHESIS_PROFILE=dev $(PY) -m pytest
+	HYPOTHESIS_PROFILE=dev $(PYTEST)
 
 bench: venv
 	$(VENV)/bin/dsc bench decode --json bench-decode.json

@@ -1,5 +1,6 @@
-"""Test-session set-up. Environment first: Triton's interpreter must be on before any @triton.jit runs, and
-inductor's cache must sit in a fixed folder outside the checkout so compiles are reused across runs."""
+"""Test-session set-up. Environment first: Triton's interpreter must be on before any @triton.jit runs,
+inductor's cache must sit in a fixed folder outside the checkout so compiles are reused across runs, and parallel
+workers get their share of the cores."""
 import os
 from pathlib import Path
 
@@ -8,6 +9,11 @@ _cache = Path(os.environ.get("DSC_CACHE") or Path.home() / ".cache" / "dsc")
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_cache / "inductor"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# pytest-xdist workers (make test runs one per core) share the cores: one worker's torch must not spin a thread
+# on every core (read by torch when it is first imported, below this point)
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
