@@ -4,7 +4,8 @@
 It builds the kernel with ``-fsanitize=address -D_GLIBCXX_SANITIZE_VECTOR`` (scratch vectors checked to their size,
 not their capacity) and calls it over every label format, K/V dtype, selection mode, budget kind (absolute,
 fractional with sink/recent, covering the row), ``lengths``, row lengths on and off the 8-token blocks and 3, 4 or 6
-query heads per KV head::
+query heads per KV head; and the label write over every label format, key dtype, odd and even ``r``, one and
+several tokens, contiguous and transposed keys::
 
     LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 .venv/bin/python scripts/native_asan.py
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dsc.kernels import checks, native
+from dsc.kernels import alloc_labels, checks, native
 from dsc.kernels.testing import make_case
 
 FLAGS = ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer", "-D_GLIBCXX_SANITIZE_VECTOR",
@@ -40,6 +41,16 @@ def main() -> None:
         c = make_case(seed, 2, 2, group_size, 1, s, d, r, bits, dtype, "none", False, lengths)
         native.ds_decode(c.q, c.k, c.v, c.channels, c.data, c.scale, c.zero, bits, c.lengths, budget, frac, sink,
                          recent, group, d ** -0.5, checks.topk_width(s, budget, frac))
+        calls += 1
+    for seed, bits, dtype, (s, d, r), t, transposed in itertools.product(
+            range(2), (16, 8, 4), (torch.float32, torch.bfloat16, torch.float16), SHAPES, (1, 7), (False, True)):
+        gen = torch.Generator().manual_seed(seed)
+        keys = torch.randn(2, t, 3, d, generator=gen).to(dtype).transpose(1, 2)
+        keys = keys if transposed else keys.contiguous()
+        channels = torch.stack([torch.randperm(d, generator=gen)[:r] for _ in range(3)])
+        labels = alloc_labels(2, 3, s, r, bits, dtype=torch.float32 if seed else dtype)
+        positions = torch.randperm(s, generator=gen)[:t] if t <= s else torch.arange(s)
+        assert native.label_write(keys[:, :, :positions.numel()], channels, positions, *labels, bits)
         calls += 1
     print(f"clean: {calls} calls")
 

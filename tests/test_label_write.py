@@ -1,13 +1,30 @@
-"""The fast CPU label write (``dsc/kernels/cpu.py``) against the plain-torch reference oracle, for every label format
-(16/8/4 bits), the decode step (T = 1) and multi-token writes (T > 1, prefill / continued prompts), positions
-shared ``[T]`` or per sequence ``[B, T]``, odd and even ``r``, and keys in HF's transposed layout."""
+"""The fast CPU label write (``dsc/kernels/cpu.py``: the native kernel, and the torch path it leaves other layouts
+to) against the plain-torch reference oracle, for every label format (16/8/4 bits), the decode step (T = 1) and
+multi-token writes (T > 1, prefill / continued prompts), positions shared ``[T]`` or per sequence ``[B, T]``, odd
+and even ``r``, keys in HF's transposed layout, and labels with non-finite values."""
+import contextlib
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from dsc.kernels import cpu as C
+from dsc.kernels import native as N
 from dsc.kernels import reference as R
+
+PATHS = ("native", "torch")
+
+
+@contextlib.contextmanager
+def _path(name):
+    """Run the CPU label write on one path: ``native`` as built, ``torch`` with the native kernel declining."""
+    if name == "native":
+        yield
+    else:
+        with mock.patch.object(N, "label_write", lambda *a, **k: False):
+            yield
 
 
 def _case(seed, bits, t, batched, r, b=2, hkv=3, s=29, d=32, dtype=torch.float32, transposed=False):
@@ -35,12 +52,14 @@ def _case(seed, bits, t, batched, r, b=2, hkv=3, s=29, d=32, dtype=torch.float32
 def _check(seed, bits, t, batched, r, **kw):
     keys, ch, pos, cache = _case(seed, bits, t, batched, r, **kw)
     want = [x.clone() for x in cache]
-    got = [x.clone() for x in cache]
     R.label_write(keys, ch, pos, *want, bits)
-    C.label_write(keys, ch, pos, *got, bits)
-    for name, w, g in zip(("data", "scale", "zero"), want, got):
-        assert torch.equal(w, g), f"{name} differs (bits={bits}, T={t}, batched={batched}, r={r})"
     assert not torch.equal(want[0], cache[0])  # the write did something
+    for path in PATHS:
+        got = [x.clone() for x in cache]
+        with _path(path):
+            C.label_write(keys, ch, pos, *got, bits)
+        for name, w, g in zip(("data", "scale", "zero"), want, got):
+            assert torch.equal(w, g), f"{path}: {name} differs (bits={bits}, T={t}, batched={batched}, r={r})"
 
 
 # Explicit examples: every format x {decode step, multi-token} x {positions [T], [B, T]}, odd r among them
@@ -62,6 +81,35 @@ def _check(seed, bits, t, batched, r, **kw):
 @example(seed=12, bits=4, t=7, batched=True, r=13, dtype=torch.float16, transposed=False)
 def test_cpu_label_write_equals_reference(seed, bits, t, batched, r, dtype, transposed):
     _check(seed, bits, t, batched, r, dtype=dtype, transposed=transposed)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bad", ["nan", "inf", "range"])
+def test_cpu_label_write_non_finite_labels_as_the_reference(bits, bad):
+    """A label with NaN or inf, or whose range overflows fp32 (max - min = inf): the native kernel declines the
+    row and the torch path writes what the reference writes (scale/zero NaN or inf, the codes its casts give)."""
+    keys, ch, pos, cache = _case(3, bits, 2, False, 6)
+    value = {"nan": float("nan"), "inf": float("inf"), "range": 3e38}[bad]
+    keys[1, 2, 1, ch[2, 0]] = value
+    if bad == "range":
+        keys[1, 2, 1, ch[2, 1]] = -3e38
+    want = [x.clone() for x in cache]
+    R.label_write(keys, ch, pos, *want, bits)
+    for path in PATHS:
+        got = [x.clone() for x in cache]
+        with _path(path):
+            C.label_write(keys, ch, pos, *got, bits)
+        for w, g in zip(want, got):
+            torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+    assert not torch.isfinite(want[1][1, 2, pos[1]])  # the case is what it says
+
+
+def test_native_label_write_takes_the_decode_step():
+    """The decode step's write (T = 1, positions [1]) is the native kernel's when it is built."""
+    if N.library() is None:
+        pytest.skip("no native kernel on this machine")
+    keys, ch, pos, cache = _case(0, 8, 1, False, 7)
+    assert N.label_write(keys, ch, pos, *cache, 8)
 
 
 @pytest.mark.parametrize("bits", [16, 8, 4])

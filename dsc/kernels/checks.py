@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 BITS = (4, 8, 16)
 
@@ -26,9 +27,26 @@ def _rank(name: str, t: torch.Tensor, rank: int, layout: str) -> None:
 
 def _has_values(t: torch.Tensor) -> bool:
     """True when reading ``t``'s values is free: a real CPU tensor (not fake, not on an accelerator)."""
-    from torch._subclasses.fake_tensor import is_fake
-
     return t.device.type == "cpu" and t.numel() > 0 and not is_fake(t)
+
+
+def value_range(t: torch.Tensor) -> tuple[int, int]:
+    """``(min, max)`` of an integer CPU tensor with values. Checks run on every decode step, so the read is lean:
+    one ``tolist`` for a few values, one ``aminmax`` otherwise; and it is remembered on ``t`` until ``t`` is
+    modified in place (its version counter moves, views included): channel ids, read by two ops per layer and step,
+    are read once. Inference tensors have no version counter and are read every time."""
+    version = None if t.is_inference() else t._version
+    seen = getattr(t, "_dsc_value_range", None)
+    if seen is not None and version is not None and seen[0] == version:
+        return seen[1]
+    if t.numel() <= 16:
+        values = t.flatten().tolist()
+        lo_hi = (min(values), max(values))
+    else:
+        lo_hi = tuple(int(x) for x in torch.aminmax(t))
+    if version is not None:
+        t._dsc_value_range = (version, lo_hi)
+    return lo_hi
 
 
 def _same_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
@@ -57,10 +75,10 @@ def check_channels(channels: torch.Tensor, hkv: int, d: int) -> int:
     r = channels.shape[1]
     if r < 1 or r > d:
         _fail("channels", f"selects {r} channels per head; need 1 <= r <= head_dim ({d})")
-    if _has_values(channels) and (
-            int(channels.min()) < 0 or int(channels.max()) >= d):
-        _fail("channels", f"ids must lie in [0, {d}) (head_dim {d}); got range "
-                          f"[{int(channels.min())}, {int(channels.max())}]")
+    if _has_values(channels):
+        lo, hi = value_range(channels)
+        if lo < 0 or hi >= d:
+            _fail("channels", f"ids must lie in [0, {d}) (head_dim {d}); got range [{lo}, {hi}]")
     return r
 
 
@@ -93,10 +111,10 @@ def check_positions(positions: torch.Tensor, b: int, t: int, s: int) -> None:
         _fail("positions", "must be an int64 tensor [T] or [B, T]")
     if tuple(positions.shape) not in ((t,), (b, t)):
         _fail("positions", f"has shape {tuple(positions.shape)}; expected [{t}] or [{b}, {t}] (T = keys.shape[2])")
-    if _has_values(positions) and (
-            int(positions.min()) < 0 or int(positions.max()) >= s):
-        _fail("positions", f"must lie in [0, {s}) (the label cache length); got "
-                           f"[{int(positions.min())}, {int(positions.max())}]")
+    if _has_values(positions):
+        lo, hi = value_range(positions)
+        if lo < 0 or hi >= s:
+            _fail("positions", f"must lie in [0, {s}) (the label cache length); got [{lo}, {hi}]")
 
 
 def check_label_write(keys, channels, positions, data, scale, zero, bits) -> None:
@@ -250,8 +268,6 @@ def check_sparse_attention(q, k, v, idx, sm_scale, bias) -> None:
 def check_host_kv(q, k, v, idx, sm_scale, bias) -> None:
     """:func:`check_sparse_attention` for ``k``/``v`` held in host memory: pinned when ``q`` is on a GPU (the
     zero-copy kernel reads them over the bus), any host tensor otherwise (the reference moves the rows)."""
-    from torch._subclasses.fake_tensor import is_fake
-
     for name, t in (("k", k), ("v", v)):
         _rank(name, t, 4, "[B, Hkv, S, D] in host memory")
         if t.device.type != "cpu":
@@ -269,8 +285,6 @@ def check_host_kv(q, k, v, idx, sm_scale, bias) -> None:
 
 
 def check_write_rows(src, positions, dst) -> None:
-    from torch._subclasses.fake_tensor import is_fake
-
     _rank("src", src, 4, "[B, Hkv, T, D]")
     _rank("dst", dst, 4, "[B, Hkv, capacity, D]")
     b, hkv, t, d = src.shape

@@ -57,8 +57,11 @@ def label_write(keys, channels, positions, data, scale, zero, bits: int) -> None
     One gather of the ``r`` channels of all T tokens, one quantization pass (in place on the gathered labels), then
     a copy along the position dimension: a narrow slice for the decode step (T = 1, shared positions), one
     ``index_copy_`` for shared positions ``[T]``, one per sequence for positions ``[B, T]``. Codes are bit-equal
-    to the reference (same fp32 operations in the same order: ``floor((x - min) / scale + 0.5)``)."""
+    to the reference (same fp32 operations in the same order: ``floor((x - min) / scale + 0.5)``). Positions
+    shared by the batch go to the native kernel (:func:`.native.label_write`, the same codes) when it is built."""
     checks.check_label_write(keys, channels, positions, data, scale, zero, bits)
+    if native.label_write(keys, channels, positions, data, scale, zero, bits):
+        return
     b, hkv, t, _ = keys.shape
     r = channels.shape[1]
     lab = keys.gather(-1, channels[None, :, None, :].expand(b, hkv, t, r))  # [B, Hkv, T, r], a fresh tensor

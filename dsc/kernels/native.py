@@ -39,6 +39,9 @@ _ARGTYPES = ([_PTR, _I64, _I64, _PTR, _PTR, ctypes.c_int] + [_I64] * 6 + [_PTR, 
              + [_PTR, _PTR, _I64, _I64, _PTR] + [_I64] * 9 + [ctypes.c_double, _I64, _I64, ctypes.c_int,
                                                              ctypes.c_float, _PTR, ctypes.c_int])
 
+_WRITE_ARGTYPES = ([_PTR, ctypes.c_int] + [_I64] * 3 + [_PTR, _PTR, _PTR, ctypes.c_int] + [_I64] * 3 + [_PTR, _PTR]
+                   + [_I64] * 6 + [ctypes.c_int])
+
 
 def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
@@ -94,6 +97,8 @@ def library():
         return None
     lib.dsc_ds_decode.argtypes = _ARGTYPES
     lib.dsc_ds_decode.restype = ctypes.c_int
+    lib.dsc_label_write.argtypes = _WRITE_ARGTYPES
+    lib.dsc_label_write.restype = ctypes.c_int
     return lib
 
 
@@ -129,3 +134,27 @@ def ds_decode(q, k, v, channels, data, scale, zero, bits: int, lengths, budget: 
         dv, channels.shape[1], kk, budget, float(frac), sink, recent, int(group), float(sm_scale), out.data_ptr(),
         torch.get_num_threads())
     return out if q.dtype == torch.float32 else out.to(q.dtype)
+
+
+def label_write(keys, channels, positions, data, scale, zero, bits: int) -> bool:
+    """``dsc::label_write`` for validated arguments, natively, when it can: CPU tensors, positions ``[T]`` shared by
+    the batch, unit stride along the last dims, 16-bit labels of the keys' dtype or fp32. Returns whether it wrote
+    them: False leaves the call to the torch path (other layouts; a quantized label with a non-finite value, whose
+    codes only the torch path defines)."""
+    quantized = bits != 16
+    if not (keys.device.type == "cpu" and positions.dim() == 1 and keys.dtype in DTYPE_KIND
+            and keys.stride(-1) == 1 and data.stride(-1) == 1
+            and (quantized or data.dtype in (keys.dtype, torch.float32))
+            and (not quantized or (scale.stride(-1) == 1 and scale.stride() == zero.stride()))
+            and library() is not None):
+        return False
+    b, hkv, t, _ = keys.shape
+    if t == 0:
+        return True
+    channels, positions = channels.contiguous(), positions.contiguous()
+    code = library().dsc_label_write(
+        keys.data_ptr(), DTYPE_KIND[keys.dtype], keys.stride(0), keys.stride(1), keys.stride(2), channels.data_ptr(),
+        positions.data_ptr(), data.data_ptr(), CODE_KIND[bits] if quantized else DTYPE_KIND[data.dtype],
+        data.stride(0), data.stride(1), data.stride(2), _ptr(scale), _ptr(zero), scale.stride(0) if quantized else 0,
+        scale.stride(1) if quantized else 0, b, hkv, t, channels.shape[1], bits)
+    return code == 0

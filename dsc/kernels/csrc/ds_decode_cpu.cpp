@@ -547,9 +547,77 @@ void attend(const KV& kv, int64_t b, int64_t h, const float* qf, int64_t g_rows,
   }
 }
 
+// A key element of kind F32 / BF16 / F16 as fp32.
+inline float key_value(const uint8_t* base, int kind, int64_t i) {
+  if (kind == F32) return reinterpret_cast<const float*>(base)[i];
+  const uint16_t x = reinterpret_cast<const uint16_t*>(base)[i];
+  return kind == BF16 ? bf16_to_f32(x) : f16_to_f32(x);
+}
+
+// One token's label quantized as the reference does it (kernels/reference.py quantize), bit for bit: scale =
+// (max - min) / levels, code = clamp(floor((x - min) / scale + 0.5), 0, levels), all codes 0 when the scale is not
+// > 0. Returns false for a non-finite value (its codes are whatever the reference's NaN casts give: the caller
+// writes such rows with the torch path). No reassociation here, whatever the file's flags: the codes must match.
+__attribute__((optimize("no-associative-math", "no-fast-math")))
+bool quantize_row(const float* lab, int64_t r, int bits, uint8_t* codes, float* scale, float* zero) {
+  float lo = lab[0], hi = lab[0];
+  for (int64_t c = 0; c < r; ++c) {
+    if (!std::isfinite(lab[c])) return false;
+    lo = std::min(lo, lab[c]);
+    hi = std::max(hi, lab[c]);
+  }
+  const float levels = static_cast<float>((1 << bits) - 1);
+  const float sc = (hi - lo) / levels;
+  if (!std::isfinite(sc)) return false;  // a range past fp32's: (x - min) may overflow too
+  *scale = sc;
+  *zero = lo;
+  const int64_t width = bits == 4 ? (r + 1) / 2 : r;
+  std::memset(codes, 0, width);
+  if (!(sc > 0.f)) return true;
+  for (int64_t c = 0; c < r; ++c) {
+    const float code = std::min(std::max(std::floor((lab[c] - lo) / sc + 0.5f), 0.f), levels);
+    const uint8_t u = static_cast<uint8_t>(code);
+    if (bits == 8) codes[c] = u;
+    else codes[c / 2] |= static_cast<uint8_t>(c % 2 ? u << 4 : u);  // channel 2j low nibble, 2j + 1 high
+  }
+  return true;
+}
+
 }  // namespace
 
 extern "C" {
+
+// The labels of T new keys written at positions[t] (shared by the batch) into the label cache: the r channels of
+// each KV head, kept as they are (16-bit labels: data of the keys' kind or F32) or quantized (bits 8/4: uint8
+// codes, fp32 scale/zero). keys: [B, Hkv, T, D] of kind key_kind (element strides kb, kh, kt; dim stride 1).
+// channels: int64 [Hkv, r] contiguous. data strides (elements) db, dh, ds; scale/zero strides zb, zh (token stride
+// 1). Returns 0, or 1 when a quantized label held a non-finite value (the caller rewrites every row with torch).
+int dsc_label_write(const void* keys, int key_kind, int64_t kb, int64_t kh, int64_t kt, const int64_t* channels,
+                    const int64_t* positions, void* data, int data_kind, int64_t db, int64_t dh, int64_t ds,
+                    float* scale, float* zero, int64_t zb, int64_t zh, int64_t B, int64_t Hkv, int64_t T,
+                    int64_t r, int bits) {
+  const int ke = elem_size(key_kind), de = elem_size(data_kind);
+  std::vector<float> lab(r);
+  int status = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hkv; ++h)
+      for (int64_t t = 0; t < T; ++t) {
+        const uint8_t* src = static_cast<const uint8_t*>(keys) + (b * kb + h * kh + t * kt) * ke;
+        const int64_t p = positions[t];
+        uint8_t* dst = static_cast<uint8_t*>(data) + (b * db + h * dh + p * ds) * de;
+        const int64_t* ch = channels + h * r;
+        if (bits == 16 && data_kind == key_kind) {
+          for (int64_t c = 0; c < r; ++c) std::memcpy(dst + c * ke, src + ch[c] * ke, ke);  // the value, as is
+        } else if (bits == 16) {  // F32 labels of 16-bit keys: exact
+          for (int64_t c = 0; c < r; ++c) reinterpret_cast<float*>(dst)[c] = key_value(src, key_kind, ch[c]);
+        } else {
+          for (int64_t c = 0; c < r; ++c) lab[c] = key_value(src, key_kind, ch[c]);
+          const int64_t z = b * zb + h * zh + p;
+          if (!quantize_row(lab.data(), r, bits, dst, scale + z, zero + z)) status = 1;
+        }
+      }
+  return status;
+}
 
 // One decode step of Double Sparsity attention. q: fp32 [B, Hkv*G, D] (strides qb, qh; dim stride 1). out: fp32
 // [B, Hkv*G, Dv] contiguous. channels: int64 [Hkv, r] contiguous. lengths: int64 [B] or null (n = min(len, S)).
