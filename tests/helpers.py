@@ -161,11 +161,11 @@ def _record_selections(monkeypatch):
         return idx
 
     def decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink, recent, group,
-               sm_scale):
+               sm_scale, planned=False):
         scores = torch.ops.dsc.label_scores(q, channels, data, scale, zero, bits, valid, lengths, group)
         seen.append(torch.ops.dsc.select_topk(scores, budget, frac, sink, recent))
         return real_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink,
-                           recent, group, sm_scale)
+                           recent, group, sm_scale, planned)
 
     monkeypatch.setattr(site_op, "_select", select)
     monkeypatch.setattr(site_op, "_ds_decode", decode)

@@ -166,8 +166,8 @@ def test_binding_budget_under_inductor_selects_and_attends_by_the_definition(mon
 
     seen, real = [], site_op._ds_decode
 
-    def spy(*args):
-        out = real(*args)
+    def spy(*args, **kw):
+        out = real(*args, **kw)
         seen.append(([a.clone() if isinstance(a, torch.Tensor) else a for a in args], out.clone()))
         return out
 

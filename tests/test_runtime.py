@@ -85,3 +85,40 @@ def test_offload_under_inductor_equals_on_device_decode():
     stats = model.dsparse_runtime.stats
     assert stats["offload_fetches"] == stats["sparse_calls"] == 3 * (LAYERS - 1)
     assert 0 < stats["h2d_bytes"] <= 3 * (LAYERS - 1) * 2 * HKV * 6 * 2 * D * 4  # at most the budget's rows
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_planned_decode_takes_the_steady_state_and_equals_the_general_path(bits, monkeypatch):
+    """On the CPU with the native kernels built, every decode step of a static cache takes the site's plan (the
+    prefill left each label cache continuing at the next position), and it decodes the same tokens and logits, bit
+    for bit, as the general path (plans refused) at a budget that drops tokens."""
+    from dsc.kernels import native
+    from dsc.passes import site_op
+
+    if native.library() is None:
+        pytest.skip("no native CPU kernel on this machine")
+    ids = torch.randint(3, 128, (2, 20), generator=torch.Generator().manual_seed(4))
+    planned, real = [], site_op._ds_decode
+
+    def spy(*args, **kw):
+        planned.append(kw.get("planned", False))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(site_op, "_ds_decode", spy)
+    runs = []
+    for plans in (True, False):
+        if not plans:
+            monkeypatch.setattr(site_op, "planned_decode", lambda *a: None)
+        planned.clear()
+        model = _model()
+        dsc.compile(model, check_fingerprint=False, **dict(OPTIONS, label_bits=bits))
+        runs.append(generate(model, ids, 5, "static"))
+        rt = model.dsparse_runtime
+        assert len(planned) == rt.stats["sparse_calls"] == 4 * (LAYERS - 1)
+        assert all(planned) if plans else not any(planned)
+        assert rt.counts()["plans"] == (LAYERS - 1 if plans else 0)
+        torch._dynamo.reset()
+    assert runs[0].sequences.tolist() == runs[1].sequences.tolist()
+    for a, b in zip(runs[0].logits, runs[1].logits):
+        assert torch.equal(a, b)
+    assert not torch.equal(runs[0].logits[-1], generate(_model(), ids, 5, "static").logits[-1])  # the budget binds

@@ -136,18 +136,24 @@ def ds_decode(q, k, v, channels, data, scale, zero, bits: int, lengths, budget: 
     return out if q.dtype == torch.float32 else out.to(q.dtype)
 
 
+def writes(keys, positions, data, scale, zero, bits: int) -> bool:
+    """Whether :func:`label_write` takes this call (see there)."""
+    quantized = bits != 16
+    return (keys.device.type == "cpu" and positions.dim() == 1 and keys.dtype in DTYPE_KIND
+            and keys.stride(-1) == 1 and data.stride(-1) == 1
+            and (quantized or data.dtype in (keys.dtype, torch.float32))
+            and (not quantized or (scale.stride(-1) == 1 and scale.stride() == zero.stride()))
+            and library() is not None)
+
+
 def label_write(keys, channels, positions, data, scale, zero, bits: int) -> bool:
     """``dsc::label_write`` for validated arguments, natively, when it can: CPU tensors, positions ``[T]`` shared by
     the batch, unit stride along the last dims, 16-bit labels of the keys' dtype or fp32. Returns whether it wrote
     them: False leaves the call to the torch path (other layouts; a quantized label with a non-finite value, whose
     codes only the torch path defines)."""
-    quantized = bits != 16
-    if not (keys.device.type == "cpu" and positions.dim() == 1 and keys.dtype in DTYPE_KIND
-            and keys.stride(-1) == 1 and data.stride(-1) == 1
-            and (quantized or data.dtype in (keys.dtype, torch.float32))
-            and (not quantized or (scale.stride(-1) == 1 and scale.stride() == zero.stride()))
-            and library() is not None):
+    if not writes(keys, positions, data, scale, zero, bits):
         return False
+    quantized = bits != 16
     b, hkv, t, _ = keys.shape
     if t == 0:
         return True

@@ -8,6 +8,7 @@ everything the rewritten graphs need between calls:
   site index)``, two ints, as the site op's first arguments;
 - the label store (:class:`dsc.passes.store.LabelStore`): label caches and, with offload, the host K/V stores;
 - the predictions in flight (offload with next-layer prediction);
+- each site's CPU decode plan (the signature its ops' checks passed for, :func:`dsc.passes.site_op.planned_decode`);
 - the counters (``stats``) that ``dsc.explain``, the benchmarks and the tests read;
 - the site reports of every graph compiled (``reports``), the debug switches (from its config).
 
@@ -73,6 +74,7 @@ class Runtime:
         self.sites: list[SiteSpec] = []
         self.reports: list[list] = []  # per compiled graph: its analysis.Site decisions (graph nodes dropped)
         self.predictions: dict[int, tuple] = {}  # site -> (idx, k block, v block, rows) fetched ahead
+        self.plans: dict[int, tuple] = {}  # site -> (signature, planned): its CPU decode step's plan (site_op)
         self._site_index: dict[SiteSpec, int] = {}
         self._label_specs: dict[tuple, tuple[LabelSpec, Any]] = {}
         self._lock = threading.Lock()
@@ -108,7 +110,7 @@ class Runtime:
     def counts(self) -> dict[str, int]:
         """Live objects this runtime holds (tests: nothing accumulates)."""
         return {"sites": len(self.sites), "label_specs": len(self._label_specs), "reports": len(self.reports),
-                "entries": len(self.labels.entries), "predictions": len(self.predictions)}
+                "entries": len(self.labels.entries), "predictions": len(self.predictions), "plans": len(self.plans)}
 
 
 def lookup(key: int) -> Runtime:

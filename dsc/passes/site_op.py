@@ -26,6 +26,7 @@ from torch import Tensor
 
 import dsc.kernels  # noqa: F401  (registers torch.ops.dsc.*)
 from dsc.attention_mask import causal_valid, valid_from_mask
+from dsc.kernels import checks, native
 from dsc.kernels.ops import define_op, register_fake
 
 from . import offload
@@ -99,6 +100,10 @@ def site_attention(runtime: int, site_index: int, q: Tensor, k: Tensor, v: Tenso
                     prefetched, new_v)
     rt = lookup(runtime)
     spec = rt.sites[site_index]
+    if call.cache == "static" and not spec.offload:
+        out = planned_decode(rt, site_index, spec, call)
+        if out is not None:
+            return out
     if call.cache == "dynamic" and not call.placeholder and rt.labels.should_stay_dense(spec.label, past_k,
                                                                                         spec.layer):
         return attend_dense(rt, call, k, v)
@@ -180,6 +185,57 @@ def attend_device_sparse(spec: SiteSpec, call: SiteCall, entry: Entry, k: Tensor
                       sel.budget_tokens, sel.budget_frac, sel.sink, sel.recent, group, call.scale).contiguous()
 
 
+def planned_decode(rt: Runtime, site_index: int, spec: SiteSpec, call: SiteCall) -> Optional[Tensor]:
+    """The CPU decode step of a static cache that continues its sequence, planned: what :func:`sync_labels` and
+    :func:`attend_device_sparse` do for it, with the native label write and decode kernel called directly, the ops'
+    checks having passed once for the step's signature (the site's plan, kept in ``rt.plans``). None for any other
+    step (a first sight, a rewind, a mask that is not a prefix, several query positions, another device), which
+    takes the general path.
+
+    Why: between two kernels that evict the interpreter's working set, the general path's Python (the ops'
+    dispatch and checks, the mask and position reads, the store's bookkeeping) cost about as much as the kernel
+    itself at short contexts (DESIGN.md, "CPU decode")."""
+    q, k, positions = call.q, call.k, call.positions
+    if (q.shape[2] != 1 or q.device.type != "cpu" or call.is_causal or positions is None
+            or positions.shape != (1,) or positions.device.type != "cpu" or k.shape[2] < spec.min_length):
+        return None
+    p = int(positions)
+    entry = rt.labels.continuing(spec.label, k, p)
+    if entry is None:
+        return None
+    n, valid, bias = _valid_prefix(*valid_from_mask(call.attn_mask), k.shape[2])
+    if n != p + 1 or valid is not None or bias is not None:
+        return None
+    signature = (q.shape, q.stride(), q.dtype, k.shape, k.stride(), k.dtype, call.v.shape, call.v.stride(),
+                 call.new_k.shape, call.new_k.stride(), entry.data.data_ptr(), call.scale)
+    plan = rt.plans.get(site_index)
+    if plan is None or plan[0] != signature:
+        plan = rt.plans[site_index] = (signature, _plan(spec, call, entry, n))
+    if not plan[1]:
+        return None
+    rt.labels.append_planned(spec.label, entry, call.new_k, positions, k.shape[2])
+    rt.stats["sparse_calls"] += 1
+    data, sc, zero = entry.view(n, spec.label.bits)
+    sel = spec.selection
+    return _ds_decode(q, k[:, :, :n], call.v[:, :, :n], spec.label.on(q.device), data, sc, zero, spec.label.bits,
+                      None, None, None, sel.budget_tokens, sel.budget_frac, sel.sink, sel.recent, spec.group,
+                      call.scale, planned=True)
+
+
+def _plan(spec: SiteSpec, call: SiteCall, entry: Entry, n: int) -> bool:
+    """Validate a planned decode step's arguments as the ops would (raising what they raise); whether the native
+    kernels take such steps."""
+    bits, sel = spec.label.bits, spec.selection
+    channels = spec.label.on(call.q.device)
+    checks.check_label_write(call.new_k, channels, call.positions, entry.data, entry.scale, entry.zero, bits)
+    k, v = call.k[:, :, :n], call.v[:, :, :n]
+    data, sc, zero = entry.view(n, bits)
+    checks.check_ds_decode(call.q, k, v, channels, data, sc, zero, bits, None, None, None, sel.budget_tokens,
+                           sel.budget_frac, sel.sink, sel.recent, call.scale)
+    return (native.writes(call.new_k, call.positions, entry.data, entry.scale, entry.zero, bits)
+            and native.covers(call.q, k, v, data, sc, zero, bits, None, None))
+
+
 def _valid_prefix(valid: Optional[Tensor], bias: Optional[Tensor], s: int):
     """``(n, valid, bias)``: when every row may see exactly the positions ``[0, n)`` under a mask shared by the
     heads and query rows (a decode step over a static cache: the buffer past the current token is masked), the
@@ -187,8 +243,7 @@ def _valid_prefix(valid: Optional[Tensor], bias: Optional[Tensor], s: int):
     scan of the unused buffer or a mask pass. Read on the host only for CPU masks (free there); else unchanged."""
     if valid is None or valid.device.type != "cpu" or valid.dim() != 4 or valid.shape[1:3] != (1, 1):
         return s, valid, bias
-    rows = valid[:, 0, 0]  # [B or 1, S]
-    rows = (rows[:1] if rows.stride(0) == 0 else rows).numpy()  # numpy: a few us per decode step, torch ~40
+    rows = valid.numpy()[:1 if valid.stride(0) == 0 else None, 0, 0]  # [B or 1, S]; numpy: us, where torch: ~40
     n = int(rows[0].sum())
     if n == 0 or not rows[:, :n].all() or rows[:, n:].any():
         return s, valid, bias
@@ -229,9 +284,15 @@ def attend_offload_predicted(rt: Runtime, spec: SiteSpec, call: SiteCall, step: 
                           new_rows).contiguous()
 
 
-def _ds_decode(*args):
-    """The sparse kernel (a plain function so tests can observe the selection by patching it)."""
-    return torch.ops.dsc.ds_decode(*args)
+def _ds_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink, recent, group,
+               sm_scale, planned: bool = False):
+    """The sparse kernel (a plain function so tests can observe the selection by patching it): the op, or with
+    ``planned`` (arguments a site's plan validated, :func:`planned_decode`) the native kernel directly."""
+    if planned:
+        return native.ds_decode(q, k, v, channels, data, scale, zero, bits, lengths, budget, frac, sink, recent,
+                                group, sm_scale, checks.topk_width(k.shape[2], budget, frac))
+    return torch.ops.dsc.ds_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac,
+                                   sink, recent, group, sm_scale)
 
 
 def _check_in_bounds(positions: Tensor, capacity: int) -> None:

@@ -197,6 +197,31 @@ class LabelStore:
             entry.next = _next_position(positions)
             return entry
 
+    def continuing(self, label: LabelSpec, k: torch.Tensor, p: int) -> Entry | None:
+        """The entry of static cache ``k`` when a step writing position ``p`` continues its sequence (right after
+        the last position written, batch and capacity unchanged), else None: what :meth:`static` trusts without a
+        check, for the planned decode step (``dsc.passes.site_op.planned_decode``)."""
+        entry = self.entries.get((label, k.data_ptr()))
+        if entry is None or entry.next != p or entry.batch != k.shape[0] or entry.capacity < k.shape[2]:
+            return None
+        return entry
+
+    def append_planned(self, label: LabelSpec, entry: Entry, new_k: torch.Tensor, positions: torch.Tensor,
+                       s: int) -> None:
+        """:meth:`static`'s write for a step :meth:`continuing` accepted, with arguments the caller's plan validated:
+        the native label write directly (the op, hence its torch path, for the rows it declines)."""
+        from dsc.kernels import native
+
+        with self._lock:
+            self._misses.pop(label, None)
+            channels = label.on(new_k.device)
+            if native.label_write(new_k, channels, positions, entry.data, entry.scale, entry.zero, label.bits):
+                self.stats["label_writes"] += 1
+            else:
+                self._write(label, entry, new_k, positions)
+            entry.length = max(entry.length, s)
+            entry.next = entry.next + new_k.shape[2]
+
     def _first_sight(self, label, old: Entry | None, k, new_k, positions, rebuild: bool) -> Entry:
         if old is not None:
             self.stats["label_rebuilds"] += 1
