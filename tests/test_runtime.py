@@ -91,7 +91,8 @@ def test_offload_under_inductor_equals_on_device_decode():
 def test_planned_decode_takes_the_steady_state_and_equals_the_general_path(bits, monkeypatch):
     """On the CPU with the native kernels built, every decode step of a static cache takes the site's plan (the
     prefill left each label cache continuing at the next position), and it decodes the same tokens and logits, bit
-    for bit, as the general path (plans refused) at a budget that drops tokens."""
+    for bit, as the general path (plans refused) at a budget that drops tokens. A plan the native kernel declines
+    is kept as declined (one per site) and every step takes the general path (here the torch kernels)."""
     from dsc.kernels import native
     from dsc.passes import site_op
 
@@ -105,20 +106,24 @@ def test_planned_decode_takes_the_steady_state_and_equals_the_general_path(bits,
         return real(*args, **kw)
 
     monkeypatch.setattr(site_op, "_ds_decode", spy)
-    runs = []
-    for plans in (True, False):
-        if not plans:
-            monkeypatch.setattr(site_op, "planned_decode", lambda *a: None)
-        planned.clear()
-        model = _model()
-        dsc.compile(model, check_fingerprint=False, **dict(OPTIONS, label_bits=bits))
-        runs.append(generate(model, ids, 5, "static"))
-        rt = model.dsparse_runtime
-        assert len(planned) == rt.stats["sparse_calls"] == 4 * (LAYERS - 1)
-        assert all(planned) if plans else not any(planned)
-        assert rt.counts()["plans"] == (LAYERS - 1 if plans else 0)
-        torch._dynamo.reset()
-    assert runs[0].sequences.tolist() == runs[1].sequences.tolist()
-    for a, b in zip(runs[0].logits, runs[1].logits):
+    runs = {}
+    for mode in ("planned", "general", "declined"):
+        with monkeypatch.context() as m:
+            if mode == "general":
+                m.setattr(site_op, "planned_decode", lambda *a: None)
+            if mode == "declined":
+                m.setattr(native, "covers", lambda *a: False)
+            planned.clear()
+            model = _model()
+            dsc.compile(model, check_fingerprint=False, **dict(OPTIONS, label_bits=bits))
+            runs[mode] = generate(model, ids, 5, "static")
+            rt = model.dsparse_runtime
+            assert len(planned) == rt.stats["sparse_calls"] == 4 * (LAYERS - 1)
+            assert all(planned) if mode == "planned" else not any(planned)
+            assert rt.counts()["plans"] == (0 if mode == "general" else LAYERS - 1)
+            torch._dynamo.reset()
+    assert runs["planned"].sequences.tolist() == runs["general"].sequences.tolist()
+    for a, b in zip(runs["planned"].logits, runs["general"].logits):
         assert torch.equal(a, b)
-    assert not torch.equal(runs[0].logits[-1], generate(_model(), ids, 5, "static").logits[-1])  # the budget binds
+    assert_same(runs["planned"], runs["declined"], atol=1e-5)
+    assert not torch.equal(runs["planned"].logits[-1], generate(_model(), ids, 5, "static").logits[-1])  # binds
