@@ -216,7 +216,8 @@ def run(args) -> int:
     print(f"  sparse op  {sparse.sparse_calls} calls of the Double Sparsity decode op")
     print(f"  speed      this prompt, batch 1: dense {dense.median_step_s * 1e3:.0f} ms/step "
           f"({1 / dense.median_step_s:.1f} tok/s), dsparse {sparse.median_step_s * 1e3:.0f} ms/step "
-          f"({1 / sparse.median_step_s:.1f} tok/s) (median step; {threads})")
+          f"({1 / sparse.median_step_s:.1f} tok/s) (median step of the two runs above, one after the other; "
+          f"{threads}" + ("; the sweep below times them side by side" if contexts else "") + ")")
     print(f"  bytes      per step, all layers: K/V dense {dense_b / 1e6:.2f} MB, dsparse {ds_b / 1e6:.2f} MB "
           f"(limit {dense_b / ds_b:.2f}x at this length); weights {weights / 1e6:.0f} MB, read by both: the K/V "
           f"cache is {100 * dense_b / (dense_b + weights):.0f}% of a dense step's bytes here"
