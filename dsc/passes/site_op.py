@@ -7,6 +7,8 @@ strategy, chosen by host-side shape facts only:
 - :func:`attend_dense`: SDPA over the cache (a prefill under the dense-prefill policy, a cache shorter than
   ``min_length``, a site whose labels keep being rebuilt);
 - :func:`attend_device_sparse`: ``dsc::ds_decode`` (label scores -> top-k -> sparse attention) on the device;
+  on the CPU, a static-cache decode step that continues its sequence takes :func:`planned_decode` instead (the
+  same kernels, the arguments checked once per signature);
 - :func:`attend_offload_sync`: select with the site's own query, fetch the rows from the host store;
 - :func:`attend_offload_predicted`: attend over the rows ``dsc::site_predict`` fetched during the layer before.
 
