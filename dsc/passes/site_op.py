@@ -180,11 +180,16 @@ def attend_device_sparse(spec: SiteSpec, call: SiteCall, entry: Entry, k: Tensor
     """Double Sparsity on the device: label scores -> top-k -> attention over the selected rows, one op."""
     valid, bias, group = _selection_inputs(spec, call, k.shape[2])
     s, valid, bias = _valid_prefix(valid, bias, k.shape[2])
-    k, v = k[:, :, :s], v[:, :, :s]
-    data, sc, zero = entry.view(s, spec.label.bits)
-    sel = spec.selection
-    return _ds_decode(call.q, k, v, spec.label.on(call.q.device), data, sc, zero, spec.label.bits, valid, bias, None,
-                      sel.budget_tokens, sel.budget_frac, sel.sink, sel.recent, group, call.scale).contiguous()
+    return _ds_decode(*_decode_args(spec, call, entry, k, v, s, valid, bias, group)).contiguous()
+
+
+def _decode_args(spec: SiteSpec, call: SiteCall, entry: Entry, k: Tensor, v: Tensor, n: int, valid, bias,
+                 group: bool) -> tuple:
+    """``dsc::ds_decode``'s arguments over the first ``n`` positions of ``k``/``v`` and of the site's labels."""
+    bits, sel = spec.label.bits, spec.selection
+    data, sc, zero = entry.view(n, bits)
+    return (call.q, k[:, :, :n], v[:, :, :n], spec.label.on(call.q.device), data, sc, zero, bits, valid, bias, None,
+            sel.budget_tokens, sel.budget_frac, sel.sink, sel.recent, group, call.scale)
 
 
 def planned_decode(rt: Runtime, site_index: int, spec: SiteSpec, call: SiteCall) -> Optional[Tensor]:
@@ -208,34 +213,28 @@ def planned_decode(rt: Runtime, site_index: int, spec: SiteSpec, call: SiteCall)
     n, valid, bias = _valid_prefix(*valid_from_mask(call.attn_mask), k.shape[2])
     if n != p + 1 or valid is not None or bias is not None:
         return None
+    args = _decode_args(spec, call, entry, k, call.v, n, None, None, spec.group)
     signature = (q.shape, q.stride(), q.dtype, k.shape, k.stride(), k.dtype, call.v.shape, call.v.stride(),
                  call.new_k.shape, call.new_k.stride(), entry.data.data_ptr(), call.scale)
     plan = rt.plans.get(site_index)
     if plan is None or plan[0] != signature:
-        plan = rt.plans[site_index] = (signature, _plan(spec, call, entry, n))
+        plan = rt.plans[site_index] = (signature, _plan(call, entry, args))
     if not plan[1]:
         return None
     rt.labels.append_planned(spec.label, entry, call.new_k, positions, k.shape[2])
     rt.stats["sparse_calls"] += 1
-    data, sc, zero = entry.view(n, spec.label.bits)
-    sel = spec.selection
-    return _ds_decode(q, k[:, :, :n], call.v[:, :, :n], spec.label.on(q.device), data, sc, zero, spec.label.bits,
-                      None, None, None, sel.budget_tokens, sel.budget_frac, sel.sink, sel.recent, spec.group,
-                      call.scale, planned=True)
+    return _ds_decode(*args, planned=True)
 
 
-def _plan(spec: SiteSpec, call: SiteCall, entry: Entry, n: int) -> bool:
-    """Validate a planned decode step's arguments as the ops would (raising what they raise); whether the native
-    kernels take such steps."""
-    bits, sel = spec.label.bits, spec.selection
-    channels = spec.label.on(call.q.device)
+def _plan(call: SiteCall, entry: Entry, args: tuple) -> bool:
+    """Validate a planned decode step's label write and ``args`` (:func:`_decode_args`) as the ops would (raising
+    what they raise); whether the native kernels take such steps."""
+    q, k, v, channels, data, sc, zero, bits, valid, bias, lengths, budget, frac, sink, recent, _, scale = args
     checks.check_label_write(call.new_k, channels, call.positions, entry.data, entry.scale, entry.zero, bits)
-    k, v = call.k[:, :, :n], call.v[:, :, :n]
-    data, sc, zero = entry.view(n, bits)
-    checks.check_ds_decode(call.q, k, v, channels, data, sc, zero, bits, None, None, None, sel.budget_tokens,
-                           sel.budget_frac, sel.sink, sel.recent, call.scale)
+    checks.check_ds_decode(q, k, v, channels, data, sc, zero, bits, valid, bias, lengths, budget, frac, sink, recent,
+                           scale)
     return (native.writes(call.new_k, call.positions, entry.data, entry.scale, entry.zero, bits)
-            and native.covers(call.q, k, v, data, sc, zero, bits, None, None))
+            and native.covers(q, k, v, data, sc, zero, bits, valid, bias))
 
 
 def _valid_prefix(valid: Optional[Tensor], bias: Optional[Tensor], s: int):

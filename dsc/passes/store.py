@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsc.kernels import alloc_labels, native
+
 
 @dataclass(frozen=True, eq=False)
 class LabelSpec:
@@ -50,8 +52,6 @@ class Entry:
     __slots__ = ("data", "scale", "zero", "capacity", "length", "batch", "key", "host", "next", "__weakref__")
 
     def __init__(self, label: LabelSpec, like: torch.Tensor, capacity: int):
-        from dsc.kernels import alloc_labels
-
         b, hkv = like.shape[0], like.shape[1]
         r = label.channels.shape[1]
         self.data, self.scale, self.zero = alloc_labels(b, hkv, capacity, r, label.bits, dtype=like.dtype,
@@ -210,8 +210,6 @@ class LabelStore:
                        s: int) -> None:
         """:meth:`static`'s write for a step :meth:`continuing` accepted, with arguments the caller's plan validated:
         the native label write directly (the op, hence its torch path, for the rows it declines)."""
-        from dsc.kernels import native
-
         with self._lock:
             self._misses.pop(label, None)
             channels = label.on(new_k.device)
