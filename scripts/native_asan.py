@@ -26,6 +26,7 @@ FLAGS = ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer", "-D_GLIBC
 BUDGETS = [(1, 0.0, 0, 0), (5, 0.0, 0, 0), (50, 0.0, 0, 0), (97, 0.0, 0, 0), (150, 0.0, 0, 0), (4, 1 / 16, 4, 16),
            (2, 0.5, 1, 3), (30, 0.25, 0, 40)]
 SHAPES = [(100, 16, 4), (37, 64, 16), (300, 128, 32), (9, 16, 5)]  # (S, D, r)
+LONG_BUDGETS = [(4, 1 / 16, 4, 16), (3000, 0.0, 0, 0), (30, 0.25, 0, 40)]  # rows selected from a sample's candidates
 
 
 def main() -> None:
@@ -41,6 +42,12 @@ def main() -> None:
         c = make_case(seed, 2, 2, group_size, 1, s, d, r, bits, dtype, "none", False, lengths)
         native.ds_decode(c.q, c.k, c.v, c.channels, c.data, c.scale, c.zero, bits, c.lengths, budget, frac, sink,
                          recent, group, d ** -0.5, checks.topk_width(s, budget, frac))
+        calls += 1
+    for bits, lengths, group, (budget, frac, sink, recent) in itertools.product((16, 8, 4), (False, True),
+                                                                               (True, False), LONG_BUDGETS):
+        c = make_case(bits, 2, 2, 3, 1, 8200, 64, 16, bits, torch.float32, "none", False, lengths)
+        native.ds_decode(c.q, c.k, c.v, c.channels, c.data, c.scale, c.zero, bits, c.lengths, budget, frac, sink,
+                         recent, group, 0.125, checks.topk_width(8200, budget, frac))
         calls += 1
     for seed, bits, dtype, (s, d, r), t, transposed in itertools.product(
             range(2), (16, 8, 4), (torch.float32, torch.bfloat16, torch.float16), SHAPES, (1, 7), (False, True)):

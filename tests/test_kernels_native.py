@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import dsc.kernels  # noqa: F401  (registers torch.ops.dsc)
 from dsc.kernels import cpu as C
 from dsc.kernels import native
+from dsc.kernels import reference as R
 from dsc.kernels.testing import assert_ds_decode_matches_oracle, make_case
 from kernel_helpers import TOL
 
@@ -71,6 +72,67 @@ def test_native_decode_matches_definition(seed, bits, dtype, group, g, d, r, s, 
         out = C.ds_decode(c.q, c.k, c.v, *c.labels, None, None, c.lengths, *args, group, None)
     assert calls, "the call did not take the native kernel"
     assert_ds_decode_matches_oracle(out, c, *args, group, None, TOL[dtype])
+
+
+def exact_score_case(seed: int, bits: int, values: torch.Tensor, lengths=None):
+    """A case (batch 2, 2 KV heads of 3 query heads, D 64, r 16) whose label scores are integers computed exactly
+    by any summation order, ordered as ``values`` (distinct integers, one per position): each token's label
+    channels are ``values[t]`` plus a fixed pattern of 0 and the code range (so 8- and 4-bit codes are exact too),
+    and the queries are small positive integers on the label channels. Every implementation then selects the
+    same positions, and its output can be compared without leaving out near-ties."""
+    c = make_case(seed, 2, 2, 3, 1, values.numel(), 64, 16, bits, lengths=False)
+    levels = 15 if bits == 4 else 255
+    pattern = torch.zeros(16)
+    pattern[1::2] = levels
+    gen = torch.Generator().manual_seed(seed)
+    for h in range(2):
+        ch = c.channels[h]
+        c.k[:, h, :, ch] = values.float()[:, None] + pattern
+        c.q[:, 3 * h:3 * h + 3, :, ch] = torch.randint(1, 4, (2, 3, 1, 16), generator=gen).float()
+    R.label_write(c.k, c.channels, torch.arange(values.numel()), c.data, c.scale, c.zero, bits)
+    c.lengths = lengths
+    return c
+
+
+def assert_exact_selection_output(out, c, budget, frac, sink, recent, group, sm_scale):
+    """``out`` equals the definition on a case whose scores are exact (:func:`exact_score_case`): every row."""
+    sc = R.label_scores(c.q, *c.labels, None, c.lengths, group)
+    want = R.sparse_attention(c.q, c.k, c.v, R.select_topk(sc, budget, frac, sink, recent), sm_scale)
+    assert torch.allclose(out, want, atol=1e-5, rtol=1e-5), float((out - want).abs().max())
+
+
+# Rows of 8K positions and more: the kernel selects from a strided sample's candidates there (and from every key
+# when the sample misleads), below that from every key. sm_scale is small, so every selected row weighs about the
+# same in the output and one wrong row moves it by far more than the tolerance.
+@pytest.mark.parametrize("bits,group,frac,budget,sink,recent,lengths", [
+    (16, True, 1 / 16, 1, 4, 16, None),  # the default configuration
+    (8, True, 0.0, 700, 0, 0, [9000, 8500]),
+    (4, False, 1 / 16, 1, 1, 3, None),
+    (16, False, 0.0, 3000, 2, 0, [8300, 9000]),
+])
+def test_native_decode_long_rows_match_definition(bits, group, frac, budget, sink, recent, lengths):
+    values = torch.randperm(9000, generator=torch.Generator().manual_seed(bits))
+    c = exact_score_case(16, bits, values, None if lengths is None else torch.tensor(lengths))
+    args = (budget, frac, sink, recent, group, 1e-4)
+    with native_calls() as calls:
+        out = C.ds_decode(c.q, c.k, c.v, *c.labels, None, None, c.lengths, *args)
+    assert calls
+    assert_exact_selection_output(out, c, *args)
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_native_decode_periodic_scores_match_definition(group):
+    """The best 1024 positions every 8th one after the sink: a strided sample of the row sees only them, and its
+    estimate of a 2048-position budget's threshold is far too high."""
+    n = 8192 + 4
+    values = torch.randperm(n, generator=torch.Generator().manual_seed(5))
+    values[4::8] += n
+    c = exact_score_case(17, 16, values)
+    args = (2048, 0.0, 4, 0, group, 1e-4)
+    with native_calls() as calls:
+        out = C.ds_decode(c.q, c.k, c.v, *c.labels, None, None, None, *args)
+    assert calls
+    assert_exact_selection_output(out, c, *args)
 
 
 def test_native_decode_reads_hf_layout_views():

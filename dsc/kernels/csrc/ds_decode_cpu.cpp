@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -332,24 +333,10 @@ inline Split split_row(int64_t n, int64_t keep, int64_t sink, int64_t recent) {
 
 inline bool needs_ranking(const Split& sp) { return sp.m > 0 && sp.m < sp.hi - sp.lo; }
 
-// How many keys share each value of their top 11 bits, counted while the keys are written (no pass of its own).
-// Four interleaved tallies: scores share few exponents, so consecutive keys often fall in one bin, and four tallies
-// keep the increments of one counter apart.
-struct Tally {
-  int32_t part[4][1 << 11];
-  void clear() { std::memset(part, 0, sizeof part); }
-  void add8(const uint32_t* k) {
-    for (int j = 0; j < 8; ++j) ++part[j & 3][k[j] >> 21];
-  }
-  void add(uint32_t k) { ++part[0][k >> 21]; }
-  int64_t bin(int b) const { return int64_t{part[0][b]} + part[1][b] + part[2][b] + part[3][b]; }
-};
-
 struct Scratch {  // per thread, grown on demand and kept: no allocation (and no page faults) per step
   std::vector<float> queries, qc, qsum, scores, lab, krow, logits;
-  std::vector<uint32_t> keys;
+  std::vector<uint32_t> keys;  // a row's keys, then two more rows' room: candidates' keys and positions / spare
   std::vector<int64_t> picked;
-  Tally tally;
 };
 
 thread_local Scratch scratch;
@@ -364,22 +351,19 @@ inline __m256i rank_key8(__m256 x) {
 }
 #endif
 
-// keys[t - lo] = rank_key(score[t]) for t in [lo, hi), tallied.
-void row_keys(const float* score, int64_t lo, int64_t hi, uint32_t* keys, Tally& tally) {
+// keys[t - lo] = rank_key(score[t]) for t in [lo, hi).
+void row_keys(const float* score, int64_t lo, int64_t hi, uint32_t* keys) {
   int64_t t = lo;
 #ifdef DSC_AVX2
-  for (; t + 8 <= hi; t += 8) {
+  for (; t + 8 <= hi; t += 8)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + t - lo), rank_key8(_mm256_loadu_ps(score + t)));
-    tally.add8(keys + t - lo);
-  }
 #endif
-  for (; t < hi; ++t) tally.add(keys[t - lo] = rank_key(score[t]));
+  for (; t < hi; ++t) keys[t - lo] = rank_key(score[t]);
 }
 
 // keys[t - lo] for t in [lo, hi) = rank_key of the group score: the largest over the heads of (score - that head's
-// best score over the whole row [0, n)), NaN when one head's is (reference.group_scores); tallied.
-void group_keys(const float* scores, int64_t g_rows, int64_t n, int64_t lo, int64_t hi, uint32_t* keys,
-                Tally& tally) {
+// best score over the whole row [0, n)), NaN when one head's is (reference.group_scores).
+void group_keys(const float* scores, int64_t g_rows, int64_t n, int64_t lo, int64_t hi, uint32_t* keys) {
   float top[64];
   std::vector<float> many;
   float* tops = top;
@@ -402,7 +386,6 @@ void group_keys(const float* scores, int64_t g_rows, int64_t n, int64_t lo, int6
     }
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + t - lo),
                         _mm256_or_si256(rank_key8(best), _mm256_castps_si256(unordered)));
-    tally.add8(keys + t - lo);
   }
 #endif
   for (; t < hi; ++t) {
@@ -413,27 +396,22 @@ void group_keys(const float* scores, int64_t g_rows, int64_t n, int64_t lo, int6
       nan |= std::isnan(v);
       best = std::max(best, v);
     }
-    tally.add(keys[t - lo] = rank_key(nan ? NAN : best));
+    keys[t - lo] = nan ? 0xFFFFFFFFu : rank_key(best);
   }
 }
 
-// The key T of the m-th largest of `keys` (1 <= m <= n) by radix select (11, 11, 10 bits; the first pass's counts
-// come from `tally`; after each pass only the keys in the chosen bucket are kept, in `spare`): count(> T) < m <=
-// count(>= T). Sets `*ties` to how many keys equal to T belong in the top m. Linear time, no sort, no branch per key.
-uint32_t radix_threshold(const uint32_t* keys, int64_t n, int64_t m, const Tally& tally, int64_t* ties,
-                         uint32_t* spare) {
+// The key T of the m-th largest of `keys` (1 <= m <= n) by radix select (11, 11, 10 bits; after each pass only the
+// keys in the chosen bucket are kept, in `spare`, which may be `keys` itself): count(> T) < m <= count(>= T). Sets
+// `*ties` to how many keys equal to T belong in the top m. Linear time, no sort, no branch per key.
+uint32_t radix_threshold(const uint32_t* keys, int64_t n, int64_t m, int64_t* ties, uint32_t* spare) {
   static const int kShift[3] = {21, 10, 0}, kBits[3] = {11, 11, 10};
   uint32_t prefix = 0;
   int64_t need = m;
   int64_t hist[1 << 11];
   for (int pass = 0; pass < 3; ++pass) {
     const int shift = kShift[pass], width = 1 << kBits[pass];
-    if (pass == 0) {
-      for (int b = 0; b < width; ++b) hist[b] = tally.bin(b);
-    } else {
-      std::fill(hist, hist + width, 0);
-      for (int64_t i = 0; i < n; ++i) ++hist[(keys[i] >> shift) & (width - 1)];
-    }
+    std::fill(hist, hist + width, 0);
+    for (int64_t i = 0; i < n; ++i) ++hist[(keys[i] >> shift) & (width - 1)];
     int bin = width - 1;
     for (; bin > 0 && hist[bin] < need; --bin) need -= hist[bin];
     prefix |= static_cast<uint32_t>(bin) << shift;
@@ -451,23 +429,57 @@ uint32_t radix_threshold(const uint32_t* keys, int64_t n, int64_t m, const Tally
   return prefix;
 }
 
+// Selecting m of n keys starts from a strided sample of kSample keys when n >= kSampled: a key that at least m keys
+// reach (very likely; checked) but not many more, so that the exact select runs on about 1.5 m candidates, not n.
+constexpr int64_t kSample = 1024, kSampled = 8 * kSample;
+
+// A key with about m + 4 sd + 8 of n keys at or above it, estimated from the sample (keys[i * n / kSample]).
+uint32_t sampled_floor(const uint32_t* keys, int64_t n, int64_t m, uint32_t* sample) {
+  for (int64_t i = 0; i < kSample; ++i) sample[i] = keys[i * n / kSample];
+  const double mean = static_cast<double>(m) * kSample / n;
+  const int64_t rank = std::min<int64_t>(kSample, static_cast<int64_t>(mean + 4.0 * std::sqrt(mean) + 8.0));
+  std::nth_element(sample, sample + rank - 1, sample + kSample, std::greater<uint32_t>());
+  return sample[rank - 1];
+}
+
 // The positions a row valid on [0, n) keeps, ascending, into `picked`: the forced ones, and the best-scored `m` of
-// [lo, hi) (NaN first; among equal scores the older position) from their keys (filled and tallied when
-// needs_ranking). `picked` has room for one more than that (each candidate is stored before the keep decision).
-// Returns how many.
-int64_t select_row(const uint32_t* keys, const Tally& tally, const Split& sp, int64_t n, int64_t* picked,
-                   uint32_t* spare) {
+// [lo, hi) (NaN first; among equal scores the older position) from their keys (filled when needs_ranking). `room`:
+// 2 (hi - lo) words of scratch. `picked` has room for one more than that (each candidate is stored before the keep
+// decision). Returns how many.
+int64_t select_row(const uint32_t* keys, const Split& sp, int64_t n, int64_t* picked, uint32_t* room) {
   int64_t out = 0;
   for (int64_t t = 0; t < sp.lo; ++t) picked[out++] = t;
-  if (sp.m >= sp.hi - sp.lo) {
+  const int64_t range = sp.hi - sp.lo;
+  if (sp.m >= range) {
     for (int64_t t = sp.lo; t < sp.hi; ++t) picked[out++] = t;
   } else if (sp.m > 0) {
+    const uint32_t* cand = keys;  // the candidates' keys, and their offsets from lo (null: every key, in order)
+    const uint32_t* offset = nullptr;
+    int64_t count = range;
+    uint32_t* spare = room;
+    if (range >= kSampled) {
+      const uint32_t floor = sampled_floor(keys, range, sp.m, room);
+      uint32_t* cand_keys = room;
+      uint32_t* cand_offset = room + range;
+      int64_t c = 0;
+      for (int64_t i = 0; i < range; ++i) {
+        cand_keys[c] = keys[i];
+        cand_offset[c] = static_cast<uint32_t>(i);
+        c += keys[i] >= floor;
+      }
+      if (c >= sp.m) {  // else the sample misled: select among every key
+        cand = cand_keys;
+        offset = cand_offset;
+        count = c;
+        spare = const_cast<uint32_t*>(keys);  // the keys are not read again
+      }
+    }
     int64_t ties;
-    const uint32_t kth = radix_threshold(keys, sp.hi - sp.lo, sp.m, tally, &ties, spare);
-    for (int64_t t = sp.lo; t < sp.hi; ++t) {
-      const uint32_t key = keys[t - sp.lo];
+    const uint32_t kth = radix_threshold(cand, count, sp.m, &ties, spare);
+    for (int64_t i = 0; i < count; ++i) {
+      const uint32_t key = cand[i];
       const bool eq = key == kth;
-      picked[out] = t;
+      picked[out] = sp.lo + (offset ? offset[i] : i);
       out += (key > kth) | (eq & (ties > 0));
       ties -= eq;
     }
@@ -480,6 +492,10 @@ int64_t select_row(const uint32_t* keys, const Tally& tally, const Split& sp, in
 // a gather of a few hundred bytes per row).
 constexpr int64_t kAhead = 8;
 
+// Rows are attended in blocks of kBlock: the block's V rows, asked for with its K rows, are still in L1 when the
+// block's weights are known (one gather of each row, no second pass over the selection).
+constexpr int64_t kBlock = 16;
+
 inline void prefetch_row(const uint8_t* p, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
 }
@@ -491,59 +507,126 @@ struct KV {
   int64_t ksb, ksh, kss, vsb, vsh, vss;  // element strides (batch, head, token); the dim stride is 1
 };
 
-// out_g = softmax_j(sm_scale * q_g . K[p_j]) . V[p_j] over the picked rows, for the `g_rows` heads in `qf`.
+// dst[g * stride] = scale * q_g . k for the g_rows heads in q ([g_rows, d]): four heads per pass over k, their
+// products in independent accumulators (one accumulator per dot product would wait on its own additions).
+inline void head_dots(const float* q, int64_t g_rows, int64_t d, const float* k, float scale, float* dst,
+                      int64_t stride) {
+  int64_t g = 0;
+#ifdef DSC_AVX2
+  if (d % 8 == 0) {
+    for (; g + 4 <= g_rows; g += 4) {
+      const float* qg = q + g * d;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t i = 0; i < d; i += 8) {
+        const __m256 x = _mm256_loadu_ps(k + i);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i), x, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d + i), x, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 2 * d + i), x, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 3 * d + i), x, a3);
+      }
+      const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));  // per 128-bit half
+      alignas(16) float four[4];
+      _mm_store_ps(four, _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)),
+                                    _mm_set1_ps(scale)));
+      for (int j = 0; j < 4; ++j) dst[(g + j) * stride] = four[j];
+    }
+  }
+#endif
+  for (; g < g_rows; ++g) dst[g * stride] = dot(q + g * d, k, d) * scale;
+}
+
+// out_g += sum_j w[g * kBlock + j] * rows[j] for the g_rows heads, over the nb rows of one block.
+inline void add_weighted_rows(const float* const* rows, int64_t nb, const float* w, int64_t g_rows, int64_t dv,
+                              float* out) {
+  int64_t g = 0;
+#ifdef DSC_AVX2
+  if (dv % 8 == 0) {
+    for (; g + 4 <= g_rows; g += 4) {
+      const float* wg = w + g * kBlock;
+      float* og = out + g * dv;
+      for (int64_t i = 0; i < dv; i += 8) {
+        __m256 a0 = _mm256_loadu_ps(og + i), a1 = _mm256_loadu_ps(og + dv + i);
+        __m256 a2 = _mm256_loadu_ps(og + 2 * dv + i), a3 = _mm256_loadu_ps(og + 3 * dv + i);
+        for (int64_t j = 0; j < nb; ++j) {
+          const __m256 x = _mm256_loadu_ps(rows[j] + i);
+          a0 = _mm256_fmadd_ps(_mm256_set1_ps(wg[j]), x, a0);
+          a1 = _mm256_fmadd_ps(_mm256_set1_ps(wg[kBlock + j]), x, a1);
+          a2 = _mm256_fmadd_ps(_mm256_set1_ps(wg[2 * kBlock + j]), x, a2);
+          a3 = _mm256_fmadd_ps(_mm256_set1_ps(wg[3 * kBlock + j]), x, a3);
+        }
+        _mm256_storeu_ps(og + i, a0);
+        _mm256_storeu_ps(og + dv + i, a1);
+        _mm256_storeu_ps(og + 2 * dv + i, a2);
+        _mm256_storeu_ps(og + 3 * dv + i, a3);
+      }
+    }
+  }
+#endif
+  for (; g < g_rows; ++g)
+    for (int64_t j = 0; j < nb; ++j) {
+      const float wj = w[g * kBlock + j];
+      for (int64_t i = 0; i < dv; ++i) out[g * dv + i] += wj * rows[j][i];
+    }
+}
+
+// out_g = softmax_j(sm_scale * q_g . K[p_j]) . V[p_j] over the picked rows, for the `g_rows` heads in `qf`: one
+// pass over the selection in blocks, an online softmax (each head's running max and sum; its output rescaled when
+// the max grows).
 void attend(const KV& kv, int64_t b, int64_t h, const float* qf, int64_t g_rows, int64_t d, int64_t dv,
             const int64_t* picked, int64_t np, float sm_scale, float* out, Scratch& s) {
-  if (np == 0) {  // nothing to attend: 0 by contract
-    std::fill(out, out + g_rows * dv, 0.f);
-    return;
-  }
+  std::fill(out, out + g_rows * dv, 0.f);  // also the result when nothing is picked (0 by contract)
+  if (np == 0) return;
   const int64_t es = elem_size(kv.kind);
   const uint8_t* kb = kv.k + (b * kv.ksb + h * kv.ksh) * es;
   const uint8_t* vb = kv.v + (b * kv.vsb + h * kv.vsh) * es;
-  s.logits.resize(g_rows * np);
-  s.krow.resize(std::max(d, dv));
-  float* lg = s.logits.data();
-  float* row = s.krow.data();
-  for (int64_t j = 0; j < np; ++j) {
-    if (j + kAhead < np) {  // V's rows too: the second pass then finds them in cache
-      prefetch_row(kb + picked[j + kAhead] * kv.kss * es, d * es);
-      prefetch_row(vb + picked[j + kAhead] * kv.vss * es, dv * es);
-    }
-    const uint8_t* src = kb + picked[j] * kv.kss * es;
-    const float* kr = reinterpret_cast<const float*>(src);
-    if (kv.kind != F32) {
-      load_row(src, kv.kind, d, row);
-      kr = row;
-    }
-    for (int64_t g = 0; g < g_rows; ++g) lg[g * np + j] = dot(qf + g * d, kr, d) * sm_scale;
-  }
-  for (int64_t g = 0; g < g_rows; ++g) {
-    float* l = lg + g * np;
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < np; ++j) mx = std::max(mx, l[j]);
-    float sum = 0.f;
-    for (int64_t j = 0; j < np; ++j) {
-      l[j] = std::exp(l[j] - mx);
-      sum += l[j];
-    }
-    const float inv = 1.f / sum;
-    for (int64_t j = 0; j < np; ++j) l[j] *= inv;
-  }
-  std::fill(out, out + g_rows * dv, 0.f);
-  for (int64_t j = 0; j < np; ++j) {
-    if (j + kAhead < np) prefetch_row(vb + picked[j + kAhead] * kv.vss * es, dv * es);
-    const uint8_t* src = vb + picked[j] * kv.vss * es;
-    const float* vr = reinterpret_cast<const float*>(src);
-    if (kv.kind != F32) {
-      load_row(src, kv.kind, dv, row);
-      vr = row;
+  s.logits.resize(g_rows * kBlock + 2 * g_rows);
+  s.krow.resize(d + kBlock * dv);  // a converted K row, and the block's converted V rows (16-bit K/V)
+  float* w = s.logits.data();  // [g_rows, kBlock]: the block's logits, then its weights
+  float* run_max = w + g_rows * kBlock;
+  float* run_sum = run_max + g_rows;
+  std::fill(run_max, run_max + g_rows, -INFINITY);
+  std::fill(run_sum, run_sum + g_rows, 0.f);
+  float* krow = s.krow.data();
+  float* vblock = krow + d;
+  const float* vrows[kBlock];
+  for (int64_t j0 = 0; j0 < np; j0 += kBlock) {
+    const int64_t nb = std::min(kBlock, np - j0);
+    for (int64_t j = 0; j < nb; ++j) {
+      if (j0 + j + kAhead < np) {
+        prefetch_row(kb + picked[j0 + j + kAhead] * kv.kss * es, d * es);
+        prefetch_row(vb + picked[j0 + j + kAhead] * kv.vss * es, dv * es);
+      }
+      const uint8_t* ksrc = kb + picked[j0 + j] * kv.kss * es;
+      const uint8_t* vsrc = vb + picked[j0 + j] * kv.vss * es;
+      const float* kr = reinterpret_cast<const float*>(ksrc);
+      vrows[j] = reinterpret_cast<const float*>(vsrc);
+      if (kv.kind != F32) {
+        load_row(ksrc, kv.kind, d, krow);
+        kr = krow;
+        load_row(vsrc, kv.kind, dv, vblock + j * dv);
+        vrows[j] = vblock + j * dv;
+      }
+      head_dots(qf, g_rows, d, kr, sm_scale, w + j, kBlock);
     }
     for (int64_t g = 0; g < g_rows; ++g) {
-      const float w = lg[g * np + j];
-      float* o = out + g * dv;
-      for (int64_t i = 0; i < dv; ++i) o[i] += w * vr[i];
+      float* wg = w + g * kBlock;
+      float top = run_max[g];
+      for (int64_t j = 0; j < nb; ++j) top = std::max(top, wg[j]);  // a NaN logit is skipped here, kept below
+      if (top > run_max[g]) {  // rescale what was accumulated under the old max (nothing yet when it was -inf)
+        const float c = std::exp(run_max[g] - top);
+        run_sum[g] *= c;
+        for (int64_t i = 0; i < dv; ++i) out[g * dv + i] *= c;
+        run_max[g] = top;
+      }
+      float sum = 0.f;
+      for (int64_t j = 0; j < nb; ++j) sum += wg[j] = std::exp(wg[j] - top);
+      run_sum[g] += sum;
     }
+    add_weighted_rows(vrows, nb, w, g_rows, dv, out);
+  }
+  for (int64_t g = 0; g < g_rows; ++g) {
+    const float inv = 1.f / run_sum[g];
+    for (int64_t i = 0; i < dv; ++i) out[g * dv + i] *= inv;
   }
 }
 
@@ -649,7 +732,7 @@ int dsc_ds_decode(const float* q, int64_t qb, int64_t qh, const void* k, const v
     s.qsum.assign((G + 3) / 4 * 4, 0.f);
     s.lab.resize(8 * r);
     s.scores.resize(std::max<int64_t>(1, G * n));
-    s.keys.resize(std::max<int64_t>(1, 2 * n));  // the keys, and radix_threshold's spare bucket
+    s.keys.resize(std::max<int64_t>(1, 3 * n));  // the keys, and select_row's room
     s.picked.resize(keep + 1);  // + 1: select_row stores each candidate before deciding to keep it
     const float* qrow = q + b * qb + h * G * qh;  // query head h * G + g
     s.queries.resize(G * D);  // the group's queries, contiguous [G, D]
@@ -667,22 +750,15 @@ int dsc_ds_decode(const float* q, int64_t qb, int64_t qh, const void* k, const v
     if (n > 0) label_scores(L, b, h, s.qc.data(), s.qsum.data(), G, r, n, s.scores.data(), s.lab.data());
     const Split sp = split_row(n, keep, sink, recent);
     uint32_t* keys = s.keys.data();
-    uint32_t* spare = keys + n;
-    Tally& tally = s.tally;
+    uint32_t* room = keys + n;
     if (group) {
-      if (needs_ranking(sp)) {
-        tally.clear();
-        group_keys(s.scores.data(), G, n, sp.lo, sp.hi, keys, tally);
-      }
-      const int64_t np = select_row(keys, tally, sp, n, s.picked.data(), spare);
+      if (needs_ranking(sp)) group_keys(s.scores.data(), G, n, sp.lo, sp.hi, keys);
+      const int64_t np = select_row(keys, sp, n, s.picked.data(), room);
       attend(kv, b, h, s.queries.data(), G, D, Dv, s.picked.data(), np, sm_scale, o, s);
     } else {  // each query head selects and attends on its own (one picked buffer, reused)
       for (int64_t g = 0; g < G; ++g) {
-        if (needs_ranking(sp)) {
-          tally.clear();
-          row_keys(s.scores.data() + g * n, sp.lo, sp.hi, keys, tally);
-        }
-        const int64_t np = select_row(keys, tally, sp, n, s.picked.data(), spare);
+        if (needs_ranking(sp)) row_keys(s.scores.data() + g * n, sp.lo, sp.hi, keys);
+        const int64_t np = select_row(keys, sp, n, s.picked.data(), room);
         attend(kv, b, h, s.queries.data() + g * D, 1, D, Dv, s.picked.data(), np, sm_scale, o + g * Dv, s);
       }
     }
