@@ -334,8 +334,8 @@ inline Split split_row(int64_t n, int64_t keep, int64_t sink, int64_t recent) {
 inline bool needs_ranking(const Split& sp) { return sp.m > 0 && sp.m < sp.hi - sp.lo; }
 
 struct Scratch {  // per thread, grown on demand and kept: no allocation (and no page faults) per step
-  std::vector<float> queries, qc, qsum, scores, lab, krow, logits;
-  std::vector<uint32_t> keys;  // a row's keys, then two more rows' room: candidates' keys and positions / spare
+  std::vector<float> queries, qc, qsum, scores, tops, lab, krow, logits;
+  std::vector<uint32_t> keys;  // select_row's room
   std::vector<int64_t> picked;
 };
 
@@ -351,58 +351,91 @@ inline __m256i rank_key8(__m256 x) {
 }
 #endif
 
-// keys[t - lo] = rank_key(score[t]) for t in [lo, hi).
-void row_keys(const float* score, int64_t lo, int64_t hi, uint32_t* keys) {
+// What one selection ranks: `g_rows` score rows (n apart) and each one's best score. Token t's key is the rank_key
+// of the largest over the rows of (score - best), NaN when one is NaN: the group score (reference.group_scores);
+// with one row and best 0, that row's own score.
+struct Ranked {
+  const float* scores;
+  int64_t g_rows, n;
+  const float* tops;
+};
+
+inline uint32_t token_key(const Ranked& rk, int64_t t) {
+  float best = -INFINITY;
+  bool nan = false;
+  for (int64_t g = 0; g < rk.g_rows; ++g) {
+    const float v = rk.scores[g * rk.n + t] - rk.tops[g];
+    nan |= std::isnan(v);
+    best = std::max(best, v);
+  }
+  return nan ? 0xFFFFFFFFu : rank_key(best);
+}
+
+#ifdef DSC_AVX2
+// token_key of tokens t .. t + 7.
+inline __m256i token_keys8(const Ranked& rk, int64_t t) {
+  __m256 best = _mm256_set1_ps(-INFINITY), unordered = _mm256_setzero_ps();
+  for (int64_t g = 0; g < rk.g_rows; ++g) {
+    const __m256 v = _mm256_sub_ps(_mm256_loadu_ps(rk.scores + g * rk.n + t), _mm256_set1_ps(rk.tops[g]));
+    best = _mm256_max_ps(best, v);
+    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  return _mm256_or_si256(rank_key8(best), _mm256_castps_si256(unordered));
+}
+#endif
+
+// keys[t - lo] = token_key(t) for t in [lo, hi).
+void row_keys(const Ranked& rk, int64_t lo, int64_t hi, uint32_t* keys) {
   int64_t t = lo;
 #ifdef DSC_AVX2
   for (; t + 8 <= hi; t += 8)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + t - lo), rank_key8(_mm256_loadu_ps(score + t)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + t - lo), token_keys8(rk, t));
 #endif
-  for (; t < hi; ++t) keys[t - lo] = rank_key(score[t]);
+  for (; t < hi; ++t) keys[t - lo] = token_key(rk, t);
 }
 
-// keys[t - lo] for t in [lo, hi) = rank_key of the group score: the largest over the heads of (score - that head's
-// best score over the whole row [0, n)), NaN when one head's is (reference.group_scores).
-void group_keys(const float* scores, int64_t g_rows, int64_t n, int64_t lo, int64_t hi, uint32_t* keys) {
-  float top[64];
-  std::vector<float> many;
-  float* tops = top;
-  if (g_rows > 64) {
-    many.resize(g_rows);
-    tops = many.data();
-  }
-  for (int64_t g = 0; g < g_rows; ++g) {
-    const float m = max_or_nan(scores + g * n, n);
-    tops[g] = std::isfinite(m) ? m : 0.f;  // a NaN row, or nothing finite: not normalised
-  }
-  int64_t t = lo;
 #ifdef DSC_AVX2
+// kCompress.lanes[mask]: the set lanes of an 8-bit mask, in order, then zeros: a permutation that packs them.
+struct CompressTable {
+  uint32_t lanes[256][8];
+  constexpr CompressTable() : lanes() {
+    for (int m = 0; m < 256; ++m)
+      for (int i = 0, j = 0; i < 8; ++i)
+        if (m >> i & 1) lanes[m][j++] = static_cast<uint32_t>(i);
+  }
+};
+constexpr CompressTable kCompress;
+#endif
+
+// The tokens of [lo, hi) whose key is at least `floor`, in order: their keys and offsets from lo (each array has
+// room for 8 words past the count). Returns how many. No branch per token: each block of 8 is packed and stored
+// whole, and the count moves by how many it held.
+int64_t candidates(const Ranked& rk, int64_t lo, int64_t hi, uint32_t floor, uint32_t* keys, uint32_t* offsets) {
+  int64_t c = 0, t = lo;
+#ifdef DSC_AVX2
+  const __m256i fl = _mm256_set1_epi32(static_cast<int32_t>(floor));
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (; t + 8 <= hi; t += 8) {
-    __m256 best = _mm256_set1_ps(-INFINITY), unordered = _mm256_setzero_ps();
-    for (int64_t g = 0; g < g_rows; ++g) {
-      const __m256 v = _mm256_sub_ps(_mm256_loadu_ps(scores + g * n + t), _mm256_set1_ps(tops[g]));
-      best = _mm256_max_ps(best, v);
-      unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + t - lo),
-                        _mm256_or_si256(rank_key8(best), _mm256_castps_si256(unordered)));
+    const __m256i k = token_keys8(rk, t);
+    const int above = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_max_epu32(k, fl), k)));
+    const __m256i pack = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kCompress.lanes[above]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + c), _mm256_permutevar8x32_epi32(k, pack));
+    const __m256i offset = _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int32_t>(t - lo)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(offsets + c), _mm256_permutevar8x32_epi32(offset, pack));
+    c += __builtin_popcount(above);
   }
 #endif
   for (; t < hi; ++t) {
-    float best = -INFINITY;
-    bool nan = false;
-    for (int64_t g = 0; g < g_rows; ++g) {
-      const float v = scores[g * n + t] - tops[g];
-      nan |= std::isnan(v);
-      best = std::max(best, v);
-    }
-    keys[t - lo] = nan ? 0xFFFFFFFFu : rank_key(best);
+    keys[c] = token_key(rk, t);
+    offsets[c] = static_cast<uint32_t>(t - lo);
+    c += keys[c] >= floor;
   }
+  return c;
 }
 
 // The key T of the m-th largest of `keys` (1 <= m <= n) by radix select (11, 11, 10 bits; after each pass only the
-// keys in the chosen bucket are kept, in `spare`, which may be `keys` itself): count(> T) < m <= count(>= T). Sets
-// `*ties` to how many keys equal to T belong in the top m. Linear time, no sort, no branch per key.
+// keys in the chosen bucket are kept, in `spare`): count(> T) < m <= count(>= T). Sets `*ties` to how many keys
+// equal to T belong in the top m. Linear time, no sort, no branch per key.
 uint32_t radix_threshold(const uint32_t* keys, int64_t n, int64_t m, int64_t* ties, uint32_t* spare) {
   static const int kShift[3] = {21, 10, 0}, kBits[3] = {11, 11, 10};
   uint32_t prefix = 0;
@@ -429,59 +462,58 @@ uint32_t radix_threshold(const uint32_t* keys, int64_t n, int64_t m, int64_t* ti
   return prefix;
 }
 
-// Selecting m of n keys starts from a strided sample of kSample keys when n >= kSampled: a key that at least m keys
-// reach (very likely; checked) but not many more, so that the exact select runs on about 1.5 m candidates, not n.
+// Rows of kSampled tokens and more are ranked from a strided sample of kSample keys: a floor that at least m keys
+// reach (very likely; checked) but not many more, so that the exact select runs on about 1.6 m candidates, not on
+// every key, and no key is written for the others.
 constexpr int64_t kSample = 1024, kSampled = 8 * kSample;
 
-// A key with about m + 4 sd + 8 of n keys at or above it, estimated from the sample (keys[i * n / kSample]).
-uint32_t sampled_floor(const uint32_t* keys, int64_t n, int64_t m, uint32_t* sample) {
-  for (int64_t i = 0; i < kSample; ++i) sample[i] = keys[i * n / kSample];
-  const double mean = static_cast<double>(m) * kSample / n;
+// A key that about m + 4 sd + 8 of the keys of [lo, hi) reach, estimated from the sample (in `sample`).
+uint32_t sampled_floor(const Ranked& rk, int64_t lo, int64_t hi, int64_t m, uint32_t* sample) {
+  const int64_t range = hi - lo;
+  for (int64_t i = 0; i < kSample; ++i) sample[i] = token_key(rk, lo + i * range / kSample);
+  const double mean = static_cast<double>(m) * kSample / range;
   const int64_t rank = std::min<int64_t>(kSample, static_cast<int64_t>(mean + 4.0 * std::sqrt(mean) + 8.0));
   std::nth_element(sample, sample + rank - 1, sample + kSample, std::greater<uint32_t>());
   return sample[rank - 1];
 }
 
-// The positions a row valid on [0, n) keeps, ascending, into `picked`: the forced ones, and the best-scored `m` of
-// [lo, hi) (NaN first; among equal scores the older position) from their keys (filled when needs_ranking). `room`:
-// 2 (hi - lo) words of scratch. `picked` has room for one more than that (each candidate is stored before the keep
-// decision). Returns how many.
-int64_t select_row(const uint32_t* keys, const Split& sp, int64_t n, int64_t* picked, uint32_t* room) {
+// Appends to `picked` the offsets (+ lo) of the m best of `count` keys (given in position order), ascending, and
+// returns the new end: NaN first; among equal keys the older position. `offsets` null: key i is offset i.
+int64_t pick_best(const uint32_t* keys, const uint32_t* offsets, int64_t count, int64_t m, int64_t lo,
+                  int64_t* picked, int64_t out, uint32_t* spare) {
+  int64_t ties;
+  const uint32_t kth = radix_threshold(keys, count, m, &ties, spare);
+  for (int64_t i = 0; i < count; ++i) {
+    const uint32_t key = keys[i];
+    const bool eq = key == kth;
+    picked[out] = lo + (offsets ? offsets[i] : i);
+    out += (key > kth) | (eq & (ties > 0));
+    ties -= eq;
+  }
+  return out;
+}
+
+// The positions a row valid on [0, n) keeps, ascending, into `picked`: the forced ones, and the m best-ranked of
+// [lo, hi). `room`: 3 (hi - lo) + 24 words of scratch. `picked` has room for one more than that (each candidate is
+// stored before the keep decision). Returns how many.
+int64_t select_row(const Ranked& rk, const Split& sp, int64_t n, int64_t* picked, uint32_t* room) {
   int64_t out = 0;
   for (int64_t t = 0; t < sp.lo; ++t) picked[out++] = t;
   const int64_t range = sp.hi - sp.lo;
   if (sp.m >= range) {
     for (int64_t t = sp.lo; t < sp.hi; ++t) picked[out++] = t;
   } else if (sp.m > 0) {
-    const uint32_t* cand = keys;  // the candidates' keys, and their offsets from lo (null: every key, in order)
-    const uint32_t* offset = nullptr;
-    int64_t count = range;
-    uint32_t* spare = room;
-    if (range >= kSampled) {
-      const uint32_t floor = sampled_floor(keys, range, sp.m, room);
-      uint32_t* cand_keys = room;
-      uint32_t* cand_offset = room + range;
-      int64_t c = 0;
-      for (int64_t i = 0; i < range; ++i) {
-        cand_keys[c] = keys[i];
-        cand_offset[c] = static_cast<uint32_t>(i);
-        c += keys[i] >= floor;
-      }
-      if (c >= sp.m) {  // else the sample misled: select among every key
-        cand = cand_keys;
-        offset = cand_offset;
-        count = c;
-        spare = const_cast<uint32_t*>(keys);  // the keys are not read again
-      }
-    }
-    int64_t ties;
-    const uint32_t kth = radix_threshold(cand, count, sp.m, &ties, spare);
-    for (int64_t i = 0; i < count; ++i) {
-      const uint32_t key = cand[i];
-      const bool eq = key == kth;
-      picked[out] = sp.lo + (offset ? offset[i] : i);
-      out += (key > kth) | (eq & (ties > 0));
-      ties -= eq;
+    uint32_t* keys = room;  // each with 8 words of slack for candidates' whole-block stores
+    uint32_t* offsets = room + range + 8;
+    uint32_t* spare = room + 2 * range + 16;
+    int64_t count = 0;
+    if (range >= kSampled)
+      count = candidates(rk, sp.lo, sp.hi, sampled_floor(rk, sp.lo, sp.hi, sp.m, spare), keys, offsets);
+    if (count >= sp.m) {
+      out = pick_best(keys, offsets, count, sp.m, sp.lo, picked, out, spare);
+    } else {  // a short row, or the sample misled: every key
+      row_keys(rk, sp.lo, sp.hi, keys);
+      out = pick_best(keys, nullptr, range, sp.m, sp.lo, picked, out, spare);
     }
   }
   for (int64_t t = sp.hi; t < n; ++t) picked[out++] = t;
@@ -732,7 +764,7 @@ int dsc_ds_decode(const float* q, int64_t qb, int64_t qh, const void* k, const v
     s.qsum.assign((G + 3) / 4 * 4, 0.f);
     s.lab.resize(8 * r);
     s.scores.resize(std::max<int64_t>(1, G * n));
-    s.keys.resize(std::max<int64_t>(1, 3 * n));  // the keys, and select_row's room
+    s.keys.resize(3 * n + 24);  // select_row's room
     s.picked.resize(keep + 1);  // + 1: select_row stores each candidate before deciding to keep it
     const float* qrow = q + b * qb + h * G * qh;  // query head h * G + g
     s.queries.resize(G * D);  // the group's queries, contiguous [G, D]
@@ -749,16 +781,19 @@ int dsc_ds_decode(const float* q, int64_t qb, int64_t qh, const void* k, const v
     float* o = out + (b * Hkv * G + h * G) * Dv;
     if (n > 0) label_scores(L, b, h, s.qc.data(), s.qsum.data(), G, r, n, s.scores.data(), s.lab.data());
     const Split sp = split_row(n, keep, sink, recent);
-    uint32_t* keys = s.keys.data();
-    uint32_t* room = keys + n;
+    uint32_t* room = s.keys.data();
     if (group) {
-      if (needs_ranking(sp)) group_keys(s.scores.data(), G, n, sp.lo, sp.hi, keys);
-      const int64_t np = select_row(keys, sp, n, s.picked.data(), room);
+      s.tops.resize(G);  // each head's best score: the group score's normalisation
+      for (int64_t g = 0; g < G; ++g) {
+        const float m = needs_ranking(sp) ? max_or_nan(s.scores.data() + g * n, n) : 0.f;
+        s.tops[g] = std::isfinite(m) ? m : 0.f;  // a NaN row, or nothing finite: not normalised
+      }
+      const int64_t np = select_row({s.scores.data(), G, n, s.tops.data()}, sp, n, s.picked.data(), room);
       attend(kv, b, h, s.queries.data(), G, D, Dv, s.picked.data(), np, sm_scale, o, s);
     } else {  // each query head selects and attends on its own (one picked buffer, reused)
+      const float zero = 0.f;
       for (int64_t g = 0; g < G; ++g) {
-        if (needs_ranking(sp)) row_keys(s.scores.data() + g * n, sp.lo, sp.hi, keys);
-        const int64_t np = select_row(keys, sp, n, s.picked.data(), room);
+        const int64_t np = select_row({s.scores.data() + g * n, 1, n, &zero}, sp, n, s.picked.data(), room);
         attend(kv, b, h, s.queries.data() + g * D, 1, D, Dv, s.picked.data(), np, sm_scale, o + g * Dv, s);
       }
     }
