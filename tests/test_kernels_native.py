@@ -35,8 +35,8 @@ def native_calls():
         yield calls
 
 
-# explicit examples: every label format x dtype, group and head selection, r on the vector path (16, 32) and off it
-# (odd, 8-bit with r = 5), 1, 3, 4 and 6 query heads per KV head (none, one or two blocks of 4 heads in the
+# explicit examples: every label format x dtype, group and head selection, r on the vector paths (16, 32: 8-bit
+# codes with both and 4-bit with 32 take 16-token blocks on AVX-512) and off them (odd, 8-bit with r = 5), 1, 3, 4 and 6 query heads per KV head (none, one or two blocks of 4 heads in the
 # scoring), lengths, cache lengths with a tail (not a multiple of 8), fractional budgets with sink/recent, a budget
 # covering the row, forced tokens filling it
 @given(seed=st.integers(0, 2**31 - 1), bits=st.sampled_from([16, 8, 4]),
@@ -64,6 +64,8 @@ def native_calls():
          frac=1 / 16, sink=4, recent=16)
 @example(seed=10, bits=4, dtype=torch.float32, group=False, g=6, d=128, r=32, s=91, lengths=False, budget=11,
          frac=0.0, sink=0, recent=4)
+@example(seed=11, bits=8, dtype=torch.float32, group=True, g=3, d=64, r=16, s=333, lengths=True, budget=20,
+         frac=1 / 16, sink=4, recent=16)
 def test_native_decode_matches_definition(seed, bits, dtype, group, g, d, r, s, lengths, budget, frac,
                                           sink, recent):
     c = make_case(seed, 2, 2, g, 1, s, d, min(r, d), bits, dtype, lengths=lengths)
@@ -74,31 +76,47 @@ def test_native_decode_matches_definition(seed, bits, dtype, group, g, d, r, s, 
     assert_ds_decode_matches_oracle(out, c, *args, group, None, TOL[dtype])
 
 
-def exact_score_case(seed: int, bits: int, values: torch.Tensor, lengths=None):
-    """A case (batch 2, 2 KV heads of 3 query heads, D 64, r 16) whose label scores are integers computed exactly
-    by any summation order, ordered as ``values`` (distinct integers, one per position): each token's label
-    channels are ``values[t]`` plus a fixed pattern of 0 and the code range (so 8- and 4-bit codes are exact too),
-    and the queries are small positive integers on the label channels. Every implementation then selects the
-    same positions, and its output can be compared without leaving out near-ties."""
-    c = make_case(seed, 2, 2, 3, 1, values.numel(), 64, 16, bits, lengths=False)
+def exact_score_case(seed: int, bits: int, values: torch.Tensor, lengths=None, g: int = 3, d: int = 64, r: int = 16,
+                     dtype=torch.float32):
+    """A case (batch 2, 2 KV heads of g query heads) whose label scores are integers computed exactly by any
+    summation order, ordered as ``values`` (distinct integers, one per position): token t's label channels are
+    ``values[t]`` plus a pattern of integers from 0 to the code range (so 8- and 4-bit codes are that pattern,
+    exactly), and the queries are small positive integers on the label channels. Every implementation then
+    selects the same positions, and its output can be compared on every row, without leaving out near-ties."""
+    c = make_case(seed, 2, 2, g, 1, values.numel(), d, r, bits, dtype, lengths=False)
     levels = 15 if bits == 4 else 255
-    pattern = torch.zeros(16)
-    pattern[1::2] = levels
     gen = torch.Generator().manual_seed(seed)
+    pattern = torch.randint(0, levels + 1, (r,), generator=gen).float()
+    pattern[0], pattern[-1] = 0, levels
     for h in range(2):
         ch = c.channels[h]
-        c.k[:, h, :, ch] = values.float()[:, None] + pattern
-        c.q[:, 3 * h:3 * h + 3, :, ch] = torch.randint(1, 4, (2, 3, 1, 16), generator=gen).float()
+        c.k[:, h, :, ch] = (values.float()[:, None] + pattern).to(dtype)
+        c.q[:, g * h:g * h + g, :, ch] = torch.randint(1, 4, (2, g, 1, r), generator=gen).to(dtype)
     R.label_write(c.k, c.channels, torch.arange(values.numel()), c.data, c.scale, c.zero, bits)
     c.lengths = lengths
     return c
 
 
-def assert_exact_selection_output(out, c, budget, frac, sink, recent, group, sm_scale):
+def assert_exact_selection_output(out, c, budget, frac, sink, recent, group, sm_scale, tol=1e-5):
     """``out`` equals the definition on a case whose scores are exact (:func:`exact_score_case`): every row."""
     sc = R.label_scores(c.q, *c.labels, None, c.lengths, group)
     want = R.sparse_attention(c.q, c.k, c.v, R.select_topk(sc, budget, frac, sink, recent), sm_scale)
-    assert torch.allclose(out, want, atol=1e-5, rtol=1e-5), float((out - want).abs().max())
+    assert torch.allclose(out.float(), want.float(), atol=tol, rtol=tol), float((out.float() - want.float()).abs().max())
+
+
+# Every label format and width on each scoring path (16-token blocks of codes on AVX-512, 8-token blocks, the
+# scalar tail), 1 to 6 query heads per KV head, group and per-head selection: every output row compared.
+@pytest.mark.parametrize("bits", [16, 8, 4])
+@pytest.mark.parametrize("r,d", [(16, 64), (32, 128), (8, 32)])
+@pytest.mark.parametrize("g,group", [(1, True), (3, True), (4, False), (6, True)])
+def test_native_decode_exact_scores_every_format(bits, r, d, g, group):
+    values = torch.randperm(261, generator=torch.Generator().manual_seed(bits * r + g))
+    c = exact_score_case(bits + g, bits, values, torch.tensor([261, 200]), g=g, d=d, r=r)
+    args = (40, 0.0, 2, 3, group, 1e-4)
+    with native_calls() as calls:
+        out = C.ds_decode(c.q, c.k, c.v, *c.labels, None, None, c.lengths, *args)
+    assert calls
+    assert_exact_selection_output(out, c, *args)
 
 
 # Rows of 8K positions and more: the kernel selects from a strided sample's candidates there (and from every key
