@@ -179,6 +179,21 @@ def test_native_nan_query_propagates_and_empty_rows_are_zero():
     assert (out[1] == 0).all()  # a row with no valid position attends nothing: 0 by contract
 
 
+def test_native_decode_first_block_of_minus_infinite_logits_weighs_nothing():
+    """Sixteen forced sink rows whose logits are -inf (a key channel outside the labels is -inf: the scores stay
+    finite), the whole first block of the online softmax, and finite rows after them: the -inf rows weigh 0, as in
+    a softmax over the whole selection."""
+    c = make_case(18, 1, 2, 3, 1, 120, 32, 8, 16)
+    for h in range(2):
+        free = next(i for i in range(32) if i not in c.channels[h].tolist())
+        c.q[:, 3 * h:3 * h + 3, :, free] = 1.0
+        c.k[:, h, :16, free] = float("-inf")
+    with native_calls() as calls:
+        out = C.ds_decode(c.q, c.k, c.v, *c.labels, None, None, None, 40, 0.0, 16, 0, True, None)
+    assert calls and torch.isfinite(out).all()
+    assert assert_ds_decode_matches_oracle(out, c, 40, 0.0, 16, 0, True, None, TOL[torch.float32]) > 0
+
+
 def test_native_threads_agree_with_one_thread():
     c = make_case(13, 4, 3, 3, 1, 700, 64, 16, 16)
     before = torch.get_num_threads()

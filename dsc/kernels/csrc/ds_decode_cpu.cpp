@@ -270,22 +270,19 @@ inline void score16_codes(const uint8_t* base, int64_t row_bytes, int64_t t0, co
   __m512i words[NW];
   code_words16<NW>(base, row_bytes, t0, words);
   const __m512i mask = _mm512_set1_epi32((1 << kCodeBits) - 1);
-  __m512 acc[2][4];  // two chains per head (even and odd words): one would wait on each FMA's latency
-  for (auto& a : acc)
-    for (auto& h : a) h = _mm512_setzero_ps();
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   for (int w = 0; w < NW; ++w)
     for (int i = 0; i < kPerWord; ++i) {
-      // code i of word w: byte i / (32 / 8) of the word; for 4-bit codes, its low then high nibble (channel slots
-      // 4w + byte and R/2 + 4w + byte: label_row's order)
+      // code i of word w: byte i (8-bit codes), or the low (i even) / high (i odd) nibble of byte i / 2, whose
+      // query channels sit at slots 4w + i / 2 and R/2 + 4w + i / 2 (label_row's order)
       const int shift = K == U8 ? 8 * i : 8 * (i / 2) + 4 * (i % 2);
       const int slot = K == U8 ? 4 * w + i : (i % 2 ? R / 2 : 0) + 4 * w + i / 2;
       const __m512 code = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(words[w], shift), mask));
-      for (int g = 0; g < 4; ++g)
-        acc[w % 2][g] = _mm512_fmadd_ps(code, _mm512_set1_ps(qc[g * R + slot]), acc[w % 2][g]);
+      for (int g = 0; g < 4; ++g) acc[g] = _mm512_fmadd_ps(code, _mm512_set1_ps(qc[g * R + slot]), acc[g]);
     }
   for (int64_t g = 0; g < g_store; ++g) {
     const __m512 s = _mm512_fmadd_ps(_mm512_loadu_ps(zp + t0), _mm512_set1_ps(qsum[g]),
-                                     _mm512_mul_ps(_mm512_add_ps(acc[0][g], acc[1][g]), _mm512_loadu_ps(sc + t0)));
+                                     _mm512_mul_ps(acc[g], _mm512_loadu_ps(sc + t0)));
     _mm512_storeu_ps(scores + g * n + t0, s);
   }
 }
@@ -742,8 +739,9 @@ void attend(const KV& kv, int64_t b, int64_t h, const float* qf, int64_t g_rows,
         for (int64_t i = 0; i < dv; ++i) out[g * dv + i] *= c;
         run_max[g] = top;
       }
+      const float shift = top == -INFINITY ? 0.f : top;  // only -inf so far: weights 0, not exp(-inf + inf)
       float sum = 0.f;
-      for (int64_t j = 0; j < nb; ++j) sum += wg[j] = std::exp(wg[j] - top);
+      for (int64_t j = 0; j < nb; ++j) sum += wg[j] = std::exp(wg[j] - shift);
       run_sum[g] += sum;
     }
     add_weighted_rows(vrows, nb, w, g_rows, dv, out);
