@@ -486,6 +486,22 @@ def test_bench_attention_dense_candidates_agree():
         best_dense(cands + [("wrong", lambda: q)], lambda *a: 1.0, 1, 0)
 
 
+def test_cpu_flush_covers_twice_the_last_level_cache(tmp_path, monkeypatch):
+    from dsc.bench import common
+
+    for index, size in (("index0", "48K"), ("index2", "2048K"), ("index3", "260M")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    assert common.last_level_cache_mb(tmp_path) == 260.0
+    assert common.last_level_cache_mb(tmp_path / "none") is None
+    monkeypatch.setattr(common, "last_level_cache_mb", lambda: 260.0)
+    assert common.cpu_flush_mb() == 520.0
+    monkeypatch.setattr(common, "last_level_cache_mb", lambda: 8.0)
+    assert common.cpu_flush_mb() == 64.0  # small caches: at least 64 MB
+    monkeypatch.setattr(common, "last_level_cache_mb", lambda: None)
+    assert common.cpu_flush_mb() == 64.0
+
+
 def test_bench_attention_command_runs(tmp_path):
     import json
 

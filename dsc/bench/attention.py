@@ -55,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="wall: elapsed time; cpu: process CPU time (steadier on a shared machine; use --threads 1)")
     p.add_argument("--flush-mb", type=float, default=None,
                    help="write this many MB before each timed call so K/V start cold, as in a real decode step "
-                        "where other layers ran in between (default 64 on CPU, 0 on CUDA)")
+                        "where other layers ran in between (default on CPU: twice the last-level cache, at least "
+                        "64; 0 on CUDA)")
     p.add_argument("--max-gb", type=float, default=6.0, help="skip configurations whose K/V cache exceeds this")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -146,7 +147,8 @@ def run(args) -> int:
     from tqdm import tqdm
 
     import dsc.kernels  # noqa: F401  (registers torch.ops.dsc)
-    from dsc.bench.common import format_table, machine_info, median_timer, parse_list, parse_shapes, write_json
+    from dsc.bench.common import (cpu_flush_mb, format_table, machine_info, median_timer, parse_list, parse_shapes,
+                                  write_json)
     from dsc.bytes import cache_bytes
     from dsc.kernels import alloc_labels
 
@@ -169,7 +171,7 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     e = torch.finfo(dtype).bits // 8
-    flush = args.flush_mb if args.flush_mb is not None else (64.0 if device.type == "cpu" else 0.0)
+    flush = args.flush_mb if args.flush_mb is not None else (cpu_flush_mb() if device.type == "cpu" else 0.0)
     timer = median_timer(device, args.clock, flush)
     group = not args.per_head
 

@@ -44,6 +44,25 @@ def parse_shapes(text: str, name: str = "--shape") -> list[tuple[int, int, int]]
     return out
 
 
+def last_level_cache_mb(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> float | None:
+    """The largest CPU cache's size in MB (Linux sysfs), or None where it cannot be read."""
+    sizes = []
+    for f in caches.glob("index*/size"):
+        text = f.read_text().strip()
+        scale = {"K": 1 / 1024, "M": 1.0, "G": 1024.0}.get(text[-1:], None)
+        if scale is not None and text[:-1].isdigit():
+            sizes.append(int(text[:-1]) * scale)
+    return max(sizes) if sizes else None
+
+
+def cpu_flush_mb() -> float:
+    """What to write before each timed CPU call so its inputs start cold, as after a real decode step's other
+    layers: twice the last-level cache (a 260 MB L3 keeps 100 MB of labels and rows warm through a 64 MB
+    flush), at least 64 MB."""
+    llc = last_level_cache_mb()
+    return max(64.0, 2 * llc) if llc else 64.0
+
+
 def median_timer(device, clock: str = "wall", flush_mb: float = 0.0):
     """``run(fn, repeats, warmup) -> median ms``; the device is synchronised around each call, and ``flush_mb``
     of memory is written before each so inputs start cold."""
