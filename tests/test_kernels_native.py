@@ -127,6 +127,8 @@ def test_native_decode_exact_scores_every_format(bits, r, d, g, group):
     (8, True, 0.0, 700, 0, 0, [9000, 8500]),
     (4, False, 1 / 16, 1, 1, 3, None),
     (16, False, 0.0, 3000, 2, 0, [8300, 9000]),
+    (16, True, 0.0, 1, 0, 0, None),  # one position
+    (8, False, 0.0, 8990, 4, 4, None),  # all but a few: the floor is the sample's lowest key
 ])
 def test_native_decode_long_rows_match_definition(bits, group, frac, budget, sink, recent, lengths):
     values = torch.randperm(9000, generator=torch.Generator().manual_seed(bits))
