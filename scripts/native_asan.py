@@ -35,16 +35,18 @@ def main() -> None:
     native._build = lambda cxx: lib
     native.library.cache_clear()
     calls = 0
-    for seed, bits, dtype, lengths, group, (budget, frac, sink, recent), (s, d, r) in itertools.product(
-            range(3), (16, 8, 4), (torch.float32, torch.bfloat16, torch.float16), (False, True), (True, False), BUDGETS,
-            SHAPES):
+    for threads, seed, bits, dtype, lengths, group, (budget, frac, sink, recent), (s, d, r) in itertools.product(
+            (1, 3), range(3), (16, 8, 4), (torch.float32, torch.bfloat16, torch.float16), (False, True), (True, False),
+            BUDGETS, SHAPES):
+        torch.set_num_threads(threads)  # 3: fewer than two tasks per thread, so the tasks are split into pieces
         group_size = (3, 4, 6)[seed]  # one or two blocks of 4 heads in the scoring
         c = make_case(seed, 2, 2, group_size, 1, s, d, r, bits, dtype, "none", False, lengths)
         native.ds_decode(c.q, c.k, c.v, c.channels, c.data, c.scale, c.zero, bits, c.lengths, budget, frac, sink,
                          recent, group, d ** -0.5, checks.topk_width(s, budget, frac))
         calls += 1
-    for bits, lengths, group, (budget, frac, sink, recent) in itertools.product((16, 8, 4), (False, True),
-                                                                               (True, False), LONG_BUDGETS):
+    for threads, bits, lengths, group, (budget, frac, sink, recent) in itertools.product(
+            (1, 3), (16, 8, 4), (False, True), (True, False), LONG_BUDGETS):
+        torch.set_num_threads(threads)
         c = make_case(bits, 2, 2, 3, 1, 8200, 64, 16, bits, torch.float32, "none", False, lengths)
         native.ds_decode(c.q, c.k, c.v, c.channels, c.data, c.scale, c.zero, bits, c.lengths, budget, frac, sink,
                          recent, group, 0.125, checks.topk_width(8200, budget, frac))

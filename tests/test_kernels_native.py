@@ -181,6 +181,30 @@ def test_native_nan_query_propagates_and_empty_rows_are_zero():
     assert (out[1] == 0).all()  # a row with no valid position attends nothing: 0 by contract
 
 
+# With fewer than two tasks (batch x KV heads: 4 here) per thread, every task's scoring and attention are split
+# into pieces that all threads share (3 threads: 2 pieces per task, 8: 4); 1 thread runs whole tasks.
+@pytest.mark.parametrize("bits,group,n,budget,frac", [
+    (16, True, 9000, 1, 1 / 16),  # long rows: the sampled select, pieces of a 9000-token row
+    (8, False, 261, 40, 0.0),  # per-head selection: pieces of each head's selection
+    (4, True, 261, 300, 0.0),  # every position kept
+    (16, True, 20, 3, 0.0),  # fewer rows than pieces: empty pieces
+])
+def test_native_decode_split_across_threads_matches_definition(bits, group, n, budget, frac):
+    values = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+    c = exact_score_case(19, bits, values, torch.tensor([n, max(1, n - 7)]))
+    args = (budget, frac, 2, 3, group, 1e-4)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3, 8):
+            torch.set_num_threads(threads)
+            with native_calls() as calls:
+                out = C.ds_decode(c.q, c.k, c.v, *c.labels, None, None, c.lengths, *args)
+            assert calls
+            assert_exact_selection_output(out, c, *args)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_native_decode_first_block_of_minus_infinite_logits_weighs_nothing():
     """Sixteen forced sink rows whose logits are -inf (a key channel outside the labels is -inf: the scores stay
     finite), the whole first block of the online softmax, and finite rows after them: the -inf rows weigh 0, as in

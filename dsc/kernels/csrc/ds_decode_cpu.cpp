@@ -313,10 +313,10 @@ constexpr bool heads4_path() {
   return R > 0 && R % 8 == 0 && (K != U4 || R % 16 == 0) && (K != F16 || f16);
 }
 
-// scores[g * n + t] = q_g . label_t for t in [0, n): the score identity on codes (scale * (q . code) + zero * sum q).
+// scores[g * n + t] = q_g . label_t for t in [t_begin, t_end): the score identity on codes (scale * (q . code) + zero * sum q).
 template <int R, int K>
 void label_scores_r(const Labels& L, int64_t b, int64_t h, const float* qc, const float* qsum, int64_t g_rows,
-                    int64_t r_rt, int64_t n, float* scores, float* lab) {
+                    int64_t r_rt, int64_t t_begin, int64_t t_end, int64_t n, float* scores, float* lab) {
   const int64_t r = R > 0 ? R : r_rt;
   const int64_t es = elem_size(K);
   const uint8_t* base = L.data + (b * L.sb + h * L.sh) * es;
@@ -324,10 +324,10 @@ void label_scores_r(const Labels& L, int64_t b, int64_t h, const float* qc, cons
   constexpr bool quantized = K == U8 || K == U4;
   const float* sc = quantized ? L.scale + b * L.zb + h * L.zh : nullptr;
   const float* zp = quantized ? L.zero + b * L.zb + h * L.zh : nullptr;
-  int64_t t = 0;
+  int64_t t = t_begin;
 #ifdef __AVX512F__
   if constexpr ((K == U8 && (R == 16 || R == 32)) || (K == U4 && R == 32)) {
-    for (; t + 16 <= n; t += 16) {
+    for (; t + 16 <= t_end; t += 16) {
       prefetch_labels(base, row_bytes, t, sc, zp);
       prefetch_labels(base, row_bytes, t + 8, sc, zp);
       for (int64_t g = 0; g < g_rows; g += 4)
@@ -339,7 +339,7 @@ void label_scores_r(const Labels& L, int64_t b, int64_t h, const float* qc, cons
 #ifdef DSC_AVX2
   if constexpr (heads4_path<R, K>()) {
     if (g_rows >= 3) {  // blocks of 4 heads (qc and qsum are zero-padded to whole blocks)
-      for (; t + 8 <= n; t += 8) {
+      for (; t + 8 <= t_end; t += 8) {
         prefetch_labels(base, row_bytes, t, sc, zp);
         for (int64_t g = 0; g < g_rows; g += 4)
           score8_heads4<R, K>(base, row_bytes, t, qc + g * R, qsum + g, std::min<int64_t>(4, g_rows - g), sc, zp,
@@ -349,14 +349,14 @@ void label_scores_r(const Labels& L, int64_t b, int64_t h, const float* qc, cons
   }
   if constexpr (R > 0 && R % 8 == 0) {
     const float* rows[8];
-    for (; t + 8 <= n; t += 8) {
+    for (; t + 8 <= t_end; t += 8) {
       prefetch_labels(base, row_bytes, t, sc, zp);
       for (int i = 0; i < 8; ++i) rows[i] = label_row<R, K>(base + (t + i) * row_bytes, r, lab + i * R);
       score8<R>(rows, qc, qsum, g_rows, sc, zp, scores, n, t);
     }
   }
 #endif
-  for (; t < n; ++t) {
+  for (; t < t_end; ++t) {
     const float* l = label_row<R, K>(base + t * row_bytes, r, lab);
     score_token<R>(l, qc, qsum, g_rows, r, quantized ? sc[t] : 0.f, quantized ? zp[t] : 0.f, quantized, scores,
                    n, t);
@@ -366,21 +366,21 @@ void label_scores_r(const Labels& L, int64_t b, int64_t h, const float* qc, cons
 // label_scores_r for the label format K, with r fixed at compile time for the common widths.
 template <int K>
 void label_scores_k(const Labels& L, int64_t b, int64_t h, const float* qc, const float* qsum, int64_t g_rows,
-                    int64_t r, int64_t n, float* scores, float* lab) {
-  if (r == 16) return label_scores_r<16, K>(L, b, h, qc, qsum, g_rows, r, n, scores, lab);
-  if (r == 32) return label_scores_r<32, K>(L, b, h, qc, qsum, g_rows, r, n, scores, lab);
-  if (r == 8) return label_scores_r<8, K>(L, b, h, qc, qsum, g_rows, r, n, scores, lab);
-  return label_scores_r<0, K>(L, b, h, qc, qsum, g_rows, r, n, scores, lab);
+                    int64_t r, int64_t t_begin, int64_t t_end, int64_t n, float* scores, float* lab) {
+  if (r == 16) return label_scores_r<16, K>(L, b, h, qc, qsum, g_rows, r, t_begin, t_end, n, scores, lab);
+  if (r == 32) return label_scores_r<32, K>(L, b, h, qc, qsum, g_rows, r, t_begin, t_end, n, scores, lab);
+  if (r == 8) return label_scores_r<8, K>(L, b, h, qc, qsum, g_rows, r, t_begin, t_end, n, scores, lab);
+  return label_scores_r<0, K>(L, b, h, qc, qsum, g_rows, r, t_begin, t_end, n, scores, lab);
 }
 
 void label_scores(const Labels& L, int64_t b, int64_t h, const float* qc, const float* qsum, int64_t g_rows,
-                  int64_t r, int64_t n, float* scores, float* lab) {
+                  int64_t r, int64_t t_begin, int64_t t_end, int64_t n, float* scores, float* lab) {
   switch (L.kind) {
-    case F32: return label_scores_k<F32>(L, b, h, qc, qsum, g_rows, r, n, scores, lab);
-    case BF16: return label_scores_k<BF16>(L, b, h, qc, qsum, g_rows, r, n, scores, lab);
-    case F16: return label_scores_k<F16>(L, b, h, qc, qsum, g_rows, r, n, scores, lab);
-    case U8: return label_scores_k<U8>(L, b, h, qc, qsum, g_rows, r, n, scores, lab);
-    default: return label_scores_k<U4>(L, b, h, qc, qsum, g_rows, r, n, scores, lab);
+    case F32: return label_scores_k<F32>(L, b, h, qc, qsum, g_rows, r, t_begin, t_end, n, scores, lab);
+    case BF16: return label_scores_k<BF16>(L, b, h, qc, qsum, g_rows, r, t_begin, t_end, n, scores, lab);
+    case F16: return label_scores_k<F16>(L, b, h, qc, qsum, g_rows, r, t_begin, t_end, n, scores, lab);
+    case U8: return label_scores_k<U8>(L, b, h, qc, qsum, g_rows, r, t_begin, t_end, n, scores, lab);
+    default: return label_scores_k<U4>(L, b, h, qc, qsum, g_rows, r, t_begin, t_end, n, scores, lab);
   }
 }
 
@@ -423,9 +423,9 @@ inline Split split_row(int64_t n, int64_t keep, int64_t sink, int64_t recent) {
 inline bool needs_ranking(const Split& sp) { return sp.m > 0 && sp.m < sp.hi - sp.lo; }
 
 struct Scratch {  // per thread, grown on demand and kept: no allocation (and no page faults) per step
-  std::vector<float> queries, qc, qsum, scores, tops, lab, krow, logits;
+  std::vector<float> queries, qc, qsum, scores, tops, lab, krow, logits, part;
   std::vector<uint32_t> keys;  // select_row's room
-  std::vector<int64_t> picked;
+  std::vector<int64_t> picked, counts;
 };
 
 thread_local Scratch scratch;
@@ -690,23 +690,36 @@ inline void add_weighted_rows(const float* const* rows, int64_t nb, const float*
     }
 }
 
-// out_g = softmax_j(sm_scale * q_g . K[p_j]) . V[p_j] over the picked rows, for the `g_rows` heads in `qf`: one
-// pass over the selection in blocks, an online softmax (each head's running max and sum; its output rescaled when
-// the max grows).
-void attend(const KV& kv, int64_t b, int64_t h, const float* qf, int64_t g_rows, int64_t d, int64_t dv,
-            const int64_t* picked, int64_t np, float sm_scale, float* out, Scratch& s) {
-  std::fill(out, out + g_rows * dv, 0.f);  // also the result when nothing is picked (0 by contract)
+// A softmax-weighted sum in progress for `g_rows` heads (an online softmax): out [g_rows, dv] = sum_j exp(l_j -
+// max) V_j, not yet divided by sum = sum_j exp(l_j - max). Its memory: part_floats(g_rows, dv) floats.
+struct Partial {
+  float* out;
+  float* max;
+  float* sum;
+  Partial(float* p, int64_t g_rows, int64_t dv) : out(p), max(p + g_rows * dv), sum(p + g_rows * dv + g_rows) {}
+  void clear(int64_t g_rows, int64_t dv) const {  // const: the view, not the floats
+    std::fill(out, out + g_rows * dv, 0.f);
+    std::fill(max, max + g_rows, -INFINITY);
+    std::fill(sum, sum + g_rows, 0.f);
+  }
+};
+
+inline int64_t part_floats(int64_t g_rows, int64_t dv) { return g_rows * (dv + 2); }
+
+// Adds the picked rows to `acc` for the `g_rows` heads in `qf` (logits sm_scale * q_g . K[p_j]): one pass over the
+// rows in blocks, each head's output rescaled when its max grows.
+void attend_rows(const KV& kv, int64_t b, int64_t h, const float* qf, int64_t g_rows, int64_t d, int64_t dv,
+                 const int64_t* picked, int64_t np, float sm_scale, const Partial& acc, Scratch& s) {
   if (np == 0) return;
   const int64_t es = elem_size(kv.kind);
   const uint8_t* kb = kv.k + (b * kv.ksb + h * kv.ksh) * es;
   const uint8_t* vb = kv.v + (b * kv.vsb + h * kv.vsh) * es;
-  s.logits.resize(g_rows * kBlock + 2 * g_rows);
+  s.logits.resize(g_rows * kBlock);
   s.krow.resize(d + kBlock * dv);  // a converted K row, and the block's converted V rows (16-bit K/V)
   float* w = s.logits.data();  // [g_rows, kBlock]: the block's logits, then its weights
-  float* run_max = w + g_rows * kBlock;
-  float* run_sum = run_max + g_rows;
-  std::fill(run_max, run_max + g_rows, -INFINITY);
-  std::fill(run_sum, run_sum + g_rows, 0.f);
+  float* out = acc.out;
+  float* run_max = acc.max;
+  float* run_sum = acc.sum;
   float* krow = s.krow.data();
   float* vblock = krow + d;
   const float* vrows[kBlock];
@@ -746,10 +759,43 @@ void attend(const KV& kv, int64_t b, int64_t h, const float* qf, int64_t g_rows,
     }
     add_weighted_rows(vrows, nb, w, g_rows, dv, out);
   }
+}
+
+// out [g_rows, dv] = the softmax-weighted sum over the rows of `count` partials (part_floats apart), each kept
+// under its own max. Nothing attended (every max -inf): 0 / 0, as in a softmax over no finite logit.
+void finish(float* parts, int64_t count, int64_t g_rows, int64_t dv, float* out) {
+  const int64_t stride = part_floats(g_rows, dv);
   for (int64_t g = 0; g < g_rows; ++g) {
-    const float inv = 1.f / run_sum[g];
-    for (int64_t i = 0; i < dv; ++i) out[g * dv + i] *= inv;
+    float top = -INFINITY;
+    for (int64_t c = 0; c < count; ++c) top = std::max(top, Partial(parts + c * stride, g_rows, dv).max[g]);
+    const float shift = top == -INFINITY ? 0.f : top;
+    float sum = 0.f;
+    float* o = out + g * dv;
+    std::fill(o, o + dv, 0.f);
+    for (int64_t c = 0; c < count; ++c) {
+      const Partial p(parts + c * stride, g_rows, dv);
+      const float weight = std::exp(p.max[g] - shift);
+      sum += weight * p.sum[g];
+      for (int64_t i = 0; i < dv; ++i) o[i] += weight * p.out[g * dv + i];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t i = 0; i < dv; ++i) o[i] *= inv;
   }
+}
+
+// out_g = softmax_j(sm_scale * q_g . K[p_j]) . V[p_j] over the picked rows, for the `g_rows` heads in `qf` (0 when
+// nothing is picked, by contract).
+void attend(const KV& kv, int64_t b, int64_t h, const float* qf, int64_t g_rows, int64_t d, int64_t dv,
+            const int64_t* picked, int64_t np, float sm_scale, float* out, Scratch& s) {
+  if (np == 0) {
+    std::fill(out, out + g_rows * dv, 0.f);
+    return;
+  }
+  s.part.resize(part_floats(g_rows, dv));
+  const Partial acc(s.part.data(), g_rows, dv);
+  acc.clear(g_rows, dv);
+  attend_rows(kv, b, h, qf, g_rows, d, dv, picked, np, sm_scale, acc, s);
+  finish(s.part.data(), 1, g_rows, dv, out);
 }
 
 // A key element of kind F32 / BF16 / F16 as fp32.
@@ -790,6 +836,79 @@ bool quantize_row(const float* lab, int64_t r, int bits, uint8_t* codes, float* 
 
 }  // namespace
 
+// One (batch, KV head) task of a call: its row's valid length n, how many positions it keeps, and their split.
+struct Task {
+  int64_t b, h, n, keep;
+  Split sp;
+};
+
+Task make_task(int64_t task, int64_t Hkv, const int64_t* lengths, int64_t S, int64_t kk, int64_t budget, double frac,
+               int64_t sink, int64_t recent) {
+  const int64_t b = task / Hkv, h = task % Hkv;
+  const int64_t n = lengths ? std::max<int64_t>(0, std::min<int64_t>(lengths[b], S)) : S;
+  int64_t keep = std::min(n, kk);
+  if (frac != 0.0) {
+    const int64_t share = std::max<int64_t>(static_cast<int64_t>(std::ceil(static_cast<double>(n) * frac)), budget);
+    keep = std::min(std::min(share, n), kk);
+  }
+  return {b, h, n, keep, split_row(n, keep, sink, recent)};
+}
+
+// The task's G queries into `queries` [G, D] (q: fp32 [B, Hkv*G, D], strides qb, qh), their label channels into
+// `qc` (label_row's order, zero-padded to whole blocks of 4 heads for score8_heads4) and their sums into `qsum`.
+void load_queries(const float* q, int64_t qb, int64_t qh, const Task& t, int64_t G, int64_t D, int64_t r,
+                  const int64_t* channels, int label_kind, std::vector<float>& queries, std::vector<float>& qc,
+                  std::vector<float>& qsum) {
+  qc.assign((G + 3) / 4 * 4 * r, 0.f);
+  qsum.assign((G + 3) / 4 * 4, 0.f);
+  queries.resize(G * D);
+  const float* qrow = q + t.b * qb + t.h * G * qh;  // query head h * G + g
+  for (int64_t g = 0; g < G; ++g) {
+    std::memcpy(queries.data() + g * D, qrow + g * qh, D * sizeof(float));
+    float sum = 0.f;
+    for (int64_t c = 0; c < r; ++c) {
+      const int64_t slot = label_kind == U4 ? (c % 2 ? (r + 1) / 2 + c / 2 : c / 2) : c;  // label_row's order
+      qc[g * r + slot] = qrow[g * qh + channels[t.h * r + c]];
+      sum += qrow[g * qh + channels[t.h * r + c]];
+    }
+    qsum[g] = sum;
+  }
+}
+
+// The task's selections from its scores [G, n]: one for the group (group selection) or one per query head, into
+// picked (keep + 1 slots each: select_row stores each candidate before deciding to keep it), their sizes into np.
+void select_task(const Task& t, const float* scores, int64_t G, bool group, int64_t* picked, int64_t* np,
+                 Scratch& s) {
+  s.keys.resize(3 * t.n + 24);  // select_row's room
+  if (group) {
+    s.tops.resize(G);  // each head's best score: the group score's normalisation
+    for (int64_t g = 0; g < G; ++g) {
+      const float m = needs_ranking(t.sp) ? max_or_nan(scores + g * t.n, t.n) : 0.f;
+      s.tops[g] = std::isfinite(m) ? m : 0.f;  // a NaN row, or nothing finite: not normalised
+    }
+    np[0] = select_row({scores, G, t.n, s.tops.data()}, t.sp, t.n, picked, s.keys.data());
+    return;
+  }
+  const float zero = 0.f;
+  for (int64_t g = 0; g < G; ++g)
+    np[g] = select_row({scores + g * t.n, 1, t.n, &zero}, t.sp, t.n, picked + g * (t.keep + 1), s.keys.data());
+}
+
+// Piece c of `pieces` of [0, n), its bounds multiples of `align` (but the last end).
+inline int64_t piece_begin(int64_t n, int64_t pieces, int64_t c, int64_t align) {
+  return c == pieces ? n : n * c / pieces / align * align;
+}
+
+// A task the calling thread's workers share when a call has fewer tasks than threads can balance: its scores are
+// computed in pieces of its row, and its selection attended in pieces, each into its own Partial.
+struct SharedTask {
+  Task t;
+  std::vector<float> queries, qc, qsum, scores, parts;
+  std::vector<int64_t> picked, np;
+};
+
+thread_local std::vector<SharedTask> shared_tasks;
+
 extern "C" {
 
 // The labels of T new keys written at positions[t] (shared by the batch) into the label cache: the r channels of
@@ -827,7 +946,8 @@ int dsc_label_write(const void* keys, int key_kind, int64_t kb, int64_t kh, int6
 // One decode step of Double Sparsity attention. q: fp32 [B, Hkv*G, D] (strides qb, qh; dim stride 1). out: fp32
 // [B, Hkv*G, Dv] contiguous. channels: int64 [Hkv, r] contiguous. lengths: int64 [B] or null (n = min(len, S)).
 // kk = the op's slot count; keep per row from budget/frac (checks.keep_count). group: one selection per KV head
-// (group score) else one per query head.
+// (group score) else one per query head. With at least two tasks (batch x KV heads) per thread, each thread runs
+// whole tasks; with fewer, every task's scoring and attention are split into pieces that all threads share.
 int dsc_ds_decode(const float* q, int64_t qb, int64_t qh, const void* k, const void* v, int kv_kind, int64_t ksb,
                   int64_t ksh, int64_t kss, int64_t vsb, int64_t vsh, int64_t vss, const int64_t* channels,
                   const void* data, int label_kind, int64_t lsb, int64_t lsh, int64_t lss, const float* scale,
@@ -837,55 +957,76 @@ int dsc_ds_decode(const float* q, int64_t qb, int64_t qh, const void* k, const v
   const Labels L{static_cast<const uint8_t*>(data), label_kind, lsb, lsh, lss, scale, zero, zb, zh};
   const KV kv{static_cast<const uint8_t*>(k), static_cast<const uint8_t*>(v), kv_kind, ksb, ksh, kss, vsb, vsh, vss};
   const int64_t tasks = B * Hkv;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && tasks > 1)
-  for (int64_t task = 0; task < tasks; ++task) {
-    const int64_t b = task / Hkv, h = task % Hkv;
+  const int64_t sels = group ? 1 : G, heads = group ? G : 1;  // selections per task, query heads per selection
+  if (nthreads <= 1 || tasks >= 2 * nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      Scratch& s = scratch;
+      const Task t = make_task(task, Hkv, lengths, S, kk, budget, frac, sink, recent);
+      load_queries(q, qb, qh, t, G, D, r, channels, label_kind, s.queries, s.qc, s.qsum);
+      s.lab.resize(8 * r);
+      s.scores.resize(std::max<int64_t>(1, G * t.n));
+      if (t.n > 0) label_scores(L, t.b, t.h, s.qc.data(), s.qsum.data(), G, r, 0, t.n, t.n, s.scores.data(),
+                                s.lab.data());
+      s.picked.resize(sels * (t.keep + 1));
+      s.counts.resize(sels);
+      select_task(t, s.scores.data(), G, group, s.picked.data(), s.counts.data(), s);
+      float* o = out + (t.b * Hkv * G + t.h * G) * Dv;
+      for (int64_t sel = 0; sel < sels; ++sel)
+        attend(kv, t.b, t.h, s.queries.data() + sel * heads * D, heads, D, Dv, s.picked.data() + sel * (t.keep + 1),
+               s.counts[sel], sm_scale, o + sel * heads * Dv, s);
+    }
+    return 0;
+  }
+  const int64_t pieces = (2 * nthreads + tasks - 1) / tasks;  // per task: about two per thread in all
+  const int64_t pf = part_floats(heads, Dv);
+  std::vector<SharedTask>& shared = shared_tasks;  // the calling thread's, shared with its workers
+  shared.resize(tasks);
+#pragma omp parallel num_threads(nthreads)
+  {
     Scratch& s = scratch;
-    int64_t n = S;
-    if (lengths) n = std::max<int64_t>(0, std::min<int64_t>(lengths[b], S));
-    int64_t keep = n;
-    if (frac == 0.0) {
-      keep = std::min(n, kk);
-    } else {
-      const int64_t share = std::max<int64_t>(static_cast<int64_t>(std::ceil(static_cast<double>(n) * frac)), budget);
-      keep = std::min(std::min(share, n), kk);
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < tasks; ++task) {
+      SharedTask& sh = shared[task];
+      sh.t = make_task(task, Hkv, lengths, S, kk, budget, frac, sink, recent);
+      load_queries(q, qb, qh, sh.t, G, D, r, channels, label_kind, sh.queries, sh.qc, sh.qsum);
+      sh.scores.resize(std::max<int64_t>(1, G * sh.t.n));
+      sh.picked.resize(sels * (sh.t.keep + 1));
+      sh.np.resize(sels);
+      sh.parts.resize(sels * pieces * pf);
     }
-    s.qc.assign((G + 3) / 4 * 4 * r, 0.f);  // whole blocks of 4 heads for score8_heads4, zero-padded
-    s.qsum.assign((G + 3) / 4 * 4, 0.f);
-    s.lab.resize(8 * r);
-    s.scores.resize(std::max<int64_t>(1, G * n));
-    s.keys.resize(3 * n + 24);  // select_row's room
-    s.picked.resize(keep + 1);  // + 1: select_row stores each candidate before deciding to keep it
-    const float* qrow = q + b * qb + h * G * qh;  // query head h * G + g
-    s.queries.resize(G * D);  // the group's queries, contiguous [G, D]
-    for (int64_t g = 0; g < G; ++g) {
-      std::memcpy(s.queries.data() + g * D, qrow + g * qh, D * sizeof(float));
-      float sum = 0.f;
-      for (int64_t c = 0; c < r; ++c) {
-        const int64_t slot = label_kind == U4 ? (c % 2 ? (r + 1) / 2 + c / 2 : c / 2) : c;  // label_row's order
-        s.qc[g * r + slot] = qrow[g * qh + channels[h * r + c]];
-        sum += qrow[g * qh + channels[h * r + c]];
-      }
-      s.qsum[g] = sum;
+#pragma omp for schedule(static)
+    for (int64_t piece = 0; piece < tasks * pieces; ++piece) {
+      SharedTask& sh = shared[piece / pieces];
+      const int64_t c = piece % pieces, n = sh.t.n;
+      const int64_t t0 = piece_begin(n, pieces, c, 16), t1 = piece_begin(n, pieces, c + 1, 16);
+      s.lab.resize(8 * r);
+      if (t1 > t0) label_scores(L, sh.t.b, sh.t.h, sh.qc.data(), sh.qsum.data(), G, r, t0, t1, n, sh.scores.data(),
+                                s.lab.data());
     }
-    float* o = out + (b * Hkv * G + h * G) * Dv;
-    if (n > 0) label_scores(L, b, h, s.qc.data(), s.qsum.data(), G, r, n, s.scores.data(), s.lab.data());
-    const Split sp = split_row(n, keep, sink, recent);
-    uint32_t* room = s.keys.data();
-    if (group) {
-      s.tops.resize(G);  // each head's best score: the group score's normalisation
-      for (int64_t g = 0; g < G; ++g) {
-        const float m = needs_ranking(sp) ? max_or_nan(s.scores.data() + g * n, n) : 0.f;
-        s.tops[g] = std::isfinite(m) ? m : 0.f;  // a NaN row, or nothing finite: not normalised
-      }
-      const int64_t np = select_row({s.scores.data(), G, n, s.tops.data()}, sp, n, s.picked.data(), room);
-      attend(kv, b, h, s.queries.data(), G, D, Dv, s.picked.data(), np, sm_scale, o, s);
-    } else {  // each query head selects and attends on its own (one picked buffer, reused)
-      const float zero = 0.f;
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t np = select_row({s.scores.data() + g * n, 1, n, &zero}, sp, n, s.picked.data(), room);
-        attend(kv, b, h, s.queries.data() + g * D, 1, D, Dv, s.picked.data(), np, sm_scale, o + g * Dv, s);
-      }
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < tasks; ++task)
+      select_task(shared[task].t, shared[task].scores.data(), G, group, shared[task].picked.data(),
+                  shared[task].np.data(), s);
+#pragma omp for schedule(static)
+    for (int64_t piece = 0; piece < tasks * sels * pieces; ++piece) {
+      SharedTask& sh = shared[piece / (sels * pieces)];
+      const int64_t sel = piece / pieces % sels, c = piece % pieces, np = sh.np[sel];
+      const int64_t j0 = piece_begin(np, pieces, c, 1), j1 = piece_begin(np, pieces, c + 1, 1);
+      const Partial acc(sh.parts.data() + (sel * pieces + c) * pf, heads, Dv);
+      acc.clear(heads, Dv);
+      attend_rows(kv, sh.t.b, sh.t.h, sh.queries.data() + sel * heads * D, heads, D, Dv,
+                  sh.picked.data() + sel * (sh.t.keep + 1) + j0, j1 - j0, sm_scale, acc, s);
+    }
+#pragma omp for schedule(static)
+    for (int64_t unit = 0; unit < tasks * sels; ++unit) {
+      SharedTask& sh = shared[unit / sels];
+      const int64_t sel = unit % sels;
+      float* o = out + (sh.t.b * Hkv * G + sh.t.h * G + sel * heads) * Dv;
+      if (sh.np[sel] == 0)
+        std::fill(o, o + heads * Dv, 0.f);  // nothing to attend: 0 by contract
+      else
+        finish(sh.parts.data() + sel * pieces * pf, pieces, heads, Dv, o);
     }
   }
   return 0;
