@@ -36,9 +36,10 @@ def native_calls():
 
 
 # explicit examples: every label format x dtype, group and head selection, r on the vector paths (16, 32: 8-bit
-# codes with both and 4-bit with 32 take 16-token blocks on AVX-512) and off them (odd, 8-bit with r = 5), 1, 3, 4 and 6 query heads per KV head (none, one or two blocks of 4 heads in the
-# scoring), lengths, cache lengths with a tail (not a multiple of 8), fractional budgets with sink/recent, a budget
-# covering the row, forced tokens filling it
+# codes with both and 4-bit with 32 take 16-token blocks on AVX-512) and off them (odd, 8-bit with r = 5), 1, 3, 4
+# and 6 query heads per KV head (none, one or two blocks of 4 heads in the scoring), lengths, cache lengths with a
+# tail (not a multiple of 8), fractional budgets with sink/recent, a budget covering the row, forced tokens filling
+# it
 @given(seed=st.integers(0, 2**31 - 1), bits=st.sampled_from([16, 8, 4]),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), group=st.booleans(),
        g=st.sampled_from([1, 3, 4, 6]), d=st.sampled_from([64, 128, 80]), r=st.sampled_from([16, 32, 5, 1]),
@@ -101,7 +102,8 @@ def assert_exact_selection_output(out, c, budget, frac, sink, recent, group, sm_
     """``out`` equals the definition on a case whose scores are exact (:func:`exact_score_case`): every row."""
     sc = R.label_scores(c.q, *c.labels, None, c.lengths, group)
     want = R.sparse_attention(c.q, c.k, c.v, R.select_topk(sc, budget, frac, sink, recent), sm_scale)
-    assert torch.allclose(out.float(), want.float(), atol=tol, rtol=tol), float((out.float() - want.float()).abs().max())
+    gap = float((out.float() - want.float()).abs().max())
+    assert torch.allclose(out.float(), want.float(), atol=tol, rtol=tol), gap
 
 
 # Every label format and width on each scoring path (16-token blocks of codes on AVX-512, 8-token blocks, the

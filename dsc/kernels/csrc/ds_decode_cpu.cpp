@@ -313,7 +313,8 @@ constexpr bool heads4_path() {
   return R > 0 && R % 8 == 0 && (K != U4 || R % 16 == 0) && (K != F16 || f16);
 }
 
-// scores[g * n + t] = q_g . label_t for t in [t_begin, t_end): the score identity on codes (scale * (q . code) + zero * sum q).
+// scores[g * n + t] = q_g . label_t for t in [t_begin, t_end): the score identity on codes (scale * (q . code) +
+// zero * sum q).
 template <int R, int K>
 void label_scores_r(const Labels& L, int64_t b, int64_t h, const float* qc, const float* qsum, int64_t g_rows,
                     int64_t r_rt, int64_t t_begin, int64_t t_end, int64_t n, float* scores, float* lab) {
