@@ -707,6 +707,10 @@ struct Partial {
 
 inline int64_t part_floats(int64_t g_rows, int64_t dv) { return g_rows * (dv + 2); }
 
+// What exponents are taken against for a running max `top`: itself, or 0 while it is -inf (every logit so far
+// -inf: weights exp(-inf) = 0, not exp(-inf + inf) = NaN).
+inline float softmax_shift(float top) { return top == -INFINITY ? 0.f : top; }
+
 // Adds the picked rows to `acc` for the `g_rows` heads in `qf` (logits sm_scale * q_g . K[p_j]): one pass over the
 // rows in blocks, each head's output rescaled when its max grows.
 void attend_rows(const KV& kv, int64_t b, int64_t h, const float* qf, int64_t g_rows, int64_t d, int64_t dv,
@@ -753,7 +757,7 @@ void attend_rows(const KV& kv, int64_t b, int64_t h, const float* qf, int64_t g_
         for (int64_t i = 0; i < dv; ++i) out[g * dv + i] *= c;
         run_max[g] = top;
       }
-      const float shift = top == -INFINITY ? 0.f : top;  // only -inf so far: weights 0, not exp(-inf + inf)
+      const float shift = softmax_shift(top);
       float sum = 0.f;
       for (int64_t j = 0; j < nb; ++j) sum += wg[j] = std::exp(wg[j] - shift);
       run_sum[g] += sum;
@@ -762,14 +766,19 @@ void attend_rows(const KV& kv, int64_t b, int64_t h, const float* qf, int64_t g_
   }
 }
 
-// out [g_rows, dv] = the softmax-weighted sum over the rows of `count` partials (part_floats apart), each kept
-// under its own max. Nothing attended (every max -inf): 0 / 0, as in a softmax over no finite logit.
-void finish(float* parts, int64_t count, int64_t g_rows, int64_t dv, float* out) {
+// out [g_rows, dv] = the softmax-weighted sum over the `np` rows that `count` partials (part_floats apart) hold,
+// each under its own max: 0 when np is 0 (nothing picked, by contract); 0 / 0 when every logit was -inf, as in a
+// softmax over no finite logit.
+void finish(float* parts, int64_t count, int64_t np, int64_t g_rows, int64_t dv, float* out) {
+  if (np == 0) {
+    std::fill(out, out + g_rows * dv, 0.f);
+    return;
+  }
   const int64_t stride = part_floats(g_rows, dv);
   for (int64_t g = 0; g < g_rows; ++g) {
     float top = -INFINITY;
     for (int64_t c = 0; c < count; ++c) top = std::max(top, Partial(parts + c * stride, g_rows, dv).max[g]);
-    const float shift = top == -INFINITY ? 0.f : top;
+    const float shift = softmax_shift(top);
     float sum = 0.f;
     float* o = out + g * dv;
     std::fill(o, o + dv, 0.f);
@@ -784,19 +793,14 @@ void finish(float* parts, int64_t count, int64_t g_rows, int64_t dv, float* out)
   }
 }
 
-// out_g = softmax_j(sm_scale * q_g . K[p_j]) . V[p_j] over the picked rows, for the `g_rows` heads in `qf` (0 when
-// nothing is picked, by contract).
+// out_g = softmax_j(sm_scale * q_g . K[p_j]) . V[p_j] over the picked rows, for the `g_rows` heads in `qf`.
 void attend(const KV& kv, int64_t b, int64_t h, const float* qf, int64_t g_rows, int64_t d, int64_t dv,
             const int64_t* picked, int64_t np, float sm_scale, float* out, Scratch& s) {
-  if (np == 0) {
-    std::fill(out, out + g_rows * dv, 0.f);
-    return;
-  }
   s.part.resize(part_floats(g_rows, dv));
   const Partial acc(s.part.data(), g_rows, dv);
   acc.clear(g_rows, dv);
   attend_rows(kv, b, h, qf, g_rows, d, dv, picked, np, sm_scale, acc, s);
-  finish(s.part.data(), 1, g_rows, dv, out);
+  finish(s.part.data(), 1, np, g_rows, dv, out);
 }
 
 // A key element of kind F32 / BF16 / F16 as fp32.
@@ -1024,10 +1028,7 @@ int dsc_ds_decode(const float* q, int64_t qb, int64_t qh, const void* k, const v
       SharedTask& sh = shared[unit / sels];
       const int64_t sel = unit % sels;
       float* o = out + (sh.t.b * Hkv * G + sh.t.h * G + sel * heads) * Dv;
-      if (sh.np[sel] == 0)
-        std::fill(o, o + heads * Dv, 0.f);  // nothing to attend: 0 by contract
-      else
-        finish(sh.parts.data() + sel * pieces * pf, pieces, heads, Dv, o);
+      finish(sh.parts.data() + sel * pieces * pf, pieces, sh.np[sel], heads, Dv, o);
     }
   }
   return 0;
