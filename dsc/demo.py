@@ -201,7 +201,8 @@ def run(args) -> int:
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
     nt = torch.get_num_threads()
-    threads = f"{nt} thread{'s' if nt != 1 else ''}, {machine_info()['cpu']}"
+    info = machine_info()
+    threads = f"{nt} thread{'s' if nt != 1 else ''}, {info['cpu']}, huge pages {info['huge_pages'].split()[0]}"
     print("\ndsc demo: Double Sparsity decoding on one CPU model")
     print(f"  model      {cfg.model_type}, {n_params / 1e6:.0f}M params, {cfg.num_hidden_layers} layers, "
           f"{cfg.num_attention_heads} q / {cfg.num_key_value_heads} kv heads, {args.dtype} (loaded in {load_s:.1f} s)")

@@ -6,8 +6,11 @@
 // random K and V rows per head (both prefetched 8 rows ahead, as the kernel does; no arithmetic to wait on), the
 // least the kernel's attention phase can cost.
 //
+// A fifth argument chooses the pages K and V sit on: 1 = transparent huge pages (2 MB, advised before the first
+// write), 0 = 4 KB pages (the default); run both, alternating, to see what the page walks cost.
+//
 //   c++ -O3 -march=native -ffast-math scripts/gather_floor.cpp -o /tmp/gather_floor
-//   /tmp/gather_floor 16384 3 64 1024      # S, heads (batch x KV heads), head_dim, rows per head
+//   /tmp/gather_floor 16384 3 64 1024 [0|1]   # S, heads (batch x KV heads), head_dim, rows per head, huge pages
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -16,20 +19,36 @@
 #include <random>
 #include <vector>
 
+#include <sys/mman.h>
+
+// n floats, zero-filled, 2 MB-aligned, on huge pages or kept off them (advised before the first write).
+static float* alloc_on_pages(size_t n, bool huge) {
+  const size_t page = size_t(2) << 20, bytes = (n * sizeof(float) + page - 1) / page * page;
+  float* p = static_cast<float*>(std::aligned_alloc(page, bytes));
+  if (p == nullptr || madvise(p, bytes, huge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE) != 0) {
+    std::fprintf(stderr, "allocation or madvise failed\n");
+    std::exit(1);
+  }
+  std::fill(p, p + n, 1.f);
+  return p;
+}
+
 static double median_ms(std::vector<double> t) {
   std::sort(t.begin(), t.end());
   return t[t.size() / 2];
 }
 
 int main(int argc, char** argv) {
-  if (argc != 5) {
-    std::fprintf(stderr, "usage: %s S heads head_dim rows_per_head\n", argv[0]);
+  if (argc != 5 && argc != 6) {
+    std::fprintf(stderr, "usage: %s S heads head_dim rows_per_head [huge_pages 0|1]\n", argv[0]);
     return 2;
   }
   const int S = std::atoi(argv[1]), H = std::atoi(argv[2]), D = std::atoi(argv[3]), m = std::atoi(argv[4]);
   const int ahead = 8;
   const size_t n = size_t(H) * S * D;
-  std::vector<float> K(n, 1.f), V(n, 1.f);
+  const bool huge = argc == 6 && std::atoi(argv[5]) == 1;
+  float* K = alloc_on_pages(n, huge);
+  float* V = alloc_on_pages(n, huge);
   std::vector<char> junk(64 << 20);
   std::mt19937 rng(0);
   std::vector<std::vector<int>> picked(H);
@@ -47,8 +66,8 @@ int main(int argc, char** argv) {
     std::memset(junk.data(), it, junk.size());
     auto t0 = std::chrono::steady_clock::now();
     for (int h = 0; h < H; ++h) {
-      const float* kb = K.data() + size_t(h) * S * D;
-      const float* vb = V.data() + size_t(h) * S * D;
+      const float* kb = K + size_t(h) * S * D;
+      const float* vb = V + size_t(h) * S * D;
       const int* p = picked[h].data();
       for (int j = 0; j < m; ++j) {
         if (j + ahead < m)
@@ -73,7 +92,7 @@ int main(int argc, char** argv) {
   }
   const double g = median_ms(gather), s = median_ms(stream);
   const double rows = 2.0 * H * m, row_bytes = D * 4.0;
-  std::printf("S=%d heads=%d D=%d rows/head=%d (fp32)\n", S, H, D, m);
+  std::printf("S=%d heads=%d D=%d rows/head=%d (fp32), %s pages\n", S, H, D, m, huge ? "2 MB" : "4 KB");
   std::printf("  gather: %.3f ms, %.0f ns per %.0f B row, %.2f GB/s\n", g, g * 1e6 / rows, row_bytes,
               rows * row_bytes / g / 1e6);
   std::printf("  stream: %.3f ms for all %d rows, %.2f GB/s\n", s, 2 * H * S, 2.0 * n * 4 / s / 1e6);

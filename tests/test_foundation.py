@@ -1,5 +1,6 @@
 """Foundation: embedded assets, the real model, the CLI on tiny settings, the backend entry point."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -170,6 +171,53 @@ def test_cli_bench_decode_offload_measures_traffic_and_cache_memory(tmp_path):
     # only the 2 dense layers of 30 keep rows on the device; the rest are one-element placeholders
     assert 0 < off["kv_cache_mb"] <= dense["kv_cache_mb"] * 2 / 30 + 0.01
     assert 0 < off["h2d_share"] < 1
+
+
+def test_cli_bench_decode_one_dsparse_row_per_label_format(tmp_path, capsys):
+    path = tmp_path / "l.json"
+    assert main(["bench", "decode", "--contexts", "640", "--batch", "1", "--compile", "eager", "--policy",
+                 "dense,dsparse", "--label-bits", "16,4", "--steps", "1", "--warmup", "1", "--threads", "1",
+                 "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["results"]
+    assert [(r["policy"], r["labels"]) for r in rows] == [("dense", ""), ("dsparse", 16), ("dsparse", 4)]
+    assert all(r["speedup"] > 0 for r in rows)
+    assert main(["bench", "decode", "--contexts", "64", "--policy", "dsparse", "--label-bits", "12"]) == 2
+    assert "--label-bits values must be among (16, 8, 4)" in capsys.readouterr().err
+
+
+def test_dsc_command_prefers_huge_pages_unless_told(monkeypatch):
+    from dsc.bench.common import huge_pages
+    from dsc.cli import HUGE_PAGES_ENV, prefer_huge_pages
+
+    monkeypatch.delenv(HUGE_PAGES_ENV, raising=False)
+    assert "THP_MEM_ALLOC_ENABLE=unset" in huge_pages()
+    prefer_huge_pages()
+    assert os.environ[HUGE_PAGES_ENV] == "1" and "THP_MEM_ALLOC_ENABLE=1" in huge_pages()
+    monkeypatch.setenv(HUGE_PAGES_ENV, "0")
+    prefer_huge_pages()
+    assert os.environ[HUGE_PAGES_ENV] == "0"
+    mode = huge_pages().rsplit("kernel THP ", 1)[1].rstrip(")")
+    assert huge_pages().startswith("on" if mode == "always" else "off")
+
+
+def test_torch_puts_large_tensors_on_huge_pages_under_the_dsc_default():
+    """What the default buys, in a fresh process: PyTorch honours the switch (it reads it at its first
+    allocation), so a large tensor's memory is on 2 MB pages."""
+    if "[never]" in _thp_mode() or not _thp_mode():
+        pytest.skip("transparent huge pages are off on this machine")
+    code = ("from dsc.cli import prefer_huge_pages; prefer_huge_pages(); import torch; x = torch.ones(64 << 20); "
+            "print(open('/proc/self/smaps_rollup').read().split('AnonHugePages:')[1].split()[0])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout.split()[-1]) >= 128 * 1024  # kB: most of the 256 MB tensor
+
+
+def _thp_mode() -> str:
+    try:
+        return open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return ""
 
 
 def test_cli_bench_offload_runs_on_cpu(capsys, tmp_path):

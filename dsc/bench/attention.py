@@ -223,6 +223,7 @@ def run(args) -> int:
           f", {torch.get_num_threads()} threads); {args.clock} clock, median of {args.repeats} after {args.warmup} "
           f"warm-up, {flush:g} MB cache flush before each call; "
           f"{'group' if group else 'per-head'} selection; r = {args.label_channels} label channels; "
+          + (f"huge pages {info['huge_pages']}; " if device.type == "cpu" else "") +
           f"dense ms = fastest of the dense candidates (best dense), gqa ms = SDPA enable_gqa=True")
     cols = [("shape", "HqxHkvxD"), ("batch", "B"), ("length", "S"), ("labels", "labels"), ("r", "r"),
             ("budget", "budget"), ("k", "k"), ("gqa_ms", "gqa ms"), ("dense_ms", "dense ms"),

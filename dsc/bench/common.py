@@ -93,6 +93,20 @@ def median_timer(device, clock: str = "wall", flush_mb: float = 0.0):
     return run
 
 
+def huge_pages() -> str:
+    """Whether large CPU tensors sit on transparent huge pages: the kernel's THP mode (``always``: every large
+    allocation; ``madvise``: those PyTorch advises, with ``THP_MEM_ALLOC_ENABLE=1``, which the ``dsc`` command sets
+    unless it is set)."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        mode = text[text.index("[") + 1:text.index("]")]
+    except (OSError, ValueError):
+        mode = "unavailable"
+    env = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
+    on = mode == "always" or (mode == "madvise" and env not in ("0", "", "unset"))
+    return f"{'on' if on else 'off'} (THP_MEM_ALLOC_ENABLE={env}, kernel THP {mode})"
+
+
 def machine_info() -> dict:
     import torch
 
@@ -104,7 +118,7 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "huge_pages": huge_pages(),
             "torch": torch.__version__, "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     return info

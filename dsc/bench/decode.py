@@ -16,7 +16,8 @@ and each configuration decodes from that cache ("prefill s" is that shared run);
 (their host store must see it).
 Eager and compiled runs happen in the same process, one after the other, so their ratio is meaningful; absolute
 numbers on a shared 2-core CPU are noisy. ``--plot PATH`` draws ms/step vs context, one line per (policy, compile,
-batch, dtype, quant) measured (:func:`dsc.bench.common.plot_ms_per_step`, which ``dsc demo --plot`` uses too).
+batch, dtype, quant, label bits) measured (:func:`dsc.bench.common.plot_ms_per_step`, which ``dsc demo --plot``
+uses too). ``--label-bits 16,8`` adds one dsparse row per label format (column "label bits").
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def add_arguments(p):
     p.add_argument("--compile", default="eager,inductor", help=f"compilers among {','.join(COMPILERS)}")
     p.add_argument("--policy", default="dense", help="attention policies among dense,dsparse")
     p.add_argument("--budget", default="1/16", help="dsparse token budget: a fraction (1/16) or a token count")
+    p.add_argument("--label-bits", default=None, metavar="BITS",
+                   help="dsparse label formats, comma-separated among 16 (key dtype), 8, 4: one dsparse row per "
+                        "format (default: the backend's)")
     p.add_argument("--gqa", default=None, choices=("head", "group"),
                    help="dsparse selection per query head or per KV group (default: the backend's)")
     p.add_argument("--channels", default=None, metavar="CFG.json",
@@ -52,8 +56,8 @@ def add_arguments(p):
                         "(--json PATH writes PATH.rank<r>.json, --plot PATH writes PATH.rank<r>.png)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--plot", default=None, metavar="PATH.png",
-                   help="also draw ms/step vs context, one line per (policy, compile, batch, dtype, quant) measured "
-                        "(needs matplotlib, the plot extra)")
+                   help="also draw ms/step vs context, one line per (policy, label bits, compile, batch, dtype, quant) "
+                        "measured (needs matplotlib, the plot extra)")
 
 
 def relaunch_tensor_parallel(args) -> int:
@@ -163,6 +167,7 @@ def run(args) -> int:
     import os
 
     from dsc.assets import check_context, load_model
+    from dsc.config import LABEL_BITS, DSConfig
 
     if args.tp < 1:
         raise ValueError(f"--tp must be >= 1, got {args.tp}")
@@ -186,6 +191,9 @@ def run(args) -> int:
     if args.offload and "dsparse+offload" not in policies:
         policies.append("dsparse+offload")
     quants = parse_list(args.quant, str, "quantization")
+    label_bits = parse_list(args.label_bits, int, "label format") if args.label_bits else [None]
+    if any(b not in (None, *LABEL_BITS) for b in label_bits):
+        raise ValueError(f"--label-bits values must be among {LABEL_BITS}, got {label_bits}")
     for name, values, allowed in (("--policy", policies, POLICIES), ("--quant", quants, QUANTS)):
         bad = [v for v in values if v not in allowed]
         if bad:
@@ -205,13 +213,13 @@ def run(args) -> int:
     check_plot_path(args.plot)  # before the long run, not after it
 
     rows = []
-    configs = [(d, q, c, b, x, p) for d in dtypes for q in quants for c in contexts for b in batches
-               for x in compilers for p in policies]
+    configs = [(d, q, c, b, x, p, bits) for d in dtypes for q in quants for c in contexts for b in batches
+               for x in compilers for p in policies for bits in (label_bits if p.startswith("dsparse") else [None])]
     bar = tqdm(configs, desc="bench decode", unit="cfg")
     loaded = None
     ds_options = None
     prefilled = None  # (shape, Prefilled): one prefill serves every configuration of a shape
-    for dtype, quant, ctx, batch, compiler, policy in bar:
+    for dtype, quant, ctx, batch, compiler, policy, bits in bar:
         if loaded != (dtype, quant):
             model, tok = load_model(args.model, dtype=dtype, tp_plan="auto" if rank is not None else None)
             if quant == "int8":
@@ -222,14 +230,18 @@ def run(args) -> int:
         check_context(model, ctx, "context")
         if ctx <= args.steps + args.warmup + 1:
             raise ValueError(f"context {ctx} must exceed the decode steps ({args.steps} + {args.warmup} warm-up + 1)")
+        options = None  # the backend options of a dsparse row: the command's, with this row's label format
+        if policy.startswith("dsparse"):
+            options = ds_options if bits is None else dict(ds_options, label_bits=bits)
         bar.set_postfix_str(f"{dtype} {quant} ctx={ctx} b={batch} {compiler} {policy}")
         torch._dynamo.reset()
         shape = (dtype, quant, ctx, batch)
         if policy != "dsparse+offload" and (prefilled is None or prefilled[0] != shape):
             prefilled = (shape, shared_prefill(model, tok, ctx, batch, args.steps, args.warmup))
-        row = bench_one(model, tok, ctx, batch, compiler, args.steps, args.warmup, policy, ds_options,
+        row = bench_one(model, tok, ctx, batch, compiler, args.steps, args.warmup, policy, options,
                         None if policy == "dsparse+offload" else prefilled[1])
-        row.update(dtype=dtype, quant=quant)
+        labels = "" if options is None else DSConfig.from_options(options).label_bits
+        row.update(dtype=dtype, quant=quant, labels=labels)
         rows.append(row)
         tqdm.write(format_table([row], _COLUMNS).splitlines()[-1])
     add_speedups(rows)
@@ -239,7 +251,7 @@ def run(args) -> int:
     moved = [r for r in rows if "h2d_mb_per_step" in r]
     if moved:
         print("\nhost -> device traffic per decode step (counted) vs whole-layer offload (computed, same run):")
-        print(format_table(moved, _COLUMNS[:6] + _TRAFFIC))
+        print(format_table(moved, _COLUMNS[:7] + _TRAFFIC))
         print("\n" + memory_report(model, contexts, batches, ds_options))
     info = machine_info()
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
@@ -312,10 +324,10 @@ def memory_report(model, contexts, batches, ds_options) -> str:
 
 
 POLICIES = ("dense", "dsparse", "dsparse+offload")
-PLOT_KEYS = ("policy", "compile", "batch", "dtype", "quant")  # one line per combination in --plot
+PLOT_KEYS = ("policy", "labels", "compile", "batch", "dtype", "quant")  # one line per combination in --plot
 QUANTS = ("none", "int8")
-_COLUMNS = [("policy", "policy"), ("quant", "quant"), ("dtype", "dtype"), ("context", "context"), ("batch", "batch"), ("compile", "compile"),
-            ("tok_per_s", "tok/s"), ("ms_per_step", "ms/step"), ("prefill_s", "prefill s"),
-            ("kv_cache_mb", "KV cache MB")]
+_COLUMNS = [("policy", "policy"), ("labels", "label bits"), ("quant", "quant"), ("dtype", "dtype"),
+            ("context", "context"), ("batch", "batch"), ("compile", "compile"), ("tok_per_s", "tok/s"),
+            ("ms_per_step", "ms/step"), ("prefill_s", "prefill s"), ("kv_cache_mb", "KV cache MB")]
 _TRAFFIC = [("h2d_mb_per_step", "moved MB/step"), ("whole_layer_mb_per_step", "whole-layer MB/step"),
             ("h2d_share", "share")]
