@@ -102,9 +102,11 @@ def huge_pages() -> str:
         mode = text[text.index("[") + 1:text.index("]")]
     except (OSError, ValueError):
         mode = "unavailable"
-    env = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
+    from dsc.cli import HUGE_PAGES_ENV
+
+    env = os.environ.get(HUGE_PAGES_ENV, "unset")
     on = mode == "always" or (mode == "madvise" and env not in ("0", "", "unset"))
-    return f"{'on' if on else 'off'} (THP_MEM_ALLOC_ENABLE={env}, kernel THP {mode})"
+    return f"{'on' if on else 'off'} ({HUGE_PAGES_ENV}={env}, kernel THP {mode})"
 
 
 def machine_info() -> dict:

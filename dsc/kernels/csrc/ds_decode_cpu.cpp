@@ -424,9 +424,8 @@ inline Split split_row(int64_t n, int64_t keep, int64_t sink, int64_t recent) {
 inline bool needs_ranking(const Split& sp) { return sp.m > 0 && sp.m < sp.hi - sp.lo; }
 
 struct Scratch {  // per thread, grown on demand and kept: no allocation (and no page faults) per step
-  std::vector<float> queries, qc, qsum, scores, tops, lab, krow, logits, part;
+  std::vector<float> tops, lab, krow, logits, part;
   std::vector<uint32_t> keys;  // select_row's room
-  std::vector<int64_t> picked, counts;
 };
 
 thread_local Scratch scratch;
@@ -859,31 +858,45 @@ Task make_task(int64_t task, int64_t Hkv, const int64_t* lengths, int64_t S, int
   return {b, h, n, keep, split_row(n, keep, sink, recent)};
 }
 
-// The task's G queries into `queries` [G, D] (q: fp32 [B, Hkv*G, D], strides qb, qh), their label channels into
-// `qc` (label_row's order, zero-padded to whole blocks of 4 heads for score8_heads4) and their sums into `qsum`.
-void load_queries(const float* q, int64_t qb, int64_t qh, const Task& t, int64_t G, int64_t D, int64_t r,
-                  const int64_t* channels, int label_kind, std::vector<float>& queries, std::vector<float>& qc,
-                  std::vector<float>& qsum) {
-  qc.assign((G + 3) / 4 * 4 * r, 0.f);
-  qsum.assign((G + 3) / 4 * 4, 0.f);
-  queries.resize(G * D);
+// A task and what it works on, kept between calls (grown, not reallocated): its G queries [G, D], their label
+// channels `qc` (label_row's order, zero-padded to whole blocks of 4 heads for score8_heads4) and sums `qsum`, its
+// scores [G, n], and its selections (keep + 1 slots each: select_row stores each candidate before deciding to keep
+// it) with their sizes `np`.
+struct TaskState {
+  Task t;
+  std::vector<float> queries, qc, qsum, scores;
+  std::vector<int64_t> picked, np;
+  int64_t* selection(int64_t sel) { return picked.data() + sel * (t.keep + 1); }
+};
+
+// `ts` for task `t` with `sels` selections; q: fp32 [B, Hkv*G, D] (strides qb, qh).
+void prepare_task(TaskState& ts, const Task& t, int64_t sels, const float* q, int64_t qb, int64_t qh, int64_t G,
+                  int64_t D, int64_t r, const int64_t* channels, int label_kind) {
+  ts.t = t;
+  ts.qc.assign((G + 3) / 4 * 4 * r, 0.f);
+  ts.qsum.assign((G + 3) / 4 * 4, 0.f);
+  ts.queries.resize(G * D);
+  ts.scores.resize(std::max<int64_t>(1, G * t.n));
+  ts.picked.resize(sels * (t.keep + 1));
+  ts.np.resize(sels);
   const float* qrow = q + t.b * qb + t.h * G * qh;  // query head h * G + g
   for (int64_t g = 0; g < G; ++g) {
-    std::memcpy(queries.data() + g * D, qrow + g * qh, D * sizeof(float));
+    std::memcpy(ts.queries.data() + g * D, qrow + g * qh, D * sizeof(float));
     float sum = 0.f;
     for (int64_t c = 0; c < r; ++c) {
       const int64_t slot = label_kind == U4 ? (c % 2 ? (r + 1) / 2 + c / 2 : c / 2) : c;  // label_row's order
-      qc[g * r + slot] = qrow[g * qh + channels[t.h * r + c]];
-      sum += qrow[g * qh + channels[t.h * r + c]];
+      const float x = qrow[g * qh + channels[t.h * r + c]];
+      ts.qc[g * r + slot] = x;
+      sum += x;
     }
-    qsum[g] = sum;
+    ts.qsum[g] = sum;
   }
 }
 
-// The task's selections from its scores [G, n]: one for the group (group selection) or one per query head, into
-// picked (keep + 1 slots each: select_row stores each candidate before deciding to keep it), their sizes into np.
-void select_task(const Task& t, const float* scores, int64_t G, bool group, int64_t* picked, int64_t* np,
-                 Scratch& s) {
+// The task's selections from its scores: one for the group (group selection) or one per query head.
+void select_task(TaskState& ts, int64_t G, bool group, Scratch& s) {
+  const Task& t = ts.t;
+  const float* scores = ts.scores.data();
   s.keys.resize(3 * t.n + 24);  // select_row's room
   if (group) {
     s.tops.resize(G);  // each head's best score: the group score's normalisation
@@ -891,12 +904,12 @@ void select_task(const Task& t, const float* scores, int64_t G, bool group, int6
       const float m = needs_ranking(t.sp) ? max_or_nan(scores + g * t.n, t.n) : 0.f;
       s.tops[g] = std::isfinite(m) ? m : 0.f;  // a NaN row, or nothing finite: not normalised
     }
-    np[0] = select_row({scores, G, t.n, s.tops.data()}, t.sp, t.n, picked, s.keys.data());
+    ts.np[0] = select_row({scores, G, t.n, s.tops.data()}, t.sp, t.n, ts.selection(0), s.keys.data());
     return;
   }
   const float zero = 0.f;
   for (int64_t g = 0; g < G; ++g)
-    np[g] = select_row({scores + g * t.n, 1, t.n, &zero}, t.sp, t.n, picked + g * (t.keep + 1), s.keys.data());
+    ts.np[g] = select_row({scores + g * t.n, 1, t.n, &zero}, t.sp, t.n, ts.selection(g), s.keys.data());
 }
 
 // Piece c of `pieces` of [0, n), its bounds multiples of `align` (but the last end).
@@ -904,12 +917,13 @@ inline int64_t piece_begin(int64_t n, int64_t pieces, int64_t c, int64_t align) 
   return c == pieces ? n : n * c / pieces / align * align;
 }
 
+// A thread's own task, when threads run whole tasks.
+thread_local TaskState own_task;
+
 // A task the calling thread's workers share when a call has fewer tasks than threads can balance: its scores are
-// computed in pieces of its row, and its selection attended in pieces, each into its own Partial.
-struct SharedTask {
-  Task t;
-  std::vector<float> queries, qc, qsum, scores, parts;
-  std::vector<int64_t> picked, np;
+// computed in pieces of its row, and its selection attended in pieces, each into its own Partial (`parts`).
+struct SharedTask : TaskState {
+  std::vector<float> parts;
 };
 
 thread_local std::vector<SharedTask> shared_tasks;
@@ -967,19 +981,18 @@ int dsc_ds_decode(const float* q, int64_t qb, int64_t qh, const void* k, const v
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
     for (int64_t task = 0; task < tasks; ++task) {
       Scratch& s = scratch;
-      const Task t = make_task(task, Hkv, lengths, S, kk, budget, frac, sink, recent);
-      load_queries(q, qb, qh, t, G, D, r, channels, label_kind, s.queries, s.qc, s.qsum);
+      TaskState& ts = own_task;
+      prepare_task(ts, make_task(task, Hkv, lengths, S, kk, budget, frac, sink, recent), sels, q, qb, qh, G, D, r,
+                   channels, label_kind);
+      const Task& t = ts.t;
       s.lab.resize(8 * r);
-      s.scores.resize(std::max<int64_t>(1, G * t.n));
-      if (t.n > 0) label_scores(L, t.b, t.h, s.qc.data(), s.qsum.data(), G, r, 0, t.n, t.n, s.scores.data(),
+      if (t.n > 0) label_scores(L, t.b, t.h, ts.qc.data(), ts.qsum.data(), G, r, 0, t.n, t.n, ts.scores.data(),
                                 s.lab.data());
-      s.picked.resize(sels * (t.keep + 1));
-      s.counts.resize(sels);
-      select_task(t, s.scores.data(), G, group, s.picked.data(), s.counts.data(), s);
+      select_task(ts, G, group, s);
       float* o = out + (t.b * Hkv * G + t.h * G) * Dv;
       for (int64_t sel = 0; sel < sels; ++sel)
-        attend(kv, t.b, t.h, s.queries.data() + sel * heads * D, heads, D, Dv, s.picked.data() + sel * (t.keep + 1),
-               s.counts[sel], sm_scale, o + sel * heads * Dv, s);
+        attend(kv, t.b, t.h, ts.queries.data() + sel * heads * D, heads, D, Dv, ts.selection(sel), ts.np[sel],
+               sm_scale, o + sel * heads * Dv, s);
     }
     return 0;
   }
@@ -990,14 +1003,12 @@ int dsc_ds_decode(const float* q, int64_t qb, int64_t qh, const void* k, const v
 #pragma omp parallel num_threads(nthreads)
   {
     Scratch& s = scratch;
+    s.lab.resize(8 * r);
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < tasks; ++task) {
       SharedTask& sh = shared[task];
-      sh.t = make_task(task, Hkv, lengths, S, kk, budget, frac, sink, recent);
-      load_queries(q, qb, qh, sh.t, G, D, r, channels, label_kind, sh.queries, sh.qc, sh.qsum);
-      sh.scores.resize(std::max<int64_t>(1, G * sh.t.n));
-      sh.picked.resize(sels * (sh.t.keep + 1));
-      sh.np.resize(sels);
+      prepare_task(sh, make_task(task, Hkv, lengths, S, kk, budget, frac, sink, recent), sels, q, qb, qh, G, D, r,
+                   channels, label_kind);
       sh.parts.resize(sels * pieces * pf);
     }
 #pragma omp for schedule(static)
@@ -1005,14 +1016,11 @@ int dsc_ds_decode(const float* q, int64_t qb, int64_t qh, const void* k, const v
       SharedTask& sh = shared[piece / pieces];
       const int64_t c = piece % pieces, n = sh.t.n;
       const int64_t t0 = piece_begin(n, pieces, c, 16), t1 = piece_begin(n, pieces, c + 1, 16);
-      s.lab.resize(8 * r);
       if (t1 > t0) label_scores(L, sh.t.b, sh.t.h, sh.qc.data(), sh.qsum.data(), G, r, t0, t1, n, sh.scores.data(),
                                 s.lab.data());
     }
 #pragma omp for schedule(static)
-    for (int64_t task = 0; task < tasks; ++task)
-      select_task(shared[task].t, shared[task].scores.data(), G, group, shared[task].picked.data(),
-                  shared[task].np.data(), s);
+    for (int64_t task = 0; task < tasks; ++task) select_task(shared[task], G, group, s);
 #pragma omp for schedule(static)
     for (int64_t piece = 0; piece < tasks * sels * pieces; ++piece) {
       SharedTask& sh = shared[piece / (sels * pieces)];
@@ -1021,7 +1029,7 @@ int dsc_ds_decode(const float* q, int64_t qb, int64_t qh, const void* k, const v
       const Partial acc(sh.parts.data() + (sel * pieces + c) * pf, heads, Dv);
       acc.clear(heads, Dv);
       attend_rows(kv, sh.t.b, sh.t.h, sh.queries.data() + sel * heads * D, heads, D, Dv,
-                  sh.picked.data() + sel * (sh.t.keep + 1) + j0, j1 - j0, sm_scale, acc, s);
+                  sh.selection(sel) + j0, j1 - j0, sm_scale, acc, s);
     }
 #pragma omp for schedule(static)
     for (int64_t unit = 0; unit < tasks * sels; ++unit) {
