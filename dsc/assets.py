@@ -164,23 +164,45 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
 
 
 def load_model(path: str | os.PathLike | None = None, dtype: str | "torch.dtype" = "float32",
-               tp_plan: str | None = None):
-    """Load ``(model, tokenizer)`` in eval mode on CPU; ``path=None`` is the embedded SmolLM2-135M-Instruct.
-    ``tp_plan="auto"``: HF tensor parallelism (run under torchrun; each rank holds its share of the heads)."""
+               tp_plan: str | None = None, device: str = "cpu", random_weights: bool = False):
+    """Load ``(model, tokenizer)`` in eval mode on ``device``; ``path=None`` is the embedded SmolLM2-135M-Instruct.
+    ``tp_plan="auto"``: HF tensor parallelism (run under torchrun; each rank holds its share of the heads).
+    ``random_weights``: only the folder's config.json is read and the model is built with random weights, directly
+    on ``device`` (speed measurements of a model shape, e.g. an 8B model, without its 16 GB checkpoint); the
+    tokenizer is the folder's if it has one, else the embedded model's."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dtype = torch_dtype(dtype)
     folder = resolve_model_path(path)
     try:
-        tok = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **({"tp_plan": tp_plan} if tp_plan else {}))
+        if random_weights:
+            config = AutoConfig.from_pretrained(folder)
+            tok = AutoTokenizer.from_pretrained(folder if _has_tokenizer(folder) else default_model_path())
+            if len(tok) > config.vocab_size:
+                raise ValueError(f"the tokenizer has {len(tok)} tokens, more than the config's vocab_size "
+                                 f"{config.vocab_size}; put a matching tokenizer in the folder")
+            cuda = torch.device(device).type == "cuda"
+            with torch.random.fork_rng(devices=[torch.device(device).index or 0] if cuda else []), \
+                    torch.device(device):
+                torch.manual_seed(0)  # the same model every run, so its cached default calibration is reused
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        else:
+            tok = AutoTokenizer.from_pretrained(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
+                                                         **({"tp_plan": tp_plan} if tp_plan else {}))
+            if not tp_plan:
+                model.to(device)
     except (OSError, ValueError, KeyError) as e:
         raise AssetError(f"could not load a causal LM from {str(folder)!r}: {e}") from e
     model.eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
 def torch_dtype(dtype: "str | torch.dtype", flag: str = "dtype") -> "torch.dtype":

@@ -9,7 +9,7 @@ Per (token, KV head), with head_dim ``D``, ``e`` bytes per K/V element, ``r`` la
   of the selected share ``k / S`` of the tokens (:func:`ds_bytes`);
 - the byte-count limit of the speedup is dense / DS (:func:`byte_limit`).
 
-Plain arithmetic, no torch: the benchmarks, the demo, the evaluation and the offload report all count with it.
+Plain arithmetic (a model is only asked for its config and parameter sizes): the benchmarks, the demo, the evaluation and the offload report all count with it.
 """
 from __future__ import annotations
 
@@ -63,3 +63,54 @@ def offload_device_bytes(*, layers: int, sparse_layers: int, batch: int, kv_head
     offload = dense + labels + staging
     return {"full": full, "offload": offload, "dense_layers": dense, "labels": labels, "staging": staging,
             "saved": full - offload, "per_sequence_full": full // batch, "per_sequence_offload": offload // batch}
+
+
+def attention_bytes(cfg, model_cfg, ds, batch: int, length: int, elem_bytes: int = 4) -> tuple[float, float]:
+    """K/V bytes one decode step reads in all attention layers: dense vs Double Sparsity (ALGORITHM.md sec. 1,
+    the per-token counts above), for a cache of ``elem_bytes`` per element (4: fp32)."""
+    d = getattr(model_cfg, "head_dim", None) or model_cfg.hidden_size // model_cfg.num_attention_heads
+    hkv, layers = model_cfg.num_key_value_heads, model_cfg.num_hidden_layers
+    k = ds.tokens_kept(length)
+    if ds.gqa == "head":  # each query head of a group may pick its own rows
+        k *= model_cfg.num_attention_heads // hkv
+    dense_t = kv_bytes(d, elem_bytes)
+    if length < ds.dense_below:  # the sparse layers attend densely too (no labels read)
+        ds_t = dense_t
+    else:
+        ds_t = ds_bytes(d, elem_bytes, ds.r, ds.label_bits, min(k, length) / length)
+    sparse_layers = sum(1 for i in range(layers) if i not in ds.dense_layers and cfg.has_layer(i))
+    per_layer = length * hkv * batch
+    return layers * per_layer * dense_t, per_layer * ((layers - sparse_layers) * dense_t + sparse_layers * ds_t)
+
+
+def weight_bytes(model) -> int:
+    """Parameter bytes one decode step reads: every parameter once, except an input embedding table that is not
+    also the output layer (a step reads only the rows of its batch's tokens from it)."""
+    total = sum(tensor_bytes(p) for p in model.parameters())  # a tied weight counts once
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    if out is not None and out.weight is emb:
+        return total
+    return total - tensor_bytes(emb)
+
+
+def tensor_bytes(t) -> int:
+    """Bytes a tensor holds; a tensor subclass (torchao's quantized weights, whose ``element_size`` is that of the
+    dtype they stand for) counts the tensors it is made of (int8 codes, scales). A tensor-parallel DTensor counts
+    whole (all ranks), like the K/V counts beside it."""
+    from torch.distributed.tensor import DTensor
+
+    if hasattr(t, "__tensor_flatten__") and not isinstance(t, DTensor):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def step_limit(model, channels, ds, batch: int, length: int) -> float:
+    """The byte-count limit of a whole decode step: (weights + dense K/V) / (weights + Double Sparsity's K/V and
+    labels), for ``batch`` sequences of ``length`` cached tokens (the share of the step that sparsity can shrink)."""
+    weights = weight_bytes(model)
+    dense, sparse = attention_bytes(channels, model.config, ds, batch, length,
+                                    next(model.parameters()).element_size())
+    return (weights + dense) / (weights + sparse)
+

@@ -38,37 +38,6 @@ def add_arguments(p):
                    help="draw the sweep's ms/step vs context, dense and dsparse (needs matplotlib, the plot extra)")
 
 
-def attention_bytes(cfg, model_cfg, ds, batch: int, length: int, elem_bytes: int = 4) -> tuple[float, float]:
-    """K/V bytes one decode step reads in all attention layers: dense vs Double Sparsity (ALGORITHM.md sec. 1,
-    :mod:`dsc.bytes`), for a cache of ``elem_bytes`` per element (4: fp32)."""
-    from dsc.bytes import ds_bytes, kv_bytes
-
-    d = getattr(model_cfg, "head_dim", None) or model_cfg.hidden_size // model_cfg.num_attention_heads
-    hkv, layers = model_cfg.num_key_value_heads, model_cfg.num_hidden_layers
-    k = ds.tokens_kept(length)
-    if ds.gqa == "head":  # each query head of a group may pick its own rows
-        k *= model_cfg.num_attention_heads // hkv
-    dense_t = kv_bytes(d, elem_bytes)
-    if length < ds.dense_below:  # the sparse layers attend densely too (no labels read)
-        ds_t = dense_t
-    else:
-        ds_t = ds_bytes(d, elem_bytes, ds.r, ds.label_bits, min(k, length) / length)
-    sparse_layers = sum(1 for i in range(layers) if i not in ds.dense_layers and cfg.has_layer(i))
-    per_layer = length * hkv * batch
-    return layers * per_layer * dense_t, per_layer * ((layers - sparse_layers) * dense_t + sparse_layers * ds_t)
-
-
-def weight_bytes(model) -> int:
-    """Parameter bytes one decode step reads: every parameter once, except an input embedding table that is not
-    also the output layer (a step reads only the rows of its batch's tokens from it)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())  # a tied weight counts once
-    emb = model.get_input_embeddings().weight
-    out = model.get_output_embeddings()
-    if out is not None and out.weight is emb:
-        return total
-    return total - emb.numel() * emb.element_size()
-
-
 def crossover(rows: list[dict]) -> str:
     """Where ``dsparse`` starts to beat the baseline in a sweep (rows with ``context`` and ``speedup`` = baseline
     ms / dsparse ms), in words: the first swept context with speedup > 1, or that there is none."""
@@ -134,6 +103,7 @@ def run(args) -> int:
     from dsc.assets import check_context, essay_text, load_model
     from dsc.bench.common import check_plot_path, cpu_busy_seconds, machine_info, parse_list
     from dsc.bench.decode import compiled_forward
+    from dsc.bytes import attention_bytes, weight_bytes
     from dsc.calibration.default import default_config
     from dsc.config import DSConfig, parse_budget
     from dsc.backend import runtime_of
@@ -245,6 +215,7 @@ def run(args) -> int:
 def print_sweep(rows, args, ds, channels, model, weights: int, threads: str) -> None:
     """The sweep's table, baseline, limits, crossover and (``--plot``) chart."""
     from dsc.bench.common import format_table, plot_ms_per_step
+    from dsc.bytes import attention_bytes
 
     item = next(model.parameters()).element_size()
     for r in rows:

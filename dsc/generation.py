@@ -78,15 +78,30 @@ def prefill(model, input_ids: torch.Tensor, steps: int) -> Prefilled:
     logits for 1/B of the work. Benchmarks share the result between the models they time (the prefill is dense for
     every policy), so each prompt is prefilled once per shape, not once per configuration."""
     b, length = input_ids.shape
+    device = model_device(model)
+    input_ids = input_ids.to(device)
     same = b > 1 and bool((input_ids == input_ids[:1]).all())
     kv = make_cache(model, "static", length + steps)
-    t0 = time.perf_counter()
+    t0 = clock(device)
     logits = model(input_ids=input_ids[:1] if same else input_ids, cache=kv, use_cache=True,
-                   cache_position=torch.arange(length), **_last_only(model)).logits[:, -1]
+                   cache_position=torch.arange(length, device=device), **_last_only(model)).logits[:, -1]
     if same:
         _widen(kv, b)
         logits = logits.expand(b, -1)
-    return Prefilled(kv, logits, length, time.perf_counter() - t0)
+    return Prefilled(kv, logits, length, clock(device) - t0)
+
+
+def model_device(model) -> torch.device:
+    """Where the model's weights (and so its inputs and cache) live."""
+    return next(model.parameters()).device
+
+
+def clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the device's queued work has finished (a CUDA launch returns before its kernels
+    run, so an unsynchronised clock would time the launches only)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _widen(kv, batch: int) -> None:
@@ -128,8 +143,10 @@ def greedy_decode(model, input_ids: torch.Tensor, steps: int, *, forward=None, c
         raise ValueError("prefilled: a cache with sliding-window layers cannot be rewound to its prompt; prefill "
                          "for each decode instead")
     kv = prefilled.cache if prefilled is not None else make_cache(model, cache, L + steps)
-    mask = attention_mask
-    pos = torch.arange(L)
+    device = model_device(model)
+    input_ids = input_ids.to(device)
+    mask = attention_mask if attention_mask is None else attention_mask.to(device)
+    pos = torch.arange(L, device=device)
     last_only = _last_only(model)
 
     def run(ids, cache_position, mask):
@@ -144,9 +161,9 @@ def greedy_decode(model, input_ids: torch.Tensor, steps: int, *, forward=None, c
         _rewind(kv, L)
         logits, prefill_s = prefilled.logits, prefilled.seconds
     else:
-        t0 = time.perf_counter()
+        t0 = clock(device)
         logits = run(input_ids, pos, mask)[:, -1]
-        prefill_s = time.perf_counter() - t0
+        prefill_s = clock(device) - t0
     out = DecodeResult(tokens=torch.empty(B, steps, dtype=torch.long), logits=[], prefill_s=prefill_s)
     it = range(steps)
     if progress:
@@ -162,9 +179,9 @@ def greedy_decode(model, input_ids: torch.Tensor, steps: int, *, forward=None, c
             break
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-        t0 = time.perf_counter()
-        logits = run(nxt[:, None], torch.tensor([L + i]), mask)[:, -1]
-        out.step_s.append(time.perf_counter() - t0)
+        t0 = clock(device)
+        logits = run(nxt[:, None], torch.tensor([L + i], device=device), mask)[:, -1]
+        out.step_s.append(clock(device) - t0)
     out.cache_bytes = cache_bytes(kv)
     return out
 

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks, in one call on a machine with a CUDA GPU and its own PyTorch/Triton (no network, no venv):
 #   correctness of the compiled Triton kernels, zero-copy offload attention, the backend end to end, then the
-#   offload and attention benchmarks. Logs and JSON go to $OUT (default ./gpu-out).
+#   offload and attention benchmarks, then end-to-end decode of a Llama-3.1-8B-shaped model (random bf16 weights,
+#   64K context, batch 8) against dense eager / inductor / CUDA graphs. Logs and JSON go to $OUT (default ./gpu-out).
+# Arguments pick steps (default: all, in this order): kernels offload e2e attention decode. The steps' limits sum
+# to about 18 minutes; a 15-minute device budget runs `scripts/gpu_check.sh kernels e2e attention` (~8 min) in one
+# call and `scripts/gpu_check.sh decode` (~8 min) in another.
 # Optional: wheels in .whl/ (e.g. the pinned transformers) are installed first, into a private temp folder
 # (mktemp -d, removed on exit) that goes on PYTHONPATH; nothing is read from or left in a shared /tmp path.
 set -u
@@ -29,19 +33,37 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
   echo "=== $name rc=$? ($(date +%T))"
 }
 
+STEPS=" ${*:-kernels offload e2e attention decode} "
+want() { [[ $STEPS == *" $1 "* ]]; }
+
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/machine.log"
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/machine.log"
 
-step kernels 210 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_paged.py -k "not gpu" \
-  --junitxml="$OUT/kernels.xml"
-tail -3 "$OUT/kernels.log"
-step offload 120 python3 -m dsc.cli bench offload --contexts 64K,256K,1024K --layers 4 --json "$OUT/offload.json"
-tail -22 "$OUT/offload.log"
-step offload_head 40 python3 -m dsc.cli bench offload --contexts 256K --layers 4 --gqa head --json "$OUT/offload_head.json"
-tail -9 "$OUT/offload_head.log"
-step e2e 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "gpu" --junitxml="$OUT/e2e.xml"
-tail -3 "$OUT/e2e.log"
-step attention 80 python3 -m dsc.cli bench attention --lengths 16K,64K,128K --batch 1,8 --shapes 32x8x128,9x3x64 \
-  --formats native,int4 --budgets 1/16,1/8 --max-gb 40 --no-progress --json "$OUT/attention.json"
-tail -30 "$OUT/attention.log"
-grep -h -E "passed|failed|error" "$OUT"/kernels.log "$OUT"/e2e.log | tail -4
+if want kernels; then
+  step kernels 210 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_paged.py -k "not gpu" \
+    --junitxml="$OUT/kernels.xml"
+  tail -3 "$OUT/kernels.log"
+fi
+if want offload; then
+  step offload 120 python3 -m dsc.cli bench offload --contexts 64K,256K,1024K --layers 4 --json "$OUT/offload.json"
+  tail -22 "$OUT/offload.log"
+  step offload_head 40 python3 -m dsc.cli bench offload --contexts 256K --layers 4 --gqa head --json "$OUT/offload_head.json"
+  tail -9 "$OUT/offload_head.log"
+fi
+if want e2e; then
+  step e2e 180 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "gpu" --junitxml="$OUT/e2e.xml"
+  tail -3 "$OUT/e2e.log"
+fi
+if want attention; then
+  step attention 80 python3 -m dsc.cli bench attention --lengths 16K,64K,128K --batch 1,8 --shapes 32x8x128,9x3x64 \
+    --formats native,int4 --budgets 1/16,1/8 --max-gb 40 --no-progress --json "$OUT/attention.json"
+  tail -30 "$OUT/attention.log"
+fi
+if want decode; then
+  # rows print as they finish (the cheap eager ones between the compiled ones), so a timeout keeps what ran
+  step decode 480 python3 -m dsc.cli bench decode --device cuda --model examples/llama-3-8b-shape --random-weights \
+    --dtype bfloat16 --contexts 64K --batch 8 --compile cudagraphs,eager,inductor --policy dense,dsparse \
+    --steps 8 --warmup 3 --json "$OUT/decode.json"
+  tail -25 "$OUT/decode.log"
+fi
+grep -h -E "passed|failed|error" "$OUT"/kernels.log "$OUT"/e2e.log 2>/dev/null | tail -4

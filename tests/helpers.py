@@ -27,6 +27,14 @@ def tiny_decoder(config_cls, model_cls, layers: int, **overrides):
     return model_cls(cfg).eval()
 
 
+def config_only(folder, vocab: int = 49152):
+    """A folder holding only a small Llama's config.json (no checkpoint, no tokenizer), for ``--random-weights``."""
+    T.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=1024).save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json"]
+    return folder
+
+
 def generate(model, ids, n: int, kind: str = "dynamic", **kw):
     """Exactly ``n`` greedy tokens with their logits; ``kind="static"`` asks HF for a static cache."""
     kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, return_dict_in_generate=True, output_logits=True,

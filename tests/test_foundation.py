@@ -14,6 +14,7 @@ from dsc import assets
 from dsc.bench.common import parse_list
 from dsc.cli import main
 from dsc.generation import greedy_decode
+from helpers import config_only
 
 
 def test_essay_split_is_disjoint_deterministic_and_complete():
@@ -185,6 +186,38 @@ def test_cli_bench_decode_one_dsparse_row_per_label_format(tmp_path, capsys):
     assert "--label-bits values must be among (16, 8, 4)" in capsys.readouterr().err
 
 
+def test_cli_bench_decode_random_weights_from_a_config_alone(tmp_path):
+    """``--random-weights``: a model shape measured without its checkpoint (the embedded tokenizer makes the
+    prompt); both policies decode it, and the cache has the config's shape."""
+    folder = config_only(tmp_path / "shape", vocab=49152)
+    path = tmp_path / "r.json"
+    assert main(["bench", "decode", "--model", str(folder), "--random-weights", "--contexts", "96", "--batch", "2",
+                 "--compile", "eager", "--policy", "dense,dsparse", "--budget", "8", "--steps", "2", "--warmup", "1",
+                 "--threads", "1", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["results"]
+    assert [r["policy"] for r in rows] == ["dense", "dsparse"]
+    kv_bytes = 3 * 2 * 2 * 2 * 96 * 16 * 4  # layers x (K, V) x batch x KV heads x context x head_dim x fp32
+    assert all(r["kv_cache_mb"] * 2**20 == kv_bytes and r["tok_per_s"] > 0 for r in rows)
+
+
+def test_random_weights_are_reproducible_and_refuse_a_tokenizer_beyond_the_vocabulary(tmp_path):
+    from dsc.assets import AssetError, load_model
+
+    folder = config_only(tmp_path / "shape", vocab=49152)
+    a, _ = load_model(folder, random_weights=True)
+    b, _ = load_model(folder, random_weights=True)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert a.model.layers[0].self_attn.q_proj.weight.std() > 0.01  # initialised, not zeros
+    with pytest.raises(AssetError, match="more than the config's vocab_size 64"):
+        load_model(config_only(tmp_path / "small", vocab=64), random_weights=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where no CUDA device is visible")
+def test_cli_bench_decode_on_cuda_without_a_gpu_is_a_clear_error(capsys):
+    assert main(["bench", "decode", "--device", "cuda", "--compile", "eager"]) == 2
+    assert "sees no CUDA device" in capsys.readouterr().err
+
+
 def test_dsc_command_prefers_huge_pages_unless_told(monkeypatch):
     from dsc.bench.common import huge_pages
     from dsc.cli import HUGE_PAGES_ENV, prefer_huge_pages
@@ -253,6 +286,8 @@ def test_cli_eval_ppl(capsys, tmp_path):
     (["eval", "ppl", "--context", "100000"], "exceeds the model's limit"),
     (["bench", "decode", "--batch", "0", "--compile", "eager"], "must be positive"),
     (["bench", "decode", "--compile", "tvm"], "--compile values"),
+    (["bench", "decode", "--compile", "eager,cudagraphs"], "needs --device cuda"),
+    (["bench", "decode", "--tp", "2", "--random-weights"], "not supported together yet"),
     (["bench", "decode", "--compile", "eager", "--plot", "/no/such/dir/p.png"], "does not exist"),
     (["demo", "--sweep-contexts", "4"], "must exceed the decode steps"),
     (["demo", "--no-sweep", "--plot", "{tmp}/p.png"], "cannot go with --no-sweep"),

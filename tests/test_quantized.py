@@ -160,3 +160,15 @@ def test_speedup_against_the_fastest_dense_run():
     add_speedups(rows)
     assert [r["speedup"] for r in rows] == [1.0, 1.0, 2.0, 2.0, 1.0, 0.5]
     assert [r["speedup_best"] for r in rows] == [0.4, 1.0, 0.8, 2.0, 1.0, 0.5]
+
+
+def test_weight_bytes_count_int8_codes_not_the_dtype_they_stand_for(pair):
+    """The byte limit's weight term: an int8 weight-only Linear reads one byte per weight plus a per-row fp32 scale
+    and int8 zero point (what the codes are stored as), not the 4 bytes of the fp32 it stands for."""
+    from dsc.bytes import weight_bytes
+
+    m, q = pair
+    linears = [x for x in m.modules() if isinstance(x, torch.nn.Linear)]
+    others = sum(p.numel() for n, p in m.named_parameters() if p.dim() == 1)  # norms (fp32)
+    assert weight_bytes(m) == sum(x.weight.numel() for x in linears) * 4 + others * 4
+    assert weight_bytes(q) == sum(x.out_features * (x.in_features + 4 + 1) for x in linears) + others * 4

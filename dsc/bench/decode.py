@@ -18,22 +18,36 @@ Eager and compiled runs happen in the same process, one after the other, so thei
 numbers on a shared 2-core CPU are noisy. ``--plot PATH`` draws ms/step vs context, one line per (policy, compile,
 batch, dtype, quant, label bits) measured (:func:`dsc.bench.common.plot_ms_per_step`, which ``dsc demo --plot``
 uses too). ``--label-bits 16,8`` adds one dsparse row per label format (column "label bits").
+
+On a GPU (``--device cuda``; every clock read waits for the device) ``--compile cudagraphs`` adds dense rows under
+CUDA graphs (inductor's ``reduce-overhead`` mode, what HF's compiled generate uses): the dense baseline to beat there.
+The dsparse backend refuses CUDA graphs for now, so its rows run eager or inductor only. ``--random-weights`` builds
+the model from a folder's config.json alone (seeded, on the device), for speed at shapes whose checkpoint is not at
+hand: ``--model examples/llama-3-8b-shape`` is Llama-3.1-8B's shape (16 GB of bf16 weights).
 """
 from __future__ import annotations
 
 import time
+import warnings
 
 from dsc.bench.common import check_plot_path, format_table, machine_info, parse_list, plot_ms_per_step, write_json
 
-COMPILERS = ("eager", "inductor")
+COMPILERS = ("eager", "inductor", "cudagraphs")  # cudagraphs: inductor with mode="reduce-overhead" (CUDA only)
+DEVICES = ("cpu", "cuda")
 
 
 def add_arguments(p):
     p.add_argument("--model", default=None, help="local HF model folder (default: embedded SmolLM2-135M)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="build the --model folder's config.json with random weights on the device (speed only; "
+                        "e.g. --model examples/llama-3-8b-shape); the folder needs no checkpoint or tokenizer")
+    p.add_argument("--device", default="cpu", choices=DEVICES, help="where the model runs")
     p.add_argument("--contexts", default="512,2048,8192", help="prompt lengths, e.g. 512,2K,8K")
     p.add_argument("--batch", default="1,4", help="batch sizes, e.g. 1,4")
     p.add_argument("--dtype", default="float32", help="model dtypes, e.g. float32,bfloat16")
-    p.add_argument("--compile", default="eager,inductor", help=f"compilers among {','.join(COMPILERS)}")
+    p.add_argument("--compile", default="eager,inductor",
+                   help=f"compilers among {','.join(COMPILERS)} (cudagraphs: inductor's reduce-overhead mode, CUDA "
+                        "only, dense rows only: the dsparse backend refuses CUDA graphs for now)")
     p.add_argument("--policy", default="dense", help="attention policies among dense,dsparse")
     p.add_argument("--budget", default="1/16", help="dsparse token budget: a fraction (1/16) or a token count")
     p.add_argument("--label-bits", default=None, metavar="BITS",
@@ -86,6 +100,13 @@ def compiled_forward(model, compiler: str, policy: str = "dense", ds_options: di
         return forward
     if compiler == "inductor":
         return torch.compile(model.forward, backend="inductor", dynamic=False)
+    if compiler == "cudagraphs":
+        graphed = torch.compile(model.forward, mode="reduce-overhead", dynamic=False)
+
+        def forward(**inputs):
+            torch.compiler.cudagraph_mark_step_begin()  # each call is a new step: earlier outputs may be overwritten
+            return graphed(**inputs)
+        return forward
     return model.forward
 
 
@@ -127,9 +148,13 @@ def bench_one(model, tok, context: int, batch: int, compiler: str, steps: int, w
     n = steps + warmup + 1
     ids = prompt_ids(tok, context, batch, steps, warmup)
     forward = compiled_forward(model, compiler, policy, ds_options)
+    skips = _cudagraph_skips()
     t0 = time.perf_counter()
     r = greedy_decode(model, ids, n, forward=forward, cache="static", prefilled=prefilled)
     wall = time.perf_counter() - t0
+    if compiler == "cudagraphs" and _cudagraph_skips() > skips:
+        warnings.warn(f"{policy} cudagraphs row (context {context}, batch {batch}): inductor skipped CUDA graphs "
+                      "(see TORCH_LOGS=perf_hints), so this row is plain inductor", stacklevel=2)
     timed = r.step_s[warmup:]
     lat = sorted(timed)[len(timed) // 2]
     row = {"policy": policy, "context": context, "batch": batch, "compile": compiler, "ms_per_step": lat * 1e3,
@@ -138,6 +163,13 @@ def bench_one(model, tok, context: int, batch: int, compiler: str, steps: int, w
     if policy == "dsparse+offload":
         row.update(transfer_counts(model, ids.shape[1], batch, len(r.step_s), dict(runtime_of(forward).stats)))
     return row
+
+
+def _cudagraph_skips() -> int:
+    """How many graphs inductor has compiled without CUDA graphs (for a reason it logs) in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
 
 
 def _kv_shape(model) -> tuple[int, int, int, int, int]:
@@ -167,15 +199,16 @@ def run(args) -> int:
     import os
 
     from dsc.assets import check_context, load_model
+    from dsc.bytes import step_limit
     from dsc.config import LABEL_BITS, DSConfig
 
     if args.tp < 1:
         raise ValueError(f"--tp must be >= 1, got {args.tp}")
     rank = None
     if args.tp > 1:
-        if args.offload or args.quant != "none":
-            raise ValueError("--tp runs dense and dsparse policies without --offload or --quant (not supported "
-                             "together yet)")
+        if args.offload or args.quant != "none" or args.random_weights or args.device != "cpu":
+            raise ValueError("--tp runs dense and dsparse policies on the CPU, without --offload, --quant or "
+                             "--random-weights (not supported together yet)")
         if "WORLD_SIZE" not in os.environ:
             return relaunch_tensor_parallel(args)
         rank = int(os.environ["RANK"])
@@ -204,6 +237,7 @@ def run(args) -> int:
     for c in compilers:
         if c not in COMPILERS:
             raise ValueError(f"--compile values must be among {COMPILERS}, got {c!r}")
+    check_device(args.device, compilers)
     if args.steps <= 0 or args.warmup < 0:
         raise ValueError("--steps must be positive and --warmup non-negative")
     if args.threads < 0:
@@ -214,14 +248,20 @@ def run(args) -> int:
 
     rows = []
     configs = [(d, q, c, b, x, p, bits) for d in dtypes for q in quants for c in contexts for b in batches
-               for x in compilers for p in policies for bits in (label_bits if p.startswith("dsparse") else [None])]
+               for x in compilers for p in policies for bits in (label_bits if p.startswith("dsparse") else [None])
+               if not (x == "cudagraphs" and p.startswith("dsparse"))]
+    if "cudagraphs" in compilers and any(p.startswith("dsparse") for p in policies):
+        print("note: no dsparse rows under cudagraphs: the dsparse backend refuses CUDA graphs until its decode step "
+              "is graph-safe (dsc.backend._refuse_cuda_graphs); its eager/inductor rows run without them")
     bar = tqdm(configs, desc="bench decode", unit="cfg")
     loaded = None
     ds_options = None
     prefilled = None  # (shape, Prefilled): one prefill serves every configuration of a shape
     for dtype, quant, ctx, batch, compiler, policy, bits in bar:
         if loaded != (dtype, quant):
-            model, tok = load_model(args.model, dtype=dtype, tp_plan="auto" if rank is not None else None)
+            model = prefilled = None  # free the previous model and its cache before building the next
+            model, tok = load_model(args.model, dtype=dtype, tp_plan="auto" if rank is not None else None,
+                                    device=args.device, random_weights=args.random_weights)
             if quant == "int8":
                 quantize_int8(model)
             loaded = (dtype, quant)
@@ -240,14 +280,19 @@ def run(args) -> int:
             prefilled = (shape, shared_prefill(model, tok, ctx, batch, args.steps, args.warmup))
         row = bench_one(model, tok, ctx, batch, compiler, args.steps, args.warmup, policy, options,
                         None if policy == "dsparse+offload" else prefilled[1])
-        labels = "" if options is None else DSConfig.from_options(options).label_bits
-        row.update(dtype=dtype, quant=quant, labels=labels)
+        row.update(dtype=dtype, quant=quant, labels="")
+        if options is not None:
+            ds = DSConfig.from_options(options)
+            row.update(labels=ds.label_bits, byte_limit=step_limit(model, options["channels"], ds, batch, ctx))
         rows.append(row)
         tqdm.write(format_table([row], _COLUMNS).splitlines()[-1])
     add_speedups(rows)
     if rank is not None:
         print(f"tensor-parallel rank {rank} of {args.tp}: this rank's tok/s and the KV cache its own heads hold")
-    print(format_table(rows, _COLUMNS + [("speedup", "vs dense"), ("speedup_best", "vs fastest dense")]))
+    print(format_table(rows, _COLUMNS + [("speedup", "vs dense"), ("speedup_best", "vs fastest dense"),
+                                         ("byte_limit", "byte limit")]))
+    print("vs fastest dense: the fastest dense row of the same shape (any compiler) / this row; byte limit: the "
+          "bytes a dense step reads (weights, K/V) / a dsparse step's (weights, labels, selected K/V), dsc.bytes")
     moved = [r for r in rows if "h2d_mb_per_step" in r]
     if moved:
         print("\nhost -> device traffic per decode step (counted) vs whole-layer offload (computed, same run):")
@@ -260,6 +305,18 @@ def run(args) -> int:
         plot_ms_per_step(args.plot, rows, PLOT_KEYS, f"decode step latency, median of {args.steps} steps")
         print(f"wrote plot {args.plot} (ms/step vs context, one line per {', '.join(PLOT_KEYS)} measured)")
     return 0
+
+
+def check_device(device: str, compilers: list[str]) -> None:
+    """Refuse, before any work, a device this torch cannot use and CUDA graphs without CUDA."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device cuda: torch {torch.__version__} sees no CUDA device; run on a machine with a "
+                         "GPU and a CUDA build of torch, or use --device cpu")
+    if "cudagraphs" in compilers and device != "cuda":
+        raise ValueError("--compile cudagraphs records CUDA graphs and needs --device cuda; on the CPU compare "
+                         "eager and inductor")
 
 
 def add_speedups(rows: list[dict]) -> None:
