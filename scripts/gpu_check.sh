@@ -4,8 +4,8 @@
 #   offload and attention benchmarks, then end-to-end decode of a Llama-3.1-8B-shaped model (random bf16 weights,
 #   64K context, batch 8) against dense eager / inductor / CUDA graphs. Logs and JSON go to $OUT (default ./gpu-out).
 # Arguments pick steps (default: all, in this order): kernels offload e2e attention decode. The steps' limits sum
-# to about 18 minutes; a 15-minute device budget runs `scripts/gpu_check.sh kernels e2e attention` (~8 min) in one
-# call and `scripts/gpu_check.sh decode` (~8 min) in another.
+# to about 18.5 minutes; a 15-minute device budget (machine start included) fits one of
+# `scripts/gpu_check.sh kernels e2e attention` (limits 7.8 min) or `scripts/gpu_check.sh decode` (8 min).
 # Optional: wheels in .whl/ (e.g. the pinned transformers) are installed first, into a private temp folder
 # (mktemp -d, removed on exit) that goes on PYTHONPATH; nothing is read from or left in a shared /tmp path.
 set -u
