@@ -9,7 +9,8 @@ Per (token, KV head), with head_dim ``D``, ``e`` bytes per K/V element, ``r`` la
   of the selected share ``k / S`` of the tokens (:func:`ds_bytes`);
 - the byte-count limit of the speedup is dense / DS (:func:`byte_limit`).
 
-Plain arithmetic (a model is only asked for its config and parameter sizes): the benchmarks, the demo, the evaluation and the offload report all count with it.
+Plain arithmetic (a model is asked only for its config and parameter sizes): the benchmarks, the demo, the
+evaluation and the offload report all count with it.
 """
 from __future__ import annotations
 
@@ -113,4 +114,3 @@ def step_limit(model, channels, ds, batch: int, length: int) -> float:
     dense, sparse = attention_bytes(channels, model.config, ds, batch, length,
                                     next(model.parameters()).element_size())
     return (weights + dense) / (weights + sparse)
-
