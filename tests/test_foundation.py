@@ -200,6 +200,14 @@ def test_cli_bench_decode_random_weights_from_a_config_alone(tmp_path):
     assert all(r["kv_cache_mb"] * 2**20 == kv_bytes and r["tok_per_s"] > 0 for r in rows)
 
 
+def test_cli_bench_decode_refuses_a_cache_beyond_free_memory_before_the_prefill(tmp_path, capsys):
+    folder = config_only(tmp_path / "shape")  # 3 layers x 2 KV heads x 16 x fp32: 768 bytes per token and row
+    assert main(["bench", "decode", "--model", str(folder), "--random-weights", "--contexts", "1000", "--batch",
+                 str(2**40), "--compile", "eager"]) == 2
+    err = capsys.readouterr().err
+    assert "cache of context 1000 at batch 1099511627776 needs 786432000.0 GiB" in err, err
+
+
 def test_random_weights_are_reproducible_and_refuse_a_tokenizer_beyond_the_vocabulary(tmp_path):
     from dsc.assets import AssetError, load_model
 

@@ -265,6 +265,8 @@ def run(args) -> int:
             if quant == "int8":
                 quantize_int8(model)
             loaded = (dtype, quant)
+            if any(p != "dsparse+offload" for p in policies):  # offload rows keep their K/V off the device
+                check_memory(model, args.device, max(contexts), max(batches))
         if policy.startswith("dsparse") and ds_options is None:
             ds_options = dsparse_options(args, model, tok)
         check_context(model, ctx, "context")
@@ -305,6 +307,35 @@ def run(args) -> int:
         plot_ms_per_step(args.plot, rows, PLOT_KEYS, f"decode step latency, median of {args.steps} steps")
         print(f"wrote plot {args.plot} (ms/step vs context, one line per {', '.join(PLOT_KEYS)} measured)")
     return 0
+
+
+def check_memory(model, device: str, context: int, batch: int) -> None:
+    """Refuse, before the first prefill, a run whose largest K/V cache cannot fit in the device's free memory (the
+    cache alone, a lower bound: a run that fits is never refused; one that does not would fail minutes later)."""
+    from dsc.bytes import cache_bytes
+
+    layers, _, hkv, d, item = _kv_shape(model)
+    need = cache_bytes(context, hkv, d, item, layers, batch)
+    free = free_bytes(device)
+    if free is not None and need > free:
+        raise ValueError(f"the K/V cache of context {context} at batch {batch} needs {need / 2**30:.1f} GiB; the "
+                         f"{device} has {free / 2**30:.1f} GiB free beside the model: lower --contexts or --batch")
+
+
+def free_bytes(device: str) -> int | None:
+    """Free memory of ``device``: the GPU's (CUDA's own count) or the host's available memory (Linux
+    ``/proc/meminfo``; None where unreadable)."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def check_device(device: str, compilers: list[str]) -> None:
