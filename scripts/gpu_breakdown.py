@@ -1,10 +1,14 @@
-"""Where a Double Sparsity decode-attention step spends its time on a GPU: label scores, top-k, sparse attention
-(split + merge), against dense SDPA; medians from triton.testing.do_bench (CUDA events)."""
+"""Where a Double Sparsity decode-attention step spends its time on a GPU: label scores, selection, sparse attention
+(split + merge), against dense SDPA; medians from triton.testing.do_bench (CUDA events). The selection is timed
+both ways: the fused radix-select kernel (``select``) and the torch path it replaced (``select_torch``:
+``torch.topk`` plus the sink/recent/validity passes), with the model's default rule (1/16, floor 36, sink 4,
+recent 16) and with a plain budget."""
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
 import dsc.kernels  # noqa: F401
+from dsc.kernels import topk
 from dsc.kernels import triton_ops as T
 
 for b, s in [(1, 131072), (8, 131072), (1, 1048576)]:
@@ -20,7 +24,10 @@ for b, s in [(1, 131072), (8, 131072), (1, 1048576)]:
     sc = T.label_scores(q, *labels, None, None, True)
     idx = T.select_topk(sc, kk)
     t = {"scores": do_bench(lambda: T.label_scores(q, *labels, None, None, True), return_mode="median"),
-         "topk": do_bench(lambda: T.select_topk(sc, kk), return_mode="median"),
+         "select": do_bench(lambda: T.select_topk(sc, kk), return_mode="median"),
+         "select_torch": do_bench(lambda: topk.select_topk(sc, kk), return_mode="median"),
+         "select_rule": do_bench(lambda: T.select_topk(sc, 36, 1 / 16, 4, 16), return_mode="median"),
+         "select_rule_torch": do_bench(lambda: topk.select_topk(sc, 36, 1 / 16, 4, 16), return_mode="median"),
          "torch.topk": do_bench(lambda: torch.topk(sc, kk, dim=-1, sorted=False), return_mode="median"),
          "sparse_attn": do_bench(lambda: T.sparse_attention(q, k, v, idx, d ** -0.5), return_mode="median"),
          "ds_decode": do_bench(lambda: T.ds_decode(q, k, v, *labels, budget=kk), return_mode="median"),

@@ -3,9 +3,9 @@
 #   correctness of the compiled Triton kernels, zero-copy offload attention, the backend end to end, then the
 #   offload and attention benchmarks, then end-to-end decode of a Llama-3.1-8B-shaped model (random bf16 weights,
 #   64K context, batch 8) against dense eager / inductor / CUDA graphs. Logs and JSON go to $OUT (default ./gpu-out).
-# Arguments pick steps (default: all, in this order): kernels offload e2e attention decode. The steps' limits sum
-# to about 18.5 minutes; a 15-minute device budget (machine start included) fits one of
-# `scripts/gpu_check.sh kernels e2e attention` (limits 7.8 min) or `scripts/gpu_check.sh decode` (8 min).
+# Arguments pick steps (default: all, in this order): kernels offload e2e attention breakdown decode. The steps'
+# limits sum to 20 minutes; a 15-minute device budget (machine start included) fits one of
+# `scripts/gpu_check.sh kernels e2e attention breakdown` (limits 9.3 min) or `scripts/gpu_check.sh decode` (8 min).
 # Optional: wheels in .whl/ (e.g. the pinned transformers) are installed first, into a private temp folder
 # (mktemp -d, removed on exit) that goes on PYTHONPATH; nothing is read from or left in a shared /tmp path.
 set -u
@@ -33,7 +33,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
   echo "=== $name rc=$? ($(date +%T))"
 }
 
-STEPS=" ${*:-kernels offload e2e attention decode} "
+STEPS=" ${*:-kernels offload e2e attention breakdown decode} "
 want() { [[ $STEPS == *" $1 "* ]]; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/machine.log"
@@ -58,6 +58,10 @@ if want attention; then
   step attention 80 python3 -m dsc.cli bench attention --lengths 16K,64K,128K --batch 1,8 --shapes 32x8x128,9x3x64 \
     --formats native,int4 --budgets 1/16,1/8 --max-gb 40 --no-progress --json "$OUT/attention.json"
   tail -30 "$OUT/attention.log"
+fi
+if want breakdown; then
+  step breakdown 90 python3 scripts/gpu_breakdown.py
+  tail -3 "$OUT/breakdown.log"
 fi
 if want decode; then
   # rows print as they finish (the cheap eager ones between the compiled ones), so a timeout keeps what ran

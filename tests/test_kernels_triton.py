@@ -93,6 +93,38 @@ def test_triton_split_k_merge(dtype):
         assert torch.allclose(ref.float(), got.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
+SPECIALS = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "-0": -0.0, "0": 0.0}
+
+
+@scaled(3)
+@given(s=st.integers(1, 700), budget=st.integers(1, 64), frac=st.sampled_from([0.0, 1 / 16, 0.1, 1.0]),
+       sink=st.integers(0, 6), recent=st.integers(0, 20), seed=st.integers(0, 2**16),
+       special=st.sampled_from(sorted(SPECIALS)), ties=st.booleans(), block=st.sampled_from([16, 64, 1024]))
+@example(s=40, budget=36, frac=1 / 16, sink=4, recent=16, seed=0, special="nan", ties=False, block=16)  # defaults
+@example(s=5, budget=2, frac=0.0, sink=4, recent=3, seed=1, special="-inf", ties=True, block=16)  # forced overflow
+@example(s=700, budget=3, frac=0.1, sink=2, recent=1, seed=2, special="-0", ties=True, block=64)  # ties, +-0
+@example(s=333, budget=64, frac=0.0, sink=0, recent=0, seed=3, special="inf", ties=False, block=1024)
+def test_triton_select_is_a_valid_selection_in_position_order(s, budget, frac, sink, recent, seed, special, ties,
+                                                                block):
+    """The fused radix select (one program per row, blocks of ``block`` positions) against the selection rule:
+    rows with invalid stretches, NaN / inf / signed zeros, heavy ties, fewer valid positions than the budget, and
+    none at all; kept positions come first, in position order, then -1."""
+    gen = torch.Generator().manual_seed(seed)
+    sc = torch.randn(3, 2, 1, s, generator=gen) * 4
+    if ties:
+        sc = sc.round()  # few distinct values: the threshold byte holds many keys
+    sc[0, 0, 0, s // 3:] = float("-inf")  # a padded row
+    sc[0, 1, 0, ::2] = float("-inf")  # a sparse valid set (per-head masks)
+    sc[1, 0, 0, :] = float("-inf")  # nothing valid
+    where = torch.randint(0, s, (3,), generator=gen)
+    sc[2, :, 0, where] = SPECIALS[special]
+    idx = T.select(sc.contiguous(), budget, frac, sink, recent, block=block)
+    assert_valid_selection(sc, idx, budget, frac, sink, recent)
+    for row in idx.reshape(-1, idx.shape[-1]):
+        kept = row[row >= 0]
+        assert (kept[1:] > kept[:-1]).all() and (row[kept.numel():] == -1).all()
+
+
 def test_triton_scores_many_blocks_and_empty_rows():
     c = make_case(4, 1, 1, 3, 1, 1000, 32, 8, 4, lengths=True)
     c.lengths[:] = 0

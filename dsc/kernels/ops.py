@@ -128,8 +128,9 @@ def _(scores, budget, frac=0.0, sink=0, recent=0):
     return scores.new_empty((b, h, lq, checks.topk_width(s, budget, frac)), dtype=torch.int64)
 
 
-# torch.topk runs on either device: one kernel (dsc.kernels.topk) for CPU and CUDA
-register_kernel("select_topk", ("cpu", "cuda"), topk.select_topk)
+# CPU: torch.topk (dsc.kernels.topk; the decode step itself selects inside the native kernel); CUDA: the fused
+# radix select, one program per row (triton_ops.select)
+_register("select_topk", topk.select_topk)
 
 
 # ----------------------------------------------------------------------------------------------- attention

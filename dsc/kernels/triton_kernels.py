@@ -246,3 +246,82 @@ def rows_write_kernel(src, pos, dst, T, D, HKV,
     m2 = tm[:, None] & (d < D)[None, :]
     x = tl.load(src + b * ss0 + h * ss1 + t[:, None] * ss2 + d[None, :] * ss3, mask=m2, other=0.0)
     tl.store(dst + b * sd0 + h * sd1 + p[:, None] * sd2 + d[None, :] * sd3, x, mask=m2)
+
+
+@triton.jit
+def _order_keys(x, forced):
+    """int32 keys that order like the selection ranks them: forced (sink/recent) > NaN > +inf > ... > finite, as
+    signed integers (a float's bits, magnitude bits flipped when negative)."""
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    key = tl.where(x != x, 0x7FFFFFFE, key)
+    return tl.where(forced, 0x7FFFFFFF, key)
+
+
+@triton.jit
+def _row_block(row, start, S, nvalid, n_sink, n_recent, upto0, BLOCK: tl.constexpr):
+    """One block of a row's scores: positions, validity (score > -inf), the order keys, and the valid count
+    carried past the block (the running count tells sink and recent positions apart)."""
+    pos = start + tl.arange(0, BLOCK)
+    x = tl.load(row + pos, mask=pos < S, other=float("-inf"))
+    ok = x != float("-inf")
+    upto = upto0 + tl.cumsum(ok.to(tl.int32), 0)  # valid positions at or before pos
+    forced = ok & ((upto <= n_sink) | (nvalid - upto < n_recent))
+    return pos, ok, _order_keys(x, forced), upto0 + tl.sum(ok.to(tl.int32), 0)
+
+
+@triton.jit
+def select_kernel(sc, idx, S, KK, budget, sink, recent, FRAC: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per row of scores ``[rows, S]``: its ``keep`` best valid positions (sink and recent forced in)
+    into ``idx[row, :keep]`` in position order, ``-1`` after. A radix select on the order keys, a byte per pass
+    from the top, finds the keep-th best key T; a last pass writes the positions above T and the first ties at T.
+    No sort, no score copy, no pass outside the kernel; the counts stay on the device."""
+    pid = tl.program_id(0).to(tl.int64)
+    row = sc + pid * S
+    out = idx + pid * KK
+    zero = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), 0)
+    nvalid = zero
+    for start in range(0, S, BLOCK):
+        pos = start + tl.arange(0, BLOCK)
+        x = tl.load(row + pos, mask=pos < S, other=float("-inf"))
+        nvalid += tl.sum((x != float("-inf")).to(tl.int32), 0)
+    if FRAC == 0.0:
+        keep = tl.minimum(nvalid, KK)
+    else:  # ceil(n * frac) in fp64, as the budget rule (checks.keep_count) states it; the budget is its floor
+        share = tl.maximum(tl.ceil(nvalid.to(tl.float64) * FRAC).to(tl.int32), budget)
+        keep = tl.minimum(tl.minimum(share, nvalid), KK)
+    n_recent = tl.minimum(keep, recent)
+    n_sink = tl.minimum(keep - n_recent, sink)
+    remaining = keep  # how many of the keys matching the prefix found so far are still to take
+    prefix = zero
+    bins = tl.arange(0, 256)
+    for p in tl.static_range(4):
+        shift = 24 - 8 * p
+        mask_above = -(1 << (32 - 8 * p)) if p > 0 else 0  # the bytes already fixed
+        hist = tl.zeros([256], dtype=tl.int32)
+        upto = zero
+        for start in range(0, S, BLOCK):
+            pos, ok, key, upto = _row_block(row, start, S, nvalid, n_sink, n_recent, upto, BLOCK)
+            digit = (key >> shift) & 255
+            if p == 0:
+                digit = digit ^ 128  # the sign byte: negative keys below positive ones
+            hist += tl.histogram(digit, 256, mask=ok & ((key & mask_above) == prefix))
+        at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # keys with this byte or a higher one
+        d = tl.sum((at_least >= remaining).to(tl.int32), 0) - 1
+        remaining -= tl.sum(tl.where(bins > d, hist, 0), 0)
+        if p == 0:
+            d = d ^ 128
+        prefix = prefix | (d << shift)
+    taken = zero
+    ties = zero
+    upto = zero
+    for start in range(0, S, BLOCK):
+        pos, ok, key, upto = _row_block(row, start, S, nvalid, n_sink, n_recent, upto, BLOCK)
+        tie = ok & (key == prefix)
+        sel = (ok & (key > prefix)) | (tie & (ties + tl.cumsum(tie.to(tl.int32), 0) <= remaining))
+        ties += tl.sum(tie.to(tl.int32), 0)
+        tl.store(out + taken + tl.cumsum(sel.to(tl.int32), 0) - 1, pos.to(tl.int64), mask=sel)
+        taken += tl.sum(sel.to(tl.int32), 0)
+    for start in range(0, KK, BLOCK):
+        slot = start + tl.arange(0, BLOCK)
+        tl.store(out + slot, tl.full([BLOCK], -1, tl.int64), mask=(slot >= keep) & (slot < KK))

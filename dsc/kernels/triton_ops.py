@@ -13,7 +13,6 @@ import triton
 
 from . import checks
 from . import triton_kernels as tk
-from . import topk
 from .reference import group_scores, group_valid
 
 NUM_SMS_DEFAULT = 132  # H100 SXM; only sizes the split count (more programs than SMs keeps the GPU busy)
@@ -106,7 +105,23 @@ def _label_scores(q, channels, data, scale, zero, bits, valid, lengths, group, b
 
 
 # ----------------------------------------------------------------------------------------------- top-k
-select_topk = topk.select_topk  # torch.topk on the device: the one implementation shared with the CPU path
+def select_topk(scores, budget: int, frac: float = 0.0, sink: int = 0, recent: int = 0):
+    """``dsc::select_topk`` on the GPU: the fused radix select (:func:`select`)."""
+    checks.check_select(scores, budget, frac, sink, recent)
+    return select(scores.float().contiguous(), budget, frac, sink, recent)
+
+
+def select(sc, budget: int, frac: float, sink: int, recent: int, block: int | None = None):
+    """The selection of contiguous fp32 scores ``sc`` ``[B, Hsel, Lq, S]`` (``-inf`` = invalid): int64 positions
+    ``[B, Hsel, Lq, K]``, each row's kept ones first (in position order), ``-1`` after; one kernel, one program per
+    row (:func:`dsc.kernels.triton_kernels.select_kernel`), the scores read in place."""
+    b, h, lq, s = sc.shape
+    kk = checks.topk_width(s, budget, frac)
+    idx = torch.empty(b, h, lq, kk, dtype=torch.int64, device=sc.device)
+    if idx.numel():
+        block = block or (min(_pow2(s), 1024) if _interpreting() else 1024)
+        tk.select_kernel[(b * h * lq,)](sc, idx, s, kk, budget, sink, recent, FRAC=float(frac), BLOCK=block)
+    return idx
 
 
 # ----------------------------------------------------------------------------------------------- attention
@@ -165,5 +180,4 @@ def ds_decode(q, k, v, channels, data, scale, zero, bits: int, valid=None, bias=
     checks.check_ds_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink,
                            recent, sm_scale)
     sc = _label_scores(q, channels, data, scale, zero, bits, valid, lengths, group)
-    idx, used = topk.topk_inplace(sc, budget, frac, sink, recent)
-    return _sparse_attention(q, k, v, torch.where(used, idx, -1), sm_scale, bias)
+    return _sparse_attention(q, k, v, select(sc.contiguous(), budget, frac, sink, recent), sm_scale, bias)
