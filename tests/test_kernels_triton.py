@@ -125,6 +125,27 @@ def test_triton_select_is_a_valid_selection_in_position_order(s, budget, frac, s
         assert (kept[1:] > kept[:-1]).all() and (row[kept.numel():] == -1).all()
 
 
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_triton_group_scores_over_blocks_nan_and_empty_rows_as_defined(bits):
+    """The two-launch group score (block maxima, then the group reduction) on many blocks: a head whose query is NaN
+    makes its group's scores NaN (not normalized), a row with nothing valid stays -inf, per-head masks combine."""
+    c = make_case(5, 2, 2, 3, 1, 300, 32, 8, bits, valid="per_head", lengths=True)
+    q = c.q.clone()
+    q[0, 1] = float("nan")  # batch 0, group 0
+    c.lengths[:] = torch.tensor([300, 0])  # batch 1: nothing valid
+    p = int(c.valid.expand(2, 6, 1, 300).view(2, 2, 3, 300).all(2)[0, 1].nonzero()[0])
+    if bits == 16:  # batch 0, group 1: one NaN label, so its heads' best scores are NaN (then: no shift)
+        c.data[0, 1, p, 0] = float("nan")
+    else:
+        c.scale[0, 1, p] = float("nan")
+    ref = R.label_scores(q, *c.labels, c.valid, c.lengths, True)
+    got = T.label_scores(q, *c.labels, c.valid, c.lengths, True, block_s=32)
+    assert torch.equal(ref.isnan(), got.isnan()) and torch.equal(torch.isneginf(ref), torch.isneginf(got))
+    assert ref[0, 0].isnan().any() and int(ref[0, 1].isnan().sum()) == 1 and torch.isneginf(ref[1]).all()
+    fin = torch.isfinite(ref)
+    assert torch.allclose(ref[fin], got[fin], rtol=1e-4, atol=1e-4 * (1 + ref[fin].abs().max().item()))
+
+
 def test_triton_scores_many_blocks_and_empty_rows():
     c = make_case(4, 1, 1, 3, 1, 1000, 32, 8, 4, lengths=True)
     c.lengths[:] = 0

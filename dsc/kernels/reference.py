@@ -122,9 +122,9 @@ def group_scores(per_head: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     (``dsc eval ppl --context 2048 --windows 2``): k=128 +1.79% perplexity (raw sum +3.85%; each head's
     log-softmax instead of its max +1.74%, at ~5x this reduction's cost on the CPU; selecting per head +1.53%);
     1/16: +4.23% (sum +6.06%, log-softmax +3.99%, per head +3.10%). NaN scores stay NaN (valid, ranked first; a
-    head whose row holds a NaN is not normalized), invalid stay ``-inf``. The one implementation: the CPU and
-    Triton paths call it on their per-head scores (``inplace``: ``per_head`` is a scratch buffer the caller lets
-    this overwrite, sparing a buffer of its size)."""
+    head whose row holds a NaN is not normalized), invalid stay ``-inf``. The definition: the CPU torch path
+    calls it on its per-head scores (``inplace``: ``per_head`` is a scratch buffer the caller lets this overwrite,
+    sparing a buffer of its size); the native and Triton kernels compute it fused and are tested against it."""
     top = per_head.amax(-1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a NaN row, or nothing valid
     shifted = per_head.sub_(top) if inplace else per_head - top

@@ -69,20 +69,26 @@ def label_write_kernel(keys, ch, pos, data, scale, zero,
 
 
 @triton.jit
-def label_scores_kernel(q, ch, data, scale, zero, valid, lengths, out,
-                        HSEL, LQ, S, R, G,
+def label_scores_kernel(q, ch, data, scale, zero, valid, lengths, top, out,
+                        HSEL, LQ, S, R, G, NH,
                         sq0, sq1, sq2, sq3, sd0, sd1, sd2, sd3, ss0, ss1, ss2,
                         sv0, sv1, sv2, sv3, so0, so1, so2, so3,
-                        BITS: tl.constexpr, HAS_VALID: tl.constexpr,
-                        HAS_LEN: tl.constexpr, BLOCK_S: tl.constexpr, C_PAD: tl.constexpr):
-    """One program per (batch * query head * query position, block of S): fp32 label scores, masked (per query
-    head; a group's score is reduced from its heads' rows on the host side of the launcher)."""
+                        BITS: tl.constexpr, HAS_VALID: tl.constexpr, HAS_LEN: tl.constexpr, MODE: tl.constexpr,
+                        BLOCK_S: tl.constexpr, C_PAD: tl.constexpr):
+    """One program per (batch * row * query position, block of S), a row being one query head (``NH = 1``) or one
+    KV group (``NH = G`` heads, its labels decoded once for all of them). fp32 label scores, a position valid where
+    every head of the row may see it. ``MODE`` 0: the head's scores to ``out``; 1: each head's largest score in the
+    block to ``top`` (``[B, Hq, Lq, blocks]``; NaN if the block holds one); 2: the group score to ``out``, the
+    largest over the heads of score minus the head's best in the row (``top`` ``[B, Hq, Lq]``, the largest of the
+    block maxima; not finite: no shift), as :func:`dsc.kernels.reference.group_scores` defines it."""
     pid = tl.program_id(0)
     b = (pid // (HSEL * LQ)).to(tl.int64)
     hs = (pid // LQ) % HSEL
     lq = pid % LQ
-    kvh = hs // G
-    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    head0 = hs * NH  # the row's first query head
+    kvh = head0 // G
+    blk = tl.program_id(1)
+    s = blk * BLOCK_S + tl.arange(0, BLOCK_S)
     sm = s < S
     j = tl.arange(0, C_PAD)
     if BITS == 4:
@@ -96,38 +102,55 @@ def label_scores_kernel(q, ch, data, scale, zero, valid, lengths, out,
         mo = co < R
         c2 = tl.load(ch + kvh * R + co, mask=mo, other=0)
     ok = sm
-    qrow = q + b * sq0 + hs * sq1 + lq * sq2
-    qe = tl.load(qrow + c * sq3, mask=me, other=0.0).to(tl.float32)
-    qo = tl.zeros([C_PAD], dtype=tl.float32)
-    if BITS == 4:
-        qo = tl.load(qrow + c2 * sq3, mask=mo, other=0.0).to(tl.float32)
+    if HAS_LEN:
+        ok = ok & (s < tl.load(lengths + b))
     if HAS_VALID:
-        vv = tl.load(valid + b * sv0 + hs * sv1 + lq * sv2 + s * sv3, mask=sm, other=0)
-        ok = ok & (vv != 0)
+        for i in range(NH):
+            vv = tl.load(valid + b * sv0 + (head0 + i) * sv1 + lq * sv2 + s * sv3, mask=sm, other=0)
+            ok = ok & (vv != 0)
     drow = data + b * sd0 + kvh * sd1 + s[:, None] * sd2
     if BITS == 16:
         lab = tl.load(drow + j[None, :] * sd3, mask=sm[:, None] & me[None, :], other=0.0).to(tl.float32)
-        score = tl.sum(lab * qe[None, :], axis=1)
+    elif BITS == 8:
+        lab = tl.load(drow + j[None, :] * sd3, mask=sm[:, None] & me[None, :], other=0).to(tl.float32)
     else:
-        if BITS == 8:
-            code = tl.load(drow + j[None, :] * sd3, mask=sm[:, None] & me[None, :], other=0).to(tl.float32)
-            dot = tl.sum(code * qe[None, :], axis=1)
-            qsum = tl.sum(qe, axis=0)
-        else:
-            wm = j < (R + 1) // 2
-            byte = tl.load(drow + j[None, :] * sd3, mask=sm[:, None] & wm[None, :], other=0).to(tl.int32)
-            lo = (byte & 15).to(tl.float32)
-            hi = ((byte >> 4) & 15).to(tl.float32)
-            dot = tl.sum(lo * qe[None, :], axis=1) + tl.sum(hi * qo[None, :], axis=1)
-            qsum = tl.sum(qe, axis=0) + tl.sum(qo, axis=0)
+        wm = j < (R + 1) // 2
+        byte = tl.load(drow + j[None, :] * sd3, mask=sm[:, None] & wm[None, :], other=0).to(tl.int32)
+        lab = (byte & 15).to(tl.float32)
+        lab_hi = ((byte >> 4) & 15).to(tl.float32)
+    if BITS != 16:
         srow = b * ss0 + kvh * ss1 + s * ss2
         sc = tl.load(scale + srow, mask=sm, other=0.0)
         zp = tl.load(zero + srow, mask=sm, other=0.0)
-        score = sc * dot + zp * qsum
-    if HAS_LEN:
-        ok = ok & (s < tl.load(lengths + b))
-    score = tl.where(ok, score, float("-inf"))
-    tl.store(out + b * so0 + hs * so1 + lq * so2 + s * so3, score, mask=sm)
+    best = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    nan = s < 0  # no NaN yet
+    for i in range(NH):
+        qrow = q + b * sq0 + (head0 + i) * sq1 + lq * sq2
+        qe = tl.load(qrow + c * sq3, mask=me, other=0.0).to(tl.float32)
+        score = tl.sum(lab * qe[None, :], axis=1)
+        if BITS != 16:
+            qsum = tl.sum(qe, axis=0)
+            if BITS == 4:
+                qo = tl.load(qrow + c2 * sq3, mask=mo, other=0.0).to(tl.float32)
+                score += tl.sum(lab_hi * qo[None, :], axis=1)
+                qsum += tl.sum(qo, axis=0)
+            score = sc * score + zp * qsum
+        row = (b * HSEL * NH + head0 + i) * LQ + lq  # this head's row of top ([B, Hq, Lq, ...])
+        if MODE == 0:
+            tl.store(out + b * so0 + hs * so1 + lq * so2 + s * so3, tl.where(ok, score, float("-inf")), mask=sm)
+        elif MODE == 1:
+            seen = ok & (score == score)
+            m = tl.max(tl.where(seen, score, float("-inf")), axis=0)
+            has_nan = tl.sum((ok & (score != score)).to(tl.int32), axis=0) > 0
+            tl.store(top + row * tl.num_programs(1) + blk, tl.where(has_nan, float("nan"), m))
+        else:
+            t = tl.load(top + row)
+            shifted = score - tl.where((t == t) & (tl.abs(t) != float("inf")), t, 0.0)  # NaN or no valid: no shift
+            nan = nan | (shifted != shifted)
+            best = tl.maximum(best, tl.where(shifted == shifted, shifted, float("-inf")))
+    if MODE == 2:
+        group = tl.where(nan, float("nan"), best)
+        tl.store(out + b * so0 + hs * so1 + lq * so2 + s * so3, tl.where(ok, group, float("-inf")), mask=sm)
 
 
 @triton.jit

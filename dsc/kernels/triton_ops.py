@@ -13,7 +13,6 @@ import triton
 
 from . import checks
 from . import triton_kernels as tk
-from .reference import group_scores, group_valid
 
 NUM_SMS_DEFAULT = 132  # H100 SXM; only sizes the split count (more programs than SMs keeps the GPU busy)
 
@@ -77,30 +76,38 @@ def label_scores(q, channels, data, scale, zero, bits: int, valid=None, lengths=
 
 
 def _label_scores(q, channels, data, scale, zero, bits, valid, lengths, group, block_s=None):
-    """:func:`label_scores` without the argument check (callers have validated). Group scores are the reduction
-    :func:`dsc.kernels.reference.group_scores` of the kernel's per-head scores (group-invalid positions masked)."""
+    """:func:`label_scores` without the argument check (callers have validated). A group's score
+    (:func:`dsc.kernels.reference.group_scores`) takes two launches over the labels, each decoding a block of them
+    once for all the group's heads: each head's best score per block, then (after a reduction of those few maxima)
+    the group score of every position; no per-head score tensor is written."""
     b, hq, lq, _ = q.shape
     hkv, s = data.shape[1], data.shape[2]
     g = hq // hkv
-    if group:
-        valid = group_valid(valid, b, hkv, g, lq, s)
-        per_head = _label_scores(q, channels, data, scale, zero, bits, valid, lengths, False, block_s)
-        return group_scores(per_head.view(b, hkv, g, lq, s))
-    r = channels.shape[1]
-    out = torch.empty(b, hq, lq, s, dtype=torch.float32, device=q.device)
+    rows = hkv if group else hq
+    out = torch.empty(b, rows, lq, s, dtype=torch.float32, device=q.device)
     if s == 0:
         return out
+    r = channels.shape[1]
     ch = channels.contiguous()
     vmask = valid.expand(b, hq, lq, s).view(torch.uint8) if valid is not None else None
     block_s = block_s or (min(_pow2(s), 1024) if _interpreting() else 128)
-    cpad = _pow2(checks.label_width(r, bits) if bits == 4 else r)
+    blocks = triton.cdiv(s, block_s)
     ss = (scale.stride() if bits != 16 else (0, 0, 0))
-    grid = (b * hq * lq, triton.cdiv(s, block_s))
-    tk.label_scores_kernel[grid](
-        q, ch, data, scale, zero, vmask if vmask is not None else out, lengths if lengths is not None else out, out,
-        hq, lq, s, r, g, *q.stride(), *data.stride(), *ss, *_strides4(vmask, (b, hq, lq, s)), *out.stride(),
-        BITS=bits, HAS_VALID=valid is not None, HAS_LEN=lengths is not None, BLOCK_S=block_s,
-        C_PAD=cpad)
+
+    def launch(mode: int, top: torch.Tensor) -> None:
+        tk.label_scores_kernel[(b * rows * lq, blocks)](
+            q, ch, data, scale, zero, vmask if vmask is not None else out, lengths if lengths is not None else out,
+            top, out, rows, lq, s, r, g, g if group else 1, *q.stride(), *data.stride(), *ss,
+            *_strides4(vmask, (b, hq, lq, s)), *out.stride(), BITS=bits, HAS_VALID=valid is not None,
+            HAS_LEN=lengths is not None, MODE=mode, BLOCK_S=block_s,
+            C_PAD=_pow2(checks.label_width(r, bits) if bits == 4 else r))
+
+    if not group:
+        launch(0, out)
+        return out
+    block_best = torch.empty(b, hq, lq, blocks, dtype=torch.float32, device=q.device)
+    launch(1, block_best)
+    launch(2, block_best.amax(-1))  # each head's best in the row (NaN if a block held one)
     return out
 
 
