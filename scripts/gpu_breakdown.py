@@ -2,13 +2,15 @@
 (split + merge), against dense SDPA; medians from triton.testing.do_bench (CUDA events). The selection is timed
 both ways: the fused radix-select kernel (``select``) and the torch path it replaced (``select_torch``:
 ``torch.topk`` plus the sink/recent/validity passes), with the model's default rule (1/16, floor 36, sink 4,
-recent 16) and with a plain budget."""
+recent 16) and with a plain budget; the group scores too: the two fused launches (``scores``) and what they
+replaced (``scores_unfused``: per-head scores, then the torch reduction)."""
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
 import dsc.kernels  # noqa: F401
 from dsc.kernels import topk
+from dsc.kernels.reference import group_scores
 from dsc.kernels import triton_ops as T
 
 for b, s in [(1, 131072), (8, 131072), (1, 1048576)]:
@@ -24,6 +26,8 @@ for b, s in [(1, 131072), (8, 131072), (1, 1048576)]:
     sc = T.label_scores(q, *labels, None, None, True)
     idx = T.select_topk(sc, kk)
     t = {"scores": do_bench(lambda: T.label_scores(q, *labels, None, None, True), return_mode="median"),
+         "scores_unfused": do_bench(lambda: group_scores(T.label_scores(q, *labels, None, None, False).view(
+             b, hkv, hq // hkv, 1, s)), return_mode="median"),
          "select": do_bench(lambda: T.select_topk(sc, kk), return_mode="median"),
          "select_torch": do_bench(lambda: topk.select_topk(sc, kk), return_mode="median"),
          "select_rule": do_bench(lambda: T.select_topk(sc, 36, 1 / 16, 4, 16), return_mode="median"),
