@@ -1,8 +1,8 @@
 """Where a Double Sparsity decode-attention step spends its time on a GPU: label scores, selection, sparse attention
 (split + merge), against dense SDPA; medians from triton.testing.do_bench (CUDA events). The selection is timed
-both ways: the fused radix-select kernel (``select``) and the torch path it replaced (``select_torch``:
-``torch.topk`` plus the sink/recent/validity passes), with the model's default rule (1/16, floor 36, sink 4,
-recent 16) and with a plain budget; the group scores too: the two fused launches (``scores``) and what they
+both ways: the opt-in fused radix-select kernel (``select_fused``, ``DSC_TRITON_SELECT=1``) and the default
+torch path (``select``: ``torch.topk`` plus the sink/recent/validity passes), with the model's default rule (1/16,
+floor 36, sink 4, recent 16) and with a plain budget: the numbers that decide the default; the group scores too: the two fused launches (``scores``) and what they
 replaced (``scores_unfused``: per-head scores, then the torch reduction)."""
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,10 @@ for b, s in [(1, 131072), (8, 131072), (1, 1048576)]:
     t = {"scores": do_bench(lambda: T.label_scores(q, *labels, None, None, True), return_mode="median"),
          "scores_unfused": do_bench(lambda: group_scores(T.label_scores(q, *labels, None, None, False).view(
              b, hkv, hq // hkv, 1, s)), return_mode="median"),
-         "select": do_bench(lambda: T.select_topk(sc, kk), return_mode="median"),
-         "select_torch": do_bench(lambda: topk.select_topk(sc, kk), return_mode="median"),
-         "select_rule": do_bench(lambda: T.select_topk(sc, 36, 1 / 16, 4, 16), return_mode="median"),
-         "select_rule_torch": do_bench(lambda: topk.select_topk(sc, 36, 1 / 16, 4, 16), return_mode="median"),
+         "select": do_bench(lambda: topk.select_topk(sc, kk), return_mode="median"),
+         "select_fused": do_bench(lambda: T.select(sc, kk, 0.0, 0, 0), return_mode="median"),
+         "select_rule": do_bench(lambda: topk.select_topk(sc, 36, 1 / 16, 4, 16), return_mode="median"),
+         "select_rule_fused": do_bench(lambda: T.select(sc, 36, 1 / 16, 4, 16), return_mode="median"),
          "torch.topk": do_bench(lambda: torch.topk(sc, kk, dim=-1, sorted=False), return_mode="median"),
          "sparse_attn": do_bench(lambda: T.sparse_attention(q, k, v, idx, d ** -0.5), return_mode="median"),
          "ds_decode": do_bench(lambda: T.ds_decode(q, k, v, *labels, budget=kk), return_mode="median"),

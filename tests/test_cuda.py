@@ -108,6 +108,18 @@ def test_zero_copy_attention_over_pinned_host_kv_equals_on_device(dtype, hsel):
         torch.ops.dsc.sparse_attention_host(q, k, v, idx.to(CUDA), 0.1, bias)
 
 
+@pytest.mark.parametrize("s", [1000, 131072])
+def test_compiled_fused_select_is_a_valid_selection(s):
+    """The opt-in select kernel (DSC_TRITON_SELECT=1) compiled, on a short and a long row, against the rule."""
+    gen = torch.Generator().manual_seed(s)
+    sc = torch.randn(2, 8, 1, s, generator=gen)
+    sc[0, :, :, s // 3:] = float("-inf")
+    sc[1, 0, 0, 5] = float("nan")
+    idx = T.select(sc.to(CUDA).contiguous(), 36, 1 / 16, 4, 16)
+    assert idx.is_cuda
+    assert_valid_selection(sc, idx.cpu(), 36, 1 / 16, 4, 16)
+
+
 # ------------------------------------------------------------------------------------------ end to end
 @pytest.fixture
 def models():

@@ -125,6 +125,24 @@ def test_triton_select_is_a_valid_selection_in_position_order(s, budget, frac, s
         assert (kept[1:] > kept[:-1]).all() and (row[kept.numel():] == -1).all()
 
 
+@pytest.mark.parametrize("bits, group, valid, budget", [(16, True, "shared", (36, 1 / 16, 4, 16)),
+                                                        (8, False, "per_head", (12, 0.0, 2, 3)),
+                                                        (4, True, "none", (500, 0.0, 0, 0))])
+def test_triton_decode_with_the_fused_select_matches_the_definition(bits, group, valid, budget, monkeypatch):
+    """``DSC_TRITON_SELECT=1``: ``ds_decode`` and ``select_topk`` on the opt-in select kernel (the model's budget
+    rule, a plain budget, one covering every row) against the oracle."""
+    monkeypatch.setenv(T.FUSED_SELECT_ENV, "1")
+    calls = []
+    kernel = T.select
+    monkeypatch.setattr(T, "select", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    c = make_case(7, 2, 2, 3, 1, 400, 32, 8, bits, valid=valid, lengths=True)
+    sc = R.label_scores(c.q, *c.labels, c.valid, c.lengths, group)
+    assert_valid_selection(sc, T.select_topk(sc, *budget), *budget)
+    out = T.ds_decode(c.q, c.k, c.v, *c.labels, c.valid, c.bias, c.lengths, *budget, group, None)
+    assert_ds_decode_matches_oracle(out, c, *budget, group, None, TOL[torch.float32])
+    assert len(calls) == 2  # both went through the select kernel
+
+
 @pytest.mark.parametrize("bits", [16, 8, 4])
 def test_triton_group_scores_over_blocks_nan_and_empty_rows_as_defined(bits):
     """The two-launch group score (block maxima, then the group reduction) on many blocks: a head whose query is NaN

@@ -97,6 +97,7 @@ def test_every_triton_kernel_compiles_for_sm90(monkeypatch, tmp_path):
                 monkeypatch.setattr(mod, name, _Recorder(module, name, calls))
     for mod in (triton_ops, triton_paged):
         monkeypatch.setattr(mod, "_interpreting", lambda: False)
+    monkeypatch.setenv(triton_ops.FUSED_SELECT_ENV, "1")  # the opt-in select kernel too
     _launch_everything()
     names = {c["name"] for c in calls}
     assert names == {"label_write_kernel", "label_scores_kernel", "select_kernel", "sparse_attn_split_kernel",

@@ -128,8 +128,8 @@ def _(scores, budget, frac=0.0, sink=0, recent=0):
     return scores.new_empty((b, h, lq, checks.topk_width(s, budget, frac)), dtype=torch.int64)
 
 
-# CPU: torch.topk (dsc.kernels.topk; the decode step itself selects inside the native kernel); CUDA: the fused
-# radix select, one program per row (triton_ops.select)
+# CPU: torch.topk (dsc.kernels.topk; the decode step itself selects inside the native kernel); CUDA: the same, or
+# the fused radix select with DSC_TRITON_SELECT=1 (triton_ops.select_topk)
 _register("select_topk", topk.select_topk)
 
 

@@ -12,6 +12,7 @@ import torch
 import triton
 
 from . import checks
+from . import topk
 from . import triton_kernels as tk
 
 NUM_SMS_DEFAULT = 132  # H100 SXM; only sizes the split count (more programs than SMs keeps the GPU busy)
@@ -112,10 +113,31 @@ def _label_scores(q, channels, data, scale, zero, bits, valid, lengths, group, b
 
 
 # ----------------------------------------------------------------------------------------------- top-k
+# The fused select (one program per row, six passes over it) has never run on a GPU: a long row on one SM may cost
+# more than torch.topk's parallel one, so it is opt-in (DSC_TRITON_SELECT=1) until scripts/gpu_breakdown.py has
+# compared the two there.
+FUSED_SELECT_ENV = "DSC_TRITON_SELECT"
+
+
 def select_topk(scores, budget: int, frac: float = 0.0, sink: int = 0, recent: int = 0):
-    """``dsc::select_topk`` on the GPU: the fused radix select (:func:`select`)."""
+    """``dsc::select_topk`` on the GPU: ``torch.topk`` with the budget rule's passes (:mod:`.topk`), or the fused
+    radix select (:func:`select`) with ``DSC_TRITON_SELECT=1``."""
+    if not fused_select():
+        return topk.select_topk(scores, budget, frac, sink, recent)
     checks.check_select(scores, budget, frac, sink, recent)
     return select(scores.float().contiguous(), budget, frac, sink, recent)
+
+
+def fused_select() -> bool:
+    return os.environ.get(FUSED_SELECT_ENV) == "1"
+
+
+def _select_owned(sc, budget: int, frac: float, sink: int, recent: int):
+    """:func:`select_topk` of a contiguous fp32 score buffer the caller owns (the torch path overwrites it)."""
+    if fused_select():
+        return select(sc, budget, frac, sink, recent)
+    idx, used = topk.topk_inplace(sc, budget, frac, sink, recent)
+    return torch.where(used, idx, -1)
 
 
 def select(sc, budget: int, frac: float, sink: int, recent: int, block: int | None = None):
@@ -187,4 +209,5 @@ def ds_decode(q, k, v, channels, data, scale, zero, bits: int, valid=None, bias=
     checks.check_ds_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink,
                            recent, sm_scale)
     sc = _label_scores(q, channels, data, scale, zero, bits, valid, lengths, group)
-    return _sparse_attention(q, k, v, select(sc.contiguous(), budget, frac, sink, recent), sm_scale, bias)
+    return _sparse_attention(q, k, v, _select_owned(sc.contiguous(), budget, frac, sink, recent), sm_scale,
+                             bias)
