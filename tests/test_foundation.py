@@ -160,6 +160,9 @@ def test_cli_bench_decode(capsys, tmp_path):
     res = json.loads(path.read_text())
     assert [(r["batch"], r["compile"]) for r in res["results"]] == [(2, "eager"), (2, "inductor")]
     assert all(r["tok_per_s"] > 0 for r in res["results"])
+    fastest = min(res["results"], key=lambda r: r["ms_per_step"])  # the table names which dense run won
+    assert all(r["best_dense"] == fastest["compile"] for r in res["results"]) and fastest["speedup_best"] == 1
+    assert "fastest dense" in capsys.readouterr().out
     assert res["machine"]["cores"] >= 1
 
 

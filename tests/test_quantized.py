@@ -160,6 +160,7 @@ def test_speedup_against_the_fastest_dense_run():
     add_speedups(rows)
     assert [r["speedup"] for r in rows] == [1.0, 1.0, 2.0, 2.0, 1.0, 0.5]
     assert [r["speedup_best"] for r in rows] == [0.4, 1.0, 0.8, 2.0, 1.0, 0.5]
+    assert [r["best_dense"] for r in rows] == ["inductor"] * 4 + ["eager"] * 2
 
 
 def test_weight_bytes_count_int8_codes_not_the_dtype_they_stand_for(pair):

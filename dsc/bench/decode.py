@@ -292,9 +292,10 @@ def run(args) -> int:
     if rank is not None:
         print(f"tensor-parallel rank {rank} of {args.tp}: this rank's tok/s and the KV cache its own heads hold")
     print(format_table(rows, _COLUMNS + [("speedup", "vs dense"), ("speedup_best", "vs fastest dense"),
-                                         ("byte_limit", "byte limit")]))
-    print("vs fastest dense: the fastest dense row of the same shape (any compiler) / this row; byte limit: the "
-          "bytes a dense step reads (weights, K/V) / a dsparse step's (weights, labels, selected K/V), dsc.bytes")
+                                         ("best_dense", "fastest dense"), ("byte_limit", "byte limit")]))
+    print("vs fastest dense: the fastest dense row of the same shape (its compiler: 'fastest dense') / this row; "
+          "byte limit: the bytes a dense step reads (weights, K/V) / a dsparse step's (weights, labels, selected "
+          "K/V), dsc.bytes")
     moved = [r for r in rows if "h2d_mb_per_step" in r]
     if moved:
         print("\nhost -> device traffic per decode step (counted) vs whole-layer offload (computed, same run):")
@@ -354,19 +355,20 @@ def add_speedups(rows: list[dict]) -> None:
     """``speedup`` = dense ms/step / this row's ms/step, for rows whose dense twin (same compiler) ran in the same
     process; ``speedup_best`` = the fastest dense run of the same model (dtype, quantization, shape) over every
     compiler measured / this row's ms/step: the honest comparison when one compiler suits the dense model better
-    (int8 weights, say, run much faster through inductor than eagerly)."""
+    (int8 weights, say, run much faster through inductor than eagerly); ``best_dense`` = that run's compiler."""
     def key(r):
         return (r["dtype"], r["quant"], r["context"], r["batch"], r["compile"])
 
     dense = {key(r): r["ms_per_step"] for r in rows if r["policy"] == "dense"}
-    best: dict[tuple, float] = {}
+    best: dict[tuple, tuple[float, str]] = {}
     for k, ms in dense.items():
-        best[k[:4]] = min(ms, best.get(k[:4], ms))
+        best[k[:4]] = min((ms, k[4]), best.get(k[:4], (ms, k[4])))
     for r in rows:
         if key(r) in dense:
             r["speedup"] = dense[key(r)] / r["ms_per_step"]
         if key(r)[:4] in best:
-            r["speedup_best"] = best[key(r)[:4]] / r["ms_per_step"]
+            ms, r["best_dense"] = best[key(r)[:4]]
+            r["speedup_best"] = ms / r["ms_per_step"]
 
 
 def dsparse_options(args, model, tok) -> dict:
