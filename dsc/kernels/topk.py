@@ -69,5 +69,10 @@ def _fill_inf(sc, positions, where) -> None:
 def select_topk(scores, budget: int, frac: float = 0.0, sink: int = 0, recent: int = 0):
     """``dsc::select_topk`` on any device (CPU path and GPU): int64 ``[B, Hsel, Lq, K]``, unused slots ``-1``."""
     checks.check_select(scores, budget, frac, sink, recent)
-    idx, used = topk_inplace(scores.float().clone(), budget, frac, sink, recent)
-    return torch.where(used, idx, -1).contiguous()
+    return select_owned(scores.float().clone(), budget, frac, sink, recent).contiguous()
+
+
+def select_owned(sc, budget: int, frac: float, sink: int, recent: int):
+    """:func:`select_topk` of an fp32 score buffer the caller owns (overwritten: forced positions -> +inf)."""
+    idx, used = topk_inplace(sc, budget, frac, sink, recent)
+    return torch.where(used, idx, -1)

@@ -134,10 +134,7 @@ def fused_select() -> bool:
 
 def _select_owned(sc, budget: int, frac: float, sink: int, recent: int):
     """:func:`select_topk` of a contiguous fp32 score buffer the caller owns (the torch path overwrites it)."""
-    if fused_select():
-        return select(sc, budget, frac, sink, recent)
-    idx, used = topk.topk_inplace(sc, budget, frac, sink, recent)
-    return torch.where(used, idx, -1)
+    return (select if fused_select() else topk.select_owned)(sc, budget, frac, sink, recent)
 
 
 def select(sc, budget: int, frac: float, sink: int, recent: int, block: int | None = None):
