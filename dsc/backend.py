@@ -87,20 +87,26 @@ def _non_sdpa_attention(graph) -> str | None:
     return None
 
 
-def _refuse_cuda_graphs(mode, example_inputs) -> None:
-    """A mode that runs CUDA graphs (HF's default ``reduce-overhead``) would replay kernels without the label store's
-    host-side bookkeeping: stale labels, silently. Refused on CUDA until the decode step is graph-safe; on the CPU
-    the mode changes nothing (inductor's CUDA graphs only apply to CUDA tensors)."""
+def _refuse_cuda_graphs(mode, example_inputs, allowed: bool) -> None:
+    """A mode that runs CUDA graphs (HF's default ``reduce-overhead``) replays the recorded kernels without the
+    site op's host code. Refused on CUDA unless ``cuda_graphs=True`` (experimental: the static-cache step is built
+    to replay and its replays are checked in a CPU emulation, but not yet on a GPU); on the CPU the mode changes
+    nothing (inductor's CUDA graphs only apply to CUDA tensors)."""
     if not mode:
         return
     import torch
     from torch._inductor import list_mode_options
 
     cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
-    if cuda and list_mode_options(mode).get("triton.cudagraphs"):
-        raise ValueError(f"dsparse: mode={mode!r} runs CUDA graphs, whose replays would skip the label cache's "
-                         "host-side bookkeeping (stale labels, silently); not supported yet. Compile with mode=None "
+    if not (cuda and list_mode_options(mode).get("triton.cudagraphs")):
+        return
+    if not allowed:
+        raise ValueError(f"dsparse: mode={mode!r} runs CUDA graphs, which this backend accepts only with "
+                         "cuda_graphs=True (experimental, not yet run on a GPU); otherwise compile with mode=None "
                          "or 'default' (HF: CompileConfig(backend=dsc.sparse_backend(...), mode='default')).")
+    warnings.warn(f"dsparse: mode={mode!r} with cuda_graphs=True is experimental: replays of the sparse decode step "
+                  "are checked in a CPU emulation only (static caches; dynamic caches and offload are refused "
+                  "during capture), and runtime.stats does not count replayed steps", RuntimeWarning, stacklevel=3)
 
 
 class SparseBackend:
@@ -129,7 +135,7 @@ class SparseBackend:
         callable holds this backend, so the runtime lives exactly as long as some graph that uses it."""
         from dsc.passes.rewrite import rewrite
 
-        _refuse_cuda_graphs(mode, example_inputs)
+        _refuse_cuda_graphs(mode, example_inputs, self.config.cuda_graphs)
         _watch_recompile_limit()
         sites = rewrite(gm, self.config, self.runtime)
         _warn_if_silently_dense(gm, sites)

@@ -133,6 +133,8 @@ RULES: dict[str, tuple[str, Any]] = {
     "predict": ("bool", None),
     "zero_copy": ("bool", None),
     "measure_overlap": ("bool", None),
+    "cuda_graphs": ("bool", None),
+    "device_sync": ("bool", None),
     "inductor_options": ("dict", None),
 }
 
@@ -250,12 +252,22 @@ class DSConfig(BudgetView):
       ``l+1``'s query path run on layer ``l``'s input hidden state) and fetch them ahead (:mod:`dsc.passes.predict`);
       ``sync_layers``: layers that always select with their own query.
 
-    Debug switches (both only matter with ``offload``):
+    - ``cuda_graphs`` (default False, experimental): accept modes that run CUDA graphs (``mode="reduce-overhead"``,
+      HF's default compile config) on a GPU, which are refused otherwise. The static-cache decode step is built to
+      replay (its label bookkeeping decided on the device, ``dsc::label_sync``; label buffers outside the graphs'
+      memory pool; fixed shapes) and a CPU emulation of replays gives the non-graph tokens
+      (``tests/test_graph_replay.py``), but no GPU has run it yet. Dynamic caches and offload are refused under
+      capture. Replays skip the host counters (``runtime.stats``).
+
+    Debug switches (``zero_copy`` and ``measure_overlap`` only matter with ``offload``):
 
     - ``zero_copy`` (default True): on a GPU, the attention kernels read the selected rows straight from pinned
       host memory; False stages them into a device buffer first (to compare the two paths).
     - ``measure_overlap`` (default False; with ``predict``): also select with each site's own query and count the
       overlap between that selection and the predicted one (costs a second selection per layer and step).
+    - ``device_sync`` (default False): on the CPU, run a static cache's decode step as a GPU runs it (label
+      bookkeeping in ``dsc::label_sync``, no host reads of positions or masks, no planned native step): what
+      ``tests/test_graph_replay.py`` replays. On a GPU it is always so.
 
     :attr:`selection` gives the selection knobs as a :class:`Selection`.
     """
@@ -277,6 +289,8 @@ class DSConfig(BudgetView):
     sync_layers: tuple[int, ...] = (0, 1, 2)
     zero_copy: bool = True
     measure_overlap: bool = False
+    cuda_graphs: bool = False
+    device_sync: bool = False
 
     def __post_init__(self) -> None:
         chans = self.channels

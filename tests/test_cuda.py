@@ -15,7 +15,7 @@ import dsc.kernels  # noqa: F401  (registers torch.ops.dsc)
 from dsc.kernels import reference as R
 from dsc.kernels import triton_ops as T
 from dsc.kernels.testing import assert_ds_decode_matches_oracle, assert_valid_selection, dense_attention, make_case
-from helpers import assert_same, compiled_tiny, decode_both_ways, generate, padded_batch, tiny
+from helpers import CHANNELS, assert_same, compiled_tiny, decode_both_ways, generate, padded_batch, tiny
 from kernel_helpers import TOL, cases, with_formats
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
@@ -163,9 +163,43 @@ def test_dense_decode_under_cuda_graphs_on_gpu_equals_eager(models, clean_dynamo
         assert torch.allclose(a, b, atol=1e-3, rtol=1e-3)
 
 
+def test_dsparse_decode_under_cuda_graphs_on_gpu_equals_plain_decode(models, clean_dynamo):
+    """``cuda_graphs=True`` (item 5 of issue 14): inductor records the static-cache decode step and its replays give
+    the tokens of the same backend without graphs; then a second prompt is prefilled eagerly into the same cache
+    (the recorded graphs' buffers), and the replays relabel its prefix on the device (``dsc::label_sync``) and
+    still match. The CPU emulation of this is tests/test_graph_replay.py."""
+    from torch._dynamo.utils import counters
+
+    from dsc.bench.decode import compiled_forward
+    from dsc.generation import _rewind, greedy_decode, prefill
+
+    opts = dict(channels=CHANNELS, r=8, dense_layers=(0,), budget=6, sink=1, recent=2)
+    gen = torch.Generator().manual_seed(0)
+    ids_a, ids_b = (torch.randint(3, 128, (2, n), generator=gen).to(CUDA) for n in (40, 24))
+    plain = compiled_forward(models, "inductor", "dsparse", opts)
+    want_a = greedy_decode(models, ids_a, 8, forward=plain, keep_logits=True)
+    want_b = greedy_decode(models, ids_b, 8, forward=plain, keep_logits=True)
+    skips = counters["inductor"]["cudagraph_skips"]
+    with pytest.warns(RuntimeWarning, match="experimental"):
+        graphed = compiled_forward(models, "cudagraphs", "dsparse", opts)
+        done = prefill(models, ids_a, 16)
+        got_a = greedy_decode(models, ids_a, 8, forward=graphed, keep_logits=True, prefilled=done)
+    with torch.no_grad():  # prompt B into the same cache, outside the compiled model
+        _rewind(done.cache, 0)
+        logits = models(input_ids=ids_b, cache=done.cache, cache_position=torch.arange(24, device=CUDA)).logits
+    done_b = type(done)(done.cache, logits[:, -1], 24, 0.0)
+    got_b = greedy_decode(models, ids_b, 8, forward=graphed, keep_logits=True, prefilled=done_b)
+    assert counters["inductor"]["cudagraph_skips"] == skips
+    for want, got in ((want_a, got_a), (want_b, got_b)):
+        assert torch.equal(want.tokens, got.tokens)
+        for a, b in zip(want.logits, got.logits):
+            assert torch.allclose(a, b, atol=1e-3, rtol=1e-3)
+    assert graphed.dsparse_runtime.labels.device_rebuilds() > 0
+
+
 def test_cli_bench_decode_on_gpu_random_weights_every_compiler(tmp_path):
-    """The GPU end-to-end benchmark's path on a small shape: dense eager / cudagraphs / inductor and dsparse eager /
-    inductor rows from a config.json alone, timed on the device."""
+    """The GPU end-to-end benchmark's path on a small shape: dense and dsparse eager / cudagraphs / inductor rows from
+    a config.json alone, timed on the device."""
     import json
 
     from dsc.cli import main
@@ -178,6 +212,6 @@ def test_cli_bench_decode_on_gpu_random_weights_every_compiler(tmp_path):
                  "--warmup", "2", "--json", str(path)]) == 0
     res = json.loads(path.read_text())
     assert [(r["compile"], r["policy"]) for r in res["results"]] == [
-        ("eager", "dense"), ("eager", "dsparse"), ("cudagraphs", "dense"), ("inductor", "dense"),
-        ("inductor", "dsparse")]
+        ("eager", "dense"), ("eager", "dsparse"), ("cudagraphs", "dense"), ("cudagraphs", "dsparse"),
+        ("inductor", "dense"), ("inductor", "dsparse")]
     assert all(r["tok_per_s"] > 0 for r in res["results"]) and res["machine"]["gpu"]

@@ -45,18 +45,21 @@ def test_sparse_backend_validates_early_and_keeps_its_options():
         backend(None, [], options={"budget": 4})
 
 
-def test_cuda_graph_modes_are_refused_on_cuda():
-    """Until the decode step is graph-safe, a CUDA-graph mode would replay kernels without the label bookkeeping."""
+def test_cuda_graph_modes_are_refused_on_cuda_unless_opted_in():
+    """A CUDA-graph mode replays kernels without the site op's host code: refused on CUDA, with the opt-in named;
+    with ``cuda_graphs=True`` accepted, with a warning that it is experimental."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from dsc.backend import _refuse_cuda_graphs
 
     with FakeTensorMode(allow_non_fake_inputs=True):
         on_cuda = [torch.empty(2, device="cuda")]
-    with pytest.raises(ValueError, match="CUDA graphs"):
-        _refuse_cuda_graphs("reduce-overhead", on_cuda)
-    _refuse_cuda_graphs("default", on_cuda)
-    _refuse_cuda_graphs("reduce-overhead", [torch.empty(2)])  # CPU: inductor's CUDA graphs do not apply
+    with pytest.raises(ValueError, match="cuda_graphs=True"):
+        _refuse_cuda_graphs("reduce-overhead", on_cuda, False)
+    with pytest.warns(RuntimeWarning, match="experimental"):
+        _refuse_cuda_graphs("reduce-overhead", on_cuda, True)
+    _refuse_cuda_graphs("default", on_cuda, False)
+    _refuse_cuda_graphs("reduce-overhead", [torch.empty(2)], False)  # CPU: inductor's CUDA graphs do not apply
 
 
 @pytest.mark.parametrize("impl", ["eager", "flex_attention"])

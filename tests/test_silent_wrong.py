@@ -8,7 +8,7 @@ import transformers as T
 
 import dsc
 from dsc.calibration.config import ChannelConfig
-from helpers import CHANNELS, LAYERS, generate, tiny
+from helpers import CHANNELS, HKV, LAYERS, generate, tiny
 from helpers import compiled_tiny as compiled
 
 pytestmark = pytest.mark.usefixtures("clean_dynamo")
@@ -51,15 +51,17 @@ def _greedy(forward, ids, cache, start, n):
     return out, logits
 
 
-def test_static_cache_written_outside_the_compiled_model_relabels():
-    """Case 4: a reused static cache prefilled eagerly (outside the compiled graph, as after a Dynamo fallback)
-    must not decode with the previous sequence's labels: the step that does not continue the last one is checked
-    against the cache and the labels are rebuilt."""
+@pytest.mark.parametrize("device_sync", [False, True])
+def test_static_cache_written_outside_the_compiled_model_relabels(device_sync):
+    """Case 4: a reused static cache prefilled eagerly (outside the compiled graph, as after a Dynamo fallback, or
+    HF's generate, whose prefill is not compiled) must not decode with the previous sequence's labels: the step
+    that does not continue the last one is checked against the cache and the labels are rebuilt: on the host, or
+    (``device_sync``, a GPU's path) on the device by ``dsc::label_sync``."""
     model = tiny("llama")
     gen = torch.Generator().manual_seed(12)
     seq_a, seq_b = torch.randint(3, 128, (1, 30), generator=gen), torch.randint(3, 128, (1, 12), generator=gen)
     eager = model.forward
-    with compiled(model, **BINDING) as rt:
+    with compiled(model, device_sync=device_sync, **BINDING) as rt:
         fresh = T.StaticCache(config=model.config, max_cache_len=64)
         want_tokens, want_logits = _greedy(model.forward, seq_b, fresh, 0, 5)
 
@@ -70,7 +72,10 @@ def test_static_cache_written_outside_the_compiled_model_relabels():
             first = eager(input_ids=seq_b, past_key_values=cache, cache_position=torch.arange(12)).logits
         assert rt.stats["label_rebuilds"] == 0  # both compiled sequences continued their labels
         tokens, logits = _greedy(model.forward, first[:, -1:].argmax(-1), cache, 12, 4)
-    assert rt.stats["label_rebuilds"] == LAYERS - 1  # B's first compiled step, once per sparse layer
+    if device_sync:  # per batch row and KV head
+        assert rt.stats["label_rebuilds"] == 0 and rt.labels.device_rebuilds() == (LAYERS - 1) * HKV
+    else:
+        assert rt.stats["label_rebuilds"] == LAYERS - 1  # B's first compiled step, once per sparse layer
     assert tokens == want_tokens[1:]
     torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=1e-5)
 

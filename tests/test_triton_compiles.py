@@ -79,6 +79,9 @@ def _launch_everything():
                 triton_ops.ds_decode(c.q, c.k, c.v, *c.labels, c.valid, c.bias, c.lengths, 32, 1 / 16, 4, 16,
                                      group, None)
             triton_ops.label_write(c.k[:, :, :3], c.channels, torch.arange(3), c.data, c.scale, c.zero, bits)
+            state = torch.zeros(2, 2, 2, dtype=torch.int64)
+            triton_ops.label_sync(c.k, c.k[:, :, 5:6], c.channels, torch.tensor([5]), c.data, c.scale, c.zero, bits,
+                                  state)
         triton_ops.write_rows(c.k[:, :, :3], torch.arange(3), c.k.clone())
         kp = c.k.transpose(1, 2).reshape(-1, 16, 2, 128).contiguous()  # [pages, page size, Hkv, D]
         bt = torch.arange(kp.shape[0], dtype=torch.int32).view(2, -1)
@@ -100,8 +103,9 @@ def test_every_triton_kernel_compiles_for_sm90(monkeypatch, tmp_path):
     monkeypatch.setenv(triton_ops.FUSED_SELECT_ENV, "1")  # the opt-in select kernel too
     _launch_everything()
     names = {c["name"] for c in calls}
-    assert names == {"label_write_kernel", "label_scores_kernel", "select_kernel", "sparse_attn_split_kernel",
-                     "merge_kernel", "rows_write_kernel", "paged_sparse_attn_split_kernel"}, names
+    assert names == {"label_write_kernel", "label_sync_kernel", "label_scores_kernel", "select_kernel",
+                     "sparse_attn_split_kernel", "merge_kernel", "rows_write_kernel",
+                     "paged_sparse_attn_split_kernel"}, names
     unique = list({json.dumps(c, sort_keys=True): c for c in calls}.values())
     (tmp_path / "calls.json").write_text(json.dumps(unique))
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"))

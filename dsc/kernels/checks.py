@@ -128,6 +128,23 @@ def check_label_write(keys, channels, positions, data, scale, zero, bits) -> Non
     _same_device("keys", keys, channels=channels, positions=positions, data=data)
 
 
+def check_label_sync(k, new_k, channels, positions, data, scale, zero, bits, state) -> None:
+    """``dsc::label_sync``: ``new_k`` written at ``positions`` ([T], T >= 1) of the static buffer ``k``, whose
+    labels ``data`` cover it; ``state`` int64 ``[B, Hkv, 2]``."""
+    check_label_write(new_k, channels, positions, data, scale, zero, bits)
+    if positions.dim() != 1 or positions.shape[0] == 0:
+        _fail("positions", f"must be one position vector [T] with T >= 1, got shape {tuple(positions.shape)}")
+    _rank("k", k, 4, "[B, Hkv, S, D]")
+    b, hkv, _, d = new_k.shape
+    if (k.shape[0], k.shape[1], k.shape[3]) != (b, hkv, d) or k.shape[2] > data.shape[2]:
+        _fail("k", f"has shape {tuple(k.shape)}; expected [{b}, {hkv}, S <= {data.shape[2]} (the labels' length), "
+                   f"{d}] like new_k")
+    if not isinstance(state, torch.Tensor) or state.dtype != torch.int64 or tuple(state.shape) != (b, hkv, 2):
+        _fail("state", f"must be an int64 tensor [B, Hkv, 2] = [{b}, {hkv}, 2], got "
+                       f"{getattr(state, 'dtype', type(state).__name__)} {tuple(getattr(state, 'shape', ()))}")
+    _same_device("new_k", new_k, k=k, state=state)
+
+
 def check_mask(name: str, m: torch.Tensor | None, shape: tuple, dtype_kind: str) -> None:
     if m is None:
         return

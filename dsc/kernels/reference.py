@@ -71,6 +71,40 @@ def label_write(keys, channels, positions, data, scale, zero, bits: int) -> None
     zero[bi, hi, pi] = zp
 
 
+def label_sync(k, new_k, channels, positions, data, scale, zero, bits: int, state) -> None:
+    """A static cache's label step, with every decision taken from the cache itself (what a GPU, or a CUDA graph
+    replay, can do without reading anything back): for each (batch b, KV head h), with ``p0 = positions[0]``, the
+    labels of rows ``[0, p0)`` are trusted when ``p0 == 0``, or when ``p0 <= state[b, h, 0]`` (no row past the
+    last one written is assumed) and the label of ``k``'s row ``p0 - 1`` computed now equals the stored one (as
+    values, NaN equal to NaN); otherwise those rows are relabelled from ``k`` and ``state[b, h, 1]`` counts the
+    rebuild. Then ``new_k``'s labels are written at ``positions`` and ``state[b, h, 0] = positions[-1] + 1``."""
+    checks.check_label_sync(k, new_k, channels, positions, data, scale, zero, bits, state)
+    p0 = int(positions[0])
+    for b in range(k.shape[0]):
+        for h in range(k.shape[1]):
+            if p0 == 0 or (p0 <= int(state[b, h, 0]) and _row_matches(k, channels, data, scale, zero, bits, b, h,
+                                                                       p0 - 1)):
+                continue
+            sc, zp = (scale, zero) if bits == 16 else (scale[b:b + 1, h:h + 1], zero[b:b + 1, h:h + 1])
+            label_write(k[b:b + 1, h:h + 1, :p0], channels[h:h + 1], torch.arange(p0, device=k.device),
+                        data[b:b + 1, h:h + 1], sc, zp, bits)
+            state[b, h, 1] += 1
+    label_write(new_k, channels, positions, data, scale, zero, bits)
+    state[:, :, 0] = positions[-1] + 1
+
+
+def _row_matches(k, channels, data, scale, zero, bits: int, b: int, h: int, p: int) -> bool:
+    """Whether the stored label of row ``p`` (batch ``b``, KV head ``h``) is the label of ``k``'s row ``p``."""
+    def same(x, y):
+        return bool(((x == y) | (x.isnan() & y.isnan())).all()) if x.is_floating_point() else torch.equal(x, y)
+
+    lab = k[b, h, p, channels[h]]
+    if bits == 16:
+        return same(lab.to(data.dtype), data[b, h, p])
+    codes, sc, zp = quantize(lab, bits)
+    return same(codes, data[b, h, p]) and same(sc, scale[b, h, p]) and same(zp, zero[b, h, p])
+
+
 # ----------------------------------------------------------------------------------------------- masks
 def valid_mask(valid, lengths, b: int, hq: int, lq: int, s: int, device) -> torch.Tensor:
     """Bool ``[B, Hq, Lq, S]``: ``valid`` (broadcast) and position < ``lengths[b]``."""

@@ -11,26 +11,17 @@ import triton.language as tl
 
 
 @triton.jit
-def label_write_kernel(keys, ch, pos, data, scale, zero,
-                       T, R, HKV,
-                       sk0, sk1, sk2, sk3, sp0, sp1, sd0, sd1, sd2, sd3, ss0, ss1, ss2,
-                       BITS: tl.constexpr, BLOCK_T: tl.constexpr, C_PAD: tl.constexpr):
-    """One program per (batch * KV head, block of T new tokens): gather r channels, quantize, pack, store."""
-    pid = tl.program_id(0)
-    b = (pid // HKV).to(tl.int64)  # int64 offsets: batch strides of long caches overflow int32
-    h = pid % HKV
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    tm = t < T
-    p = tl.load(pos + b * sp0 + t * sp1, mask=tm, other=0)
-    krow = keys + b * sk0 + h * sk1 + t[:, None] * sk2
-    drow = data + b * sd0 + h * sd1 + p[:, None] * sd2
+def _labels(krow, tm, ch, h, R, sk3, BITS: tl.constexpr, BLOCK_T: tl.constexpr, C_PAD: tl.constexpr):
+    """The labels of a block of key rows (``krow``: row pointers ``[BLOCK_T, 1]``; rows ``tm``): ``(values
+    [BLOCK_T, C_PAD], stored columns [C_PAD], scale, zero)``; the values are the r channels in fp32 (16 bits) or the
+    packed codes (8/4 bits; scale and zero as :func:`dsc.kernels.reference.quantize`)."""
     j = tl.arange(0, C_PAD)
     if BITS == 16:
-        cm = j < R
-        c = tl.load(ch + h * R + j, mask=cm, other=0)
-        m2 = tm[:, None] & cm[None, :]
-        x = tl.load(krow + c[None, :] * sk3, mask=m2, other=0.0).to(tl.float32)
-        tl.store(drow + j[None, :] * sd3, x.to(data.dtype.element_ty), mask=m2)
+        wm = j < R
+        c = tl.load(ch + h * R + j, mask=wm, other=0)
+        vals = tl.load(krow + c[None, :] * sk3, mask=tm[:, None] & wm[None, :], other=0.0).to(tl.float32)
+        sc = tl.zeros((BLOCK_T,), dtype=tl.float32)  # unused at 16 bits
+        lo = sc
     else:
         levels = (1 << BITS) - 1
         if BITS == 8:
@@ -57,15 +48,97 @@ def label_write_kernel(keys, ch, pos, data, scale, zero,
         if BITS == 4:
             qo = tl.floor((xo - lo[:, None]) / safe[:, None] + 0.5)
             qo = tl.where(pos_sc[:, None] & mo[None, :], tl.minimum(tl.maximum(qo, 0.0), levels), 0.0)
-            byte = qe | (qo.to(tl.int32) << 4)
+            vals = qe | (qo.to(tl.int32) << 4)
             wm = j < (R + 1) // 2
         else:
-            byte = qe
+            vals = qe
             wm = me
-        tl.store(drow + j[None, :] * sd3, byte.to(tl.uint8), mask=tm[:, None] & wm[None, :])
-        so = b * ss0 + h * ss1 + p * ss2
-        tl.store(scale + so, sc, mask=tm)
-        tl.store(zero + so, lo, mask=tm)
+    return vals, wm, sc, lo
+
+
+@triton.jit
+def _store_labels(drow, srow, tm, vals, wm, sc, lo, data, scale, zero, sd3,
+                  BITS: tl.constexpr, C_PAD: tl.constexpr):
+    """Store :func:`_labels`' output at the label rows ``drow`` (``[BLOCK_T, 1]`` pointers into ``data``) and the
+    scale/zero offsets ``srow``."""
+    j = tl.arange(0, C_PAD)
+    tl.store(drow + j[None, :] * sd3, vals.to(data.dtype.element_ty), mask=tm[:, None] & wm[None, :])
+    if BITS != 16:
+        tl.store(scale + srow, sc, mask=tm)
+        tl.store(zero + srow, lo, mask=tm)
+
+
+@triton.jit
+def label_write_kernel(keys, ch, pos, data, scale, zero,
+                       T, R, HKV,
+                       sk0, sk1, sk2, sk3, sp0, sp1, sd0, sd1, sd2, sd3, ss0, ss1, ss2,
+                       BITS: tl.constexpr, BLOCK_T: tl.constexpr, C_PAD: tl.constexpr):
+    """One program per (batch * KV head, block of T new tokens): gather r channels, quantize, pack, store."""
+    pid = tl.program_id(0)
+    b = (pid // HKV).to(tl.int64)  # int64 offsets: batch strides of long caches overflow int32
+    h = pid % HKV
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tm = t < T
+    p = tl.load(pos + b * sp0 + t * sp1, mask=tm, other=0)
+    vals, wm, sc, lo = _labels(keys + b * sk0 + h * sk1 + t[:, None] * sk2, tm, ch, h, R, sk3, BITS, BLOCK_T, C_PAD)
+    _store_labels(data + b * sd0 + h * sd1 + p[:, None] * sd2, b * ss0 + h * ss1 + p * ss2, tm, vals, wm, sc, lo,
+                  data, scale, zero, sd3, BITS, C_PAD)
+
+
+@triton.jit
+def _same(a, b):
+    """Equal as values, NaN equal to NaN."""
+    return (a == b) | ((a != a) & (b != b))
+
+
+@triton.jit
+def label_sync_kernel(k, new_k, ch, pos, data, scale, zero, state,
+                      T, R, HKV,
+                      sk0, sk1, sk2, sk3, sn0, sn1, sn2, sn3, sp, sd0, sd1, sd2, sd3, ss0, ss1, ss2, st0, st1, st2,
+                      BITS: tl.constexpr, BLOCK_T: tl.constexpr, C_PAD: tl.constexpr):
+    """One program per (batch, KV head) of a static cache's decode step (:func:`dsc.kernels.reference.label_sync`):
+    the labels of rows ``[0, p0)`` are trusted when ``p0 == 0``, or ``p0 <= state[0]`` and the row ``p0 - 1``
+    relabelled from ``k`` equals its stored label; otherwise they are rebuilt from ``k`` (a loop whose trip count
+    is read here, on the device) and ``state[1]`` counts it. Then ``new_k``'s labels go to ``pos`` and ``state[0]``
+    becomes ``pos[T-1] + 1``. Everything it decides, it decides on the device: no host reads, fixed launch."""
+    pid = tl.program_id(0)
+    b = (pid // HKV).to(tl.int64)
+    h = pid % HKV
+    t = tl.arange(0, BLOCK_T)
+    j = tl.arange(0, C_PAD)
+    p0 = tl.load(pos)
+    st = state + b * st0 + h * st1
+    seen = tl.load(st)
+    kb = k + b * sk0 + h * sk1
+    db = data + b * sd0 + h * sd1
+    sb = b * ss0 + h * ss1
+    # the row before this step, relabelled and compared (first lane only)
+    last = p0 - 1 + t
+    lm = (t == 0) & (p0 > 0) & (p0 <= seen)
+    vals, wm, sc, lo = _labels(kb + last[:, None] * sk2, lm, ch, h, R, sk3, BITS, BLOCK_T, C_PAD)
+    m2 = lm[:, None] & wm[None, :]
+    have = tl.load(db + last[:, None] * sd2 + j[None, :] * sd3, mask=m2, other=0)
+    differ = tl.sum(tl.where(m2 & ~_same(vals.to(data.dtype.element_ty), have), 1, 0))
+    if BITS != 16:
+        differ += tl.sum(tl.where(lm & ~_same(sc, tl.load(scale + sb + last * ss2, mask=lm, other=0.0)), 1, 0))
+        differ += tl.sum(tl.where(lm & ~_same(lo, tl.load(zero + sb + last * ss2, mask=lm, other=0.0)), 1, 0))
+    trusted = (p0 == 0) | ((p0 <= seen) & (differ == 0))
+    stale_rows = tl.where(trusted, 0, p0)
+    for start in range(0, stale_rows, BLOCK_T):
+        rows = start + t
+        rm = rows < stale_rows
+        vals, wm, sc, lo = _labels(kb + rows[:, None] * sk2, rm, ch, h, R, sk3, BITS, BLOCK_T, C_PAD)
+        _store_labels(db + rows[:, None] * sd2, sb + rows * ss2, rm, vals, wm, sc, lo, data, scale, zero, sd3,
+                      BITS, C_PAD)
+    for start in range(0, T, BLOCK_T):
+        tt = start + t
+        tm = tt < T
+        p = tl.load(pos + tt * sp, mask=tm, other=0)
+        nrow = new_k + b * sn0 + h * sn1 + tt[:, None] * sn2
+        vals, wm, sc, lo = _labels(nrow, tm, ch, h, R, sn3, BITS, BLOCK_T, C_PAD)
+        _store_labels(db + p[:, None] * sd2, sb + p * ss2, tm, vals, wm, sc, lo, data, scale, zero, sd3, BITS, C_PAD)
+    tl.store(st, tl.load(pos + (T - 1) * sp) + 1)
+    tl.store(st + st2, tl.load(st + st2) + tl.where(trusted, 0, 1))
 
 
 @triton.jit

@@ -70,7 +70,7 @@ class Runtime:
     def __init__(self, config: Optional[DSConfig] = None):
         self.config = config if config is not None else DSConfig()
         self.stats: Counter = Counter()
-        self.labels = LabelStore(self.stats)
+        self.labels = LabelStore(self.stats, device_sync=self.config.device_sync)
         self.sites: list[SiteSpec] = []
         self.reports: list[list] = []  # per compiled graph: its analysis.Site decisions (graph nodes dropped)
         self.predictions: dict[int, tuple] = {}  # site -> (idx, k block, v block, rows) fetched ahead

@@ -91,18 +91,19 @@ class Step:
     fresh: bool  # the host store began with this step's rows
 
 
-@define_op("site_attention")
-def site_attention(runtime: int, site_index: int, q: Tensor, k: Tensor, v: Tensor, past_k: Optional[Tensor],
-                   new_k: Tensor, positions: Optional[Tensor], attn_mask: Optional[Tensor], is_causal: bool,
-                   scale: float, cache: str, prefetched: Optional[Tensor] = None,
-                   new_v: Optional[Tensor] = None) -> Tensor:
+def site_attention_body(runtime: int, site_index: int, q: Tensor, k: Tensor, v: Tensor, past_k: Optional[Tensor],
+                        new_k: Tensor, positions: Optional[Tensor], attn_mask: Optional[Tensor], is_causal: bool,
+                        scale: float, cache: str, prefetched: Optional[Tensor] = None,
+                        new_v: Optional[Tensor] = None) -> Tensor:
     """Keep the site's labels in sync with the K cache, then attend (sparse at decode, dense otherwise). The
     arguments are :class:`SiteCall`'s."""
     call = SiteCall(runtime, site_index, q, k, v, past_k, new_k, positions, attn_mask, is_causal, scale, cache,
                     prefetched, new_v)
     rt = lookup(runtime)
     spec = rt.sites[site_index]
-    if call.cache == "static" and not spec.offload:
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        _check_graph_safe(spec, call)
+    if call.cache == "static" and not spec.offload and not rt.labels.device_sync:
         out = planned_decode(rt, site_index, spec, call)
         if out is not None:
             return out
@@ -121,10 +122,15 @@ def site_attention(runtime: int, site_index: int, q: Tensor, k: Tensor, v: Tenso
         return attend_dense(rt, call, k, v)
     rt.stats["sparse_calls"] += 1
     if step.host is None or lq > 1:
-        return attend_device_sparse(spec, call, step.entry, k, v)
+        return attend_device_sparse(spec, call, step.entry, k, v, host_reads=not rt.labels.device_sync)
     if predicted is not None and step.new_positions.dim() == 1:
         return attend_offload_predicted(rt, spec, call, step, predicted)
     return attend_offload_sync(spec, call, step)
+
+
+# The op; its body stays reachable by name (tests/test_graph_replay.py runs it as a CUDA graph recording would:
+# the host code once, the ops it launches recorded).
+site_attention = define_op("site_attention")(site_attention_body)
 
 
 @register_fake("site_attention")
@@ -176,10 +182,14 @@ def _selects_per_group(spec: SiteSpec, valid: Optional[Tensor]) -> bool:
     return spec.group and (valid is None or valid.dim() < 3 or valid.shape[-3] == 1)
 
 
-def attend_device_sparse(spec: SiteSpec, call: SiteCall, entry: Entry, k: Tensor, v: Tensor) -> Tensor:
-    """Double Sparsity on the device: label scores -> top-k -> attention over the selected rows, one op."""
+def attend_device_sparse(spec: SiteSpec, call: SiteCall, entry: Entry, k: Tensor, v: Tensor,
+                         host_reads: bool = True) -> Tensor:
+    """Double Sparsity on the device: label scores -> top-k -> attention over the selected rows, one op. With
+    ``host_reads`` a CPU mask that is a valid prefix trims the scan (:func:`_valid_prefix`)."""
     valid, bias, group = _selection_inputs(spec, call, k.shape[2])
-    s, valid, bias = _valid_prefix(valid, bias, k.shape[2])
+    s = k.shape[2]
+    if host_reads:
+        s, valid, bias = _valid_prefix(valid, bias, s)
     return _ds_decode(*_decode_args(spec, call, entry, k, v, s, valid, bias, group)).contiguous()
 
 
@@ -294,6 +304,19 @@ def _ds_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths,
                                 group, sm_scale, checks.topk_width(k.shape[2], budget, frac))
     return torch.ops.dsc.ds_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac,
                                    sink, recent, group, sm_scale)
+
+
+def _check_graph_safe(spec: SiteSpec, call: SiteCall) -> None:
+    """Refuse, during CUDA graph capture, a step whose label bookkeeping is host-side (a replay would skip it and
+    decode with stale labels): dynamic caches (labels follow the ``cat`` chain by address), offload (host stores,
+    fetches), and static writes at per-sequence ``[B, T]`` positions."""
+    why = ("a dynamic KV cache (use a static cache: cache_implementation='static')" if call.cache == "dynamic" else
+           "offload" if spec.offload else
+           "per-sequence cache positions [B, T]" if call.positions is not None and call.positions.dim() != 1 else None)
+    if why:
+        raise RuntimeError(f"dsparse: a CUDA graph is being recorded over a step with {why}, whose label bookkeeping "
+                           "runs on the host and would be skipped by every replay; compile without "
+                           "mode='reduce-overhead' for it")
 
 
 def _check_in_bounds(positions: Tensor, capacity: int) -> None:

@@ -41,23 +41,63 @@ class LabelSpec:
         key = str(device)
         t = self._on_device.get(key)
         if t is None:
-            t = self._on_device[key] = self.channels.to(device)
+            t = self._on_device[key] = outside_graph_pool(lambda: self.channels.to(device), device)
         return t
+
+
+def outside_graph_pool(make, device: torch.device):
+    """``make()``'s tensors, allocated where no CUDA graph memory pool can claim them. Label caches are created
+    by the first call of a compiled graph, which inductor's CUDA graph trees run with every allocation of this
+    thread routed to the graphs' private pool, whose blocks a later recording may reuse while the labels still
+    live; a short-lived thread allocates from the ordinary pool instead (then the caller's stream waits for it,
+    and the tensors record that stream, so their memory is not reused before its work is done). Elsewhere:
+    ``make()``."""
+    if device.type != "cuda":
+        return make()
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("dsparse: a label cache would be created during CUDA graph capture (a static KV cache "
+                           "first seen in a recording, not in its warm-up run); run one step without CUDA graphs "
+                           "first, or compile without mode='reduce-overhead'")
+    made: list = []
+
+    def work():
+        try:
+            with torch.cuda.device(device):
+                made.append(make())
+                torch.cuda.current_stream().synchronize()  # the zero fill is done before another stream reads it
+        except BaseException as e:  # handed to the caller's thread
+            made.append(e)
+
+    worker = threading.Thread(target=work, name="dsc-label-alloc")
+    worker.start()
+    worker.join()
+    out = made[0]
+    if isinstance(out, BaseException):
+        raise out
+    for t in out if isinstance(out, tuple) else (out,):
+        t.record_stream(torch.cuda.current_stream(device))
+    return out
 
 
 class Entry:
     """One label cache: ``data``/``scale``/``zero`` with ``capacity`` positions, ``length`` of them written;
     ``host``: the layer's K/V rows in host memory when the site offloads (:mod:`dsc.passes.offload`)."""
 
-    __slots__ = ("data", "scale", "zero", "capacity", "length", "batch", "key", "host", "next", "__weakref__")
+    __slots__ = ("data", "scale", "zero", "state", "capacity", "length", "batch", "key", "host", "next",
+                 "__weakref__")
 
     def __init__(self, label: LabelSpec, like: torch.Tensor, capacity: int):
         b, hkv = like.shape[0], like.shape[1]
         r = label.channels.shape[1]
-        self.data, self.scale, self.zero = alloc_labels(b, hkv, capacity, r, label.bits, dtype=like.dtype,
-                                                        device=like.device)
+
+        def make():
+            return (*alloc_labels(b, hkv, capacity, r, label.bits, dtype=like.dtype, device=like.device),
+                    torch.zeros(b, hkv, 2, dtype=torch.int64, device=like.device))
+
+        self.data, self.scale, self.zero, self.state = outside_graph_pool(make, like.device)
         self.capacity, self.length, self.batch, self.key, self.host = capacity, 0, b, None, None
         self.next = None  # static caches: the position a continuing step writes next (None: not known)
+        # state: dsc::label_sync's, on the device: [b, h, 0] rows labelled for this sequence, [b, h, 1] rebuilds
 
     def view(self, s: int, bits: int):
         """The first ``s`` positions, as the kernels want them (``scale``/``zero`` stay ``[0]`` at 16 bits)."""
@@ -114,8 +154,9 @@ class LabelStore:
     per-spec bookkeeping that decides when labels are rebuilt or given up. ``stats``: the runtime's counters
     (label_writes, label_builds, label_rebuilds, entries_freed, rebuild_fallbacks)."""
 
-    def __init__(self, stats: Counter):
+    def __init__(self, stats: Counter, device_sync: bool = False):
         self.stats = stats
+        self.device_sync = device_sync  # CPU static caches too take the device's path (label_sync, no host reads)
         self.entries: dict[tuple[LabelSpec, int], Entry] = {}
         self._lock = threading.RLock()  # re-entrant: a finalizer may fire while it is held
         self._misses: Counter = Counter()  # label -> consecutive first-sight builds of a static cache
@@ -155,6 +196,7 @@ class LabelStore:
         if s:
             self._write(label, entry, keys, torch.arange(s, device=keys.device))
         entry.length = s
+        entry.state[:, :, 0] = s
         return entry
 
     def ensure_capacity(self, label: LabelSpec, entry: Entry, like: torch.Tensor, n: int) -> None:
@@ -182,6 +224,12 @@ class LabelStore:
             if entry is None or entry.batch != k.shape[0] or entry.capacity < k.shape[2]:
                 return self._first_sight(label, entry, k, new_k, positions, rebuild)
             self._misses.pop(label, None)
+            if rebuild and self._decides_on_device(positions):
+                torch.ops.dsc.label_sync(k, new_k, label.on(k.device), positions, entry.data, entry.scale, entry.zero,
+                                         label.bits, entry.state)
+                self.stats["label_writes"] += 1
+                entry.length = max(entry.length, k.shape[2])
+                return entry
             if not self._continues(label, entry, k, positions):
                 if not rebuild:
                     raise ValueError("dsparse offload: this static KV cache was written outside the compiled model "
@@ -196,6 +244,19 @@ class LabelStore:
             entry.length = max(entry.length, k.shape[2])
             entry.next = _next_position(positions)
             return entry
+
+    def _decides_on_device(self, positions: torch.Tensor) -> bool:
+        """Whether a static step's label bookkeeping runs on the device (``dsc::label_sync``): always for device
+        positions (a host read would be a wait, and a CUDA graph replay skips host code), and for CPU ones with
+        ``device_sync``; one position vector only (a ``[B, T]`` layout is written as given, unchecked)."""
+        return (positions.dim() == 1 and positions.shape[0] > 0
+                and (positions.device.type != "cpu" or self.device_sync))
+
+    def device_rebuilds(self) -> int:
+        """Prefix rebuilds ``dsc::label_sync`` made on the device, summed over batch rows and KV heads of every
+        entry (reads the device counters: call it between steps, not in one)."""
+        with self._lock:
+            return sum(int(e.state[:, :, 1].sum()) for e in self.entries.values())
 
     def continuing(self, label: LabelSpec, k: torch.Tensor, p: int) -> Entry | None:
         """The entry of static cache ``k`` when a step writing position ``p`` continues its sequence (right after
@@ -235,7 +296,7 @@ class LabelStore:
             self._write(label, entry, new_k, positions)
             entry.length = k.shape[2]
         self._bind(label, k, entry)
-        entry.next = _next_position(positions)
+        entry.next = None if self._decides_on_device(positions) else _next_position(positions)
         return entry
 
     def _note_static_miss(self, label: LabelSpec) -> None:
