@@ -4,8 +4,8 @@
 It builds the kernel with ``-fsanitize=address -D_GLIBCXX_SANITIZE_VECTOR`` (scratch vectors checked to their size,
 not their capacity) and calls it over every label format, K/V dtype, selection mode, budget kind (absolute,
 fractional with sink/recent, covering the row), ``lengths``, row lengths on and off the 8-token blocks and 3, 4 or 6
-query heads per KV head; and the label write over every label format, key dtype, odd and even ``r``, one and
-several tokens, contiguous and transposed keys::
+query heads per KV head, with the continuity check of the last row; and the label write over every label format,
+key dtype, odd and even ``r``, one and several tokens, contiguous and transposed keys::
 
     LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 .venv/bin/python scripts/native_asan.py
 
@@ -41,8 +41,9 @@ def main() -> None:
         torch.set_num_threads(threads)  # 3: fewer than two tasks per thread, so the tasks are split into pieces
         group_size = (3, 4, 6)[seed]  # one or two blocks of 4 heads in the scoring
         c = make_case(seed, 2, 2, group_size, 1, s, d, r, bits, dtype, "none", False, lengths)
-        native.ds_decode(c.q, c.k, c.v, c.channels, c.data, c.scale, c.zero, bits, c.lengths, budget, frac, sink,
-                         recent, group, d ** -0.5, checks.topk_width(s, budget, frac))
+        out = native.ds_decode(c.q, c.k, c.v, c.channels, c.data, c.scale, c.zero, bits, c.lengths, budget, frac,
+                               sink, recent, group, d ** -0.5, checks.topk_width(s, budget, frac), s - 1)
+        assert out is not None, "the last row's labels, written by the reference, failed the kernel's check"
         calls += 1
     for threads, bits, lengths, group, (budget, frac, sink, recent) in itertools.product(
             (1, 3), (16, 8, 4), (False, True), (True, False), LONG_BUDGETS):

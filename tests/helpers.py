@@ -169,11 +169,13 @@ def _record_selections(monkeypatch):
         return idx
 
     def decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink, recent, group,
-               sm_scale, planned=False):
-        scores = torch.ops.dsc.label_scores(q, channels, data, scale, zero, bits, valid, lengths, group)
-        seen.append(torch.ops.dsc.select_topk(scores, budget, frac, sink, recent))
-        return real_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink,
-                           recent, group, sm_scale, planned)
+               sm_scale, planned=False, check_row=-1):
+        out = real_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink,
+                          recent, group, sm_scale, planned, check_row)
+        if out is not None:  # None: a planned step found stale labels; the general path decodes it
+            scores = torch.ops.dsc.label_scores(q, channels, data, scale, zero, bits, valid, lengths, group)
+            seen.append(torch.ops.dsc.select_topk(scores, budget, frac, sink, recent))
+        return out
 
     monkeypatch.setattr(site_op, "_select", select)
     monkeypatch.setattr(site_op, "_ds_decode", decode)

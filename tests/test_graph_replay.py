@@ -92,3 +92,23 @@ def _cache(model):
 
 def _cache_last():
     return _LAST[0]
+
+
+@pytest.mark.parametrize("case", ["dynamic", "offload", "batched positions", "static"])
+def test_capture_refuses_steps_whose_label_bookkeeping_is_on_the_host(case):
+    """What a replay could not repeat is refused while a CUDA graph is recorded, naming it and the fix (on a GPU
+    the site op calls this check only during capture)."""
+    from dsc.config import Selection
+    from dsc.passes.runtime import SiteSpec
+    from dsc.passes.site_op import SiteCall, _check_graph_safe
+    from dsc.passes.store import LabelSpec
+
+    spec = SiteSpec(LabelSpec(torch.zeros(1, 1, dtype=torch.long), 16), 1, Selection(), offload=case == "offload")
+    positions = torch.zeros(2, 1, dtype=torch.long) if case == "batched positions" else torch.zeros(1, dtype=torch.long)
+    t = torch.zeros(2, 1, 1, 4)
+    call = SiteCall(1, 0, t, t, t, None, t, positions, None, False, 0.5, "dynamic" if case == "dynamic" else "static")
+    if case == "static":
+        _check_graph_safe(spec, call)
+        return
+    with pytest.raises(RuntimeError, match=f"{case.split()[-1]}.*reduce-overhead"):
+        _check_graph_safe(spec, call)

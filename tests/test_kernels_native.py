@@ -259,3 +259,32 @@ def test_without_a_compiler_the_torch_path_runs_and_says_why(monkeypatch):
             assert native.library() is None
     finally:
         native.library.cache_clear()
+
+
+@pytest.mark.parametrize("bits,dtype,fp32_labels", [(16, torch.float32, False), (16, torch.bfloat16, False),
+                                                    (16, torch.bfloat16, True), (8, torch.float32, False),
+                                                    (4, torch.bfloat16, False)])
+def test_native_decode_first_checks_that_a_row_still_holds_what_was_labelled(bits, dtype, fp32_labels):
+    """``check_row``: the planned decode step's continuity check (a reused cache prefilled elsewhere leaves stale
+    labels). The kernel decodes when the labels of that row are those of the keys' row, bit for bit, and refuses
+    (None) when one batch row and head changed there, or when a non-finite quantized label makes it undecidable."""
+    from dsc.kernels import checks
+
+    c = make_case(5, 2, 2, 2, 1, 40, 32, 8, bits, dtype)
+    data = c.data.float() if fp32_labels else c.data  # fp32 labels of 16-bit keys: the same values
+
+    def decode(k, row, labels=(data, c.scale, c.zero)):
+        return native.ds_decode(c.q, k, c.v, c.channels, *labels, bits, None, 8, 0.0, 1, 2, True, 0.3,
+                                checks.topk_width(40, 8, 0.0), row)
+
+    want = decode(c.k, -1)
+    assert torch.equal(decode(c.k, 20), want)
+    changed = c.k.clone()
+    changed[1, 1, 20] += 1
+    assert decode(changed, 20) is None and torch.equal(decode(changed, 19), decode(c.k, -1))
+    if bits != 16:
+        nan = c.k.clone()
+        nan[0, 0, 20] = float("nan")
+        labels = [t.clone() for t in (c.data, c.scale, c.zero)]
+        R.label_write(nan[:, :, 20:21], c.channels, torch.tensor([20]), *labels, bits)  # the torch path's codes
+        assert decode(nan, 20, labels) is None

@@ -32,8 +32,7 @@ def _case(bits, seed=0, dtype=torch.float32):
 
 def _sync(fn, k, p0, t, ch, cache, state, bits):
     """One step writing rows ``[p0, p0 + t)`` (already in ``k``), through ``fn`` (reference or kernel)."""
-    pos = torch.arange(p0, p0 + t)
-    fn(k, k[:, :, p0:p0 + t].clone(), ch, pos, *cache, bits, state)
+    fn(k, ch, torch.arange(p0, p0 + t), *cache, bits, state)
 
 
 def _same_rows(cache, want, rows, bits):

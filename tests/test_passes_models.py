@@ -133,7 +133,7 @@ def test_left_padded_batch_never_selects_padding_and_matches_single_rows(cache, 
     real = site_op._ds_decode
 
     def spy(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink, recent, group,
-            sm_scale, planned=False):
+            sm_scale, planned=False, check_row=-1):
         scores = torch.ops.dsc.label_scores(q, channels, data, scale, zero, bits, valid, lengths, group)
         idx = torch.ops.dsc.select_topk(scores, budget, frac, sink, recent)
         if valid is not None:
@@ -144,7 +144,7 @@ def test_left_padded_batch_never_selects_padding_and_matches_single_rows(cache, 
             picked = torch.gather(ok, 3, idx.clamp(min=0))[idx >= 0]
             seen.append((int((~ok).sum()), bool(picked.all())))
         return real(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink, recent,
-                    group, sm_scale, planned)
+                    group, sm_scale, planned, check_row)
 
     monkeypatch.setattr(site_op, "_ds_decode", spy)
     opts = dict(budget=6, sink=1, recent=2)

@@ -80,6 +80,30 @@ def test_static_cache_written_outside_the_compiled_model_relabels(device_sync):
     torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device_sync", [False, True])
+def test_reused_static_cache_whose_new_prompt_ends_where_the_last_sequence_stopped_relabels(device_sync):
+    """Case 4, the coincidence: the eagerly prefilled new prompt is exactly as long as the previous sequence was,
+    so its first compiled step writes the position the labels expect next; the row before it is still checked,
+    found stale and the labels rebuilt (once trusted without a look)."""
+    model = tiny("llama")
+    gen = torch.Generator().manual_seed(13)
+    seq_a, seq_b = torch.randint(3, 128, (1, 20), generator=gen), torch.randint(3, 128, (1, 25), generator=gen)
+    eager = model.forward
+    with compiled(model, device_sync=device_sync, **BINDING) as rt:
+        want_tokens, want_logits = _greedy(model.forward, seq_b, T.StaticCache(config=model.config, max_cache_len=64),
+                                           0, 5)
+        cache = T.StaticCache(config=model.config, max_cache_len=64)
+        _greedy(model.forward, seq_a, cache, 0, 5)  # A: prompt 20 + 5 decode writes: the next position is 25
+        cache.reset()
+        with torch.no_grad():
+            first = eager(input_ids=seq_b, past_key_values=cache, cache_position=torch.arange(25)).logits
+        tokens, logits = _greedy(model.forward, first[:, -1:].argmax(-1), cache, 25, 4)
+    assert tokens == want_tokens[1:]
+    torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=1e-5)
+    rebuilds = rt.labels.device_rebuilds() if device_sync else rt.stats["label_rebuilds"]
+    assert rebuilds == (LAYERS - 1) * (HKV if device_sync else 1)
+
+
 # ------------------------------------------------------------------------------------------------ case 5
 def _ten_models(compile_one):
     """Sparse decode calls of each of 10 tiny models (each with its own channel config) compiled in turn, under

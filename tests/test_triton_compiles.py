@@ -80,8 +80,7 @@ def _launch_everything():
                                      group, None)
             triton_ops.label_write(c.k[:, :, :3], c.channels, torch.arange(3), c.data, c.scale, c.zero, bits)
             state = torch.zeros(2, 2, 2, dtype=torch.int64)
-            triton_ops.label_sync(c.k, c.k[:, :, 5:6], c.channels, torch.tensor([5]), c.data, c.scale, c.zero, bits,
-                                  state)
+            triton_ops.label_sync(c.k, c.channels, torch.tensor([5]), c.data, c.scale, c.zero, bits, state)
         triton_ops.write_rows(c.k[:, :, :3], torch.arange(3), c.k.clone())
         kp = c.k.transpose(1, 2).reshape(-1, 16, 2, 128).contiguous()  # [pages, page size, Hkv, D]
         bt = torch.arange(kp.shape[0], dtype=torch.int32).view(2, -1)

@@ -128,21 +128,24 @@ def check_label_write(keys, channels, positions, data, scale, zero, bits) -> Non
     _same_device("keys", keys, channels=channels, positions=positions, data=data)
 
 
-def check_label_sync(k, new_k, channels, positions, data, scale, zero, bits, state) -> None:
-    """``dsc::label_sync``: ``new_k`` written at ``positions`` ([T], T >= 1) of the static buffer ``k``, whose
-    labels ``data`` cover it; ``state`` int64 ``[B, Hkv, 2]``."""
-    check_label_write(new_k, channels, positions, data, scale, zero, bits)
-    if positions.dim() != 1 or positions.shape[0] == 0:
-        _fail("positions", f"must be one position vector [T] with T >= 1, got shape {tuple(positions.shape)}")
+def check_label_sync(k, channels, positions, data, scale, zero, bits, state) -> None:
+    """``dsc::label_sync``: the static buffer ``k`` ``[B, Hkv, S, D]`` already holds this step's rows at
+    ``positions`` (int64 [T], T >= 1, inside ``k``); its labels ``data`` cover it; ``state`` int64 ``[B, Hkv, 2]``."""
     _rank("k", k, 4, "[B, Hkv, S, D]")
-    b, hkv, _, d = new_k.shape
-    if (k.shape[0], k.shape[1], k.shape[3]) != (b, hkv, d) or k.shape[2] > data.shape[2]:
-        _fail("k", f"has shape {tuple(k.shape)}; expected [{b}, {hkv}, S <= {data.shape[2]} (the labels' length), "
-                   f"{d}] like new_k")
+    if not k.dtype.is_floating_point:
+        _fail("k", f"must be a float tensor, got {k.dtype}")
+    b, hkv, s, d = k.shape
+    r = check_channels(channels, hkv, d)
+    n = check_labels(data, scale, zero, bits, b, hkv, r)
+    if s > n:
+        _fail("k", f"has {s} positions but its labels only {n}: the labels must cover the static buffer")
+    if not isinstance(positions, torch.Tensor) or positions.dim() != 1 or positions.shape[0] == 0:
+        _fail("positions", f"must be one position vector [T] with T >= 1, got {getattr(positions, 'shape', None)}")
+    check_positions(positions, b, positions.shape[0], s)
     if not isinstance(state, torch.Tensor) or state.dtype != torch.int64 or tuple(state.shape) != (b, hkv, 2):
         _fail("state", f"must be an int64 tensor [B, Hkv, 2] = [{b}, {hkv}, 2], got "
                        f"{getattr(state, 'dtype', type(state).__name__)} {tuple(getattr(state, 'shape', ()))}")
-    _same_device("new_k", new_k, k=k, state=state)
+    _same_device("k", k, channels=channels, positions=positions, data=data, state=state)
 
 
 def check_mask(name: str, m: torch.Tensor | None, shape: tuple, dtype_kind: str) -> None:

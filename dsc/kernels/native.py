@@ -37,7 +37,7 @@ BUILD_TIMEOUT_S = 300
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGTYPES = ([_PTR, _I64, _I64, _PTR, _PTR, ctypes.c_int] + [_I64] * 6 + [_PTR, _PTR, ctypes.c_int] + [_I64] * 3
              + [_PTR, _PTR, _I64, _I64, _PTR] + [_I64] * 9 + [ctypes.c_double, _I64, _I64, ctypes.c_int,
-                                                             ctypes.c_float, _PTR, ctypes.c_int])
+                                                             ctypes.c_float, _PTR, ctypes.c_int, _I64])
 
 _WRITE_ARGTYPES = ([_PTR, ctypes.c_int] + [_I64] * 3 + [_PTR, _PTR, _PTR, ctypes.c_int] + [_I64] * 3 + [_PTR, _PTR]
                    + [_I64] * 6 + [ctypes.c_int])
@@ -116,8 +116,10 @@ def _ptr(t: torch.Tensor | None):
 
 
 def ds_decode(q, k, v, channels, data, scale, zero, bits: int, lengths, budget: int, frac: float, sink: int,
-              recent: int, group: bool, sm_scale: float, kk: int) -> torch.Tensor:
-    """``dsc::ds_decode`` for a call :func:`covers` accepts (``kk``: the op's slots per row)."""
+              recent: int, group: bool, sm_scale: float, kk: int, check_row: int = -1) -> torch.Tensor | None:
+    """``dsc::ds_decode`` for a call :func:`covers` accepts (``kk``: the op's slots per row). ``check_row >= 0``:
+    first check that the stored labels of that row are still those of ``k``'s row (bit for bit, every batch row and
+    KV head); None, without decoding, when they are not (or a non-finite quantized label makes it undecidable)."""
     b, hq, _, d = q.shape
     hkv, s, dv = k.shape[1], k.shape[2], v.shape[-1]
     qf = q if q.dtype == torch.float32 and q.stride(-1) == 1 else q.float().contiguous()
@@ -125,14 +127,16 @@ def ds_decode(q, k, v, channels, data, scale, zero, bits: int, lengths, budget: 
     quantized = bits != 16
     ln = None if lengths is None else lengths.to(torch.int64).contiguous()
     out = torch.empty(b, hq, 1, dv, dtype=torch.float32)
-    library().dsc_ds_decode(
+    code = library().dsc_ds_decode(
         qf.data_ptr(), qf.stride(0), qf.stride(1), k.data_ptr(), v.data_ptr(), DTYPE_KIND[k.dtype],
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), channels.data_ptr(),
         data.data_ptr(), CODE_KIND[bits] if quantized else DTYPE_KIND[data.dtype], data.stride(0), data.stride(1),
         data.stride(2), _ptr(scale), _ptr(zero),
         scale.stride(0) if quantized else 0, scale.stride(1) if quantized else 0, _ptr(ln), b, hkv, hq // hkv, s, d,
         dv, channels.shape[1], kk, budget, float(frac), sink, recent, int(group), float(sm_scale), out.data_ptr(),
-        torch.get_num_threads())
+        torch.get_num_threads(), check_row)
+    if code != 0:
+        return None
     return out if q.dtype == torch.float32 else out.to(q.dtype)
 
 

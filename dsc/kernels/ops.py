@@ -96,17 +96,17 @@ _register("label_write", cpu.label_write)
 
 
 @define_op("label_sync", mutates_args=("data", "scale", "zero", "state"))
-def label_sync(k: Tensor, new_k: Tensor, channels: Tensor, positions: Tensor, data: Tensor, scale: Tensor,
-               zero: Tensor, bits: int, state: Tensor) -> None:
+def label_sync(k: Tensor, channels: Tensor, positions: Tensor, data: Tensor, scale: Tensor, zero: Tensor, bits: int,
+               state: Tensor) -> None:
     """A static cache's label step decided on the device (no host reads: CUDA-graph safe): relabel rows
-    ``[0, positions[0])`` of ``k`` if they were written elsewhere (checked on the row before), then write
-    ``new_k``'s labels at ``positions``; ``state`` int64 ``[B, Hkv, 2]`` (rows labelled, rebuilds)."""
-    reference.label_sync(k, new_k, channels, positions, data, scale, zero, bits, state)
+    ``[0, positions[0])`` of ``k`` if they were written elsewhere (checked on the row before), then label the rows at
+    ``positions`` (already in ``k``); ``state`` int64 ``[B, Hkv, 2]`` (rows labelled, rebuilds)."""
+    reference.label_sync(k, channels, positions, data, scale, zero, bits, state)
 
 
 @register_fake("label_sync")
-def _(k, new_k, channels, positions, data, scale, zero, bits, state):
-    checks.check_label_sync(k, new_k, channels, positions, data, scale, zero, bits, state)
+def _(k, channels, positions, data, scale, zero, bits, state):
+    checks.check_label_sync(k, channels, positions, data, scale, zero, bits, state)
     return None
 
 

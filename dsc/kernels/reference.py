@@ -71,14 +71,15 @@ def label_write(keys, channels, positions, data, scale, zero, bits: int) -> None
     zero[bi, hi, pi] = zp
 
 
-def label_sync(k, new_k, channels, positions, data, scale, zero, bits: int, state) -> None:
+def label_sync(k, channels, positions, data, scale, zero, bits: int, state) -> None:
     """A static cache's label step, with every decision taken from the cache itself (what a GPU, or a CUDA graph
-    replay, can do without reading anything back): for each (batch b, KV head h), with ``p0 = positions[0]``, the
-    labels of rows ``[0, p0)`` are trusted when ``p0 == 0``, or when ``p0 <= state[b, h, 0]`` (no row past the
-    last one written is assumed) and the label of ``k``'s row ``p0 - 1`` computed now equals the stored one (as
-    values, NaN equal to NaN); otherwise those rows are relabelled from ``k`` and ``state[b, h, 1]`` counts the
-    rebuild. Then ``new_k``'s labels are written at ``positions`` and ``state[b, h, 0] = positions[-1] + 1``."""
-    checks.check_label_sync(k, new_k, channels, positions, data, scale, zero, bits, state)
+    replay, can do without reading anything back). ``k`` already holds this step's rows at ``positions``. For each
+    (batch b, KV head h), with ``p0 = positions[0]``, the labels of rows ``[0, p0)`` are trusted when ``p0 == 0``,
+    or when ``p0 <= state[b, h, 0]`` (no row past the last one written is assumed) and the label of ``k``'s row
+    ``p0 - 1`` computed now equals the stored one (as values, NaN equal to NaN); otherwise those rows are
+    relabelled from ``k`` and ``state[b, h, 1]`` counts the rebuild. Then the rows at ``positions`` are labelled
+    from ``k`` and ``state[b, h, 0] = positions[-1] + 1``."""
+    checks.check_label_sync(k, channels, positions, data, scale, zero, bits, state)
     p0 = int(positions[0])
     for b in range(k.shape[0]):
         for h in range(k.shape[1]):
@@ -89,7 +90,7 @@ def label_sync(k, new_k, channels, positions, data, scale, zero, bits: int, stat
             label_write(k[b:b + 1, h:h + 1, :p0], channels[h:h + 1], torch.arange(p0, device=k.device),
                         data[b:b + 1, h:h + 1], sc, zp, bits)
             state[b, h, 1] += 1
-    label_write(new_k, channels, positions, data, scale, zero, bits)
+    label_write(k[:, :, positions], channels, positions, data, scale, zero, bits)
     state[:, :, 0] = positions[-1] + 1
 
 

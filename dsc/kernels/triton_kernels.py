@@ -92,15 +92,16 @@ def _same(a, b):
 
 
 @triton.jit
-def label_sync_kernel(k, new_k, ch, pos, data, scale, zero, state,
+def label_sync_kernel(k, ch, pos, data, scale, zero, state,
                       T, R, HKV,
-                      sk0, sk1, sk2, sk3, sn0, sn1, sn2, sn3, sp, sd0, sd1, sd2, sd3, ss0, ss1, ss2, st0, st1, st2,
+                      sk0, sk1, sk2, sk3, sp, sd0, sd1, sd2, sd3, ss0, ss1, ss2, st0, st1, st2,
                       BITS: tl.constexpr, BLOCK_T: tl.constexpr, C_PAD: tl.constexpr):
     """One program per (batch, KV head) of a static cache's decode step (:func:`dsc.kernels.reference.label_sync`):
     the labels of rows ``[0, p0)`` are trusted when ``p0 == 0``, or ``p0 <= state[0]`` and the row ``p0 - 1``
     relabelled from ``k`` equals its stored label; otherwise they are rebuilt from ``k`` (a loop whose trip count
-    is read here, on the device) and ``state[1]`` counts it. Then ``new_k``'s labels go to ``pos`` and ``state[0]``
-    becomes ``pos[T-1] + 1``. Everything it decides, it decides on the device: no host reads, fixed launch."""
+    is read here, on the device) and ``state[1]`` counts it. Then the rows at ``pos`` (this step's, already in
+    ``k``) are labelled and ``state[0]`` becomes ``pos[T-1] + 1``. Everything it decides, it decides on the device:
+    no host reads, a launch that depends on shapes only."""
     pid = tl.program_id(0)
     b = (pid // HKV).to(tl.int64)
     h = pid % HKV
@@ -134,8 +135,7 @@ def label_sync_kernel(k, new_k, ch, pos, data, scale, zero, state,
         tt = start + t
         tm = tt < T
         p = tl.load(pos + tt * sp, mask=tm, other=0)
-        nrow = new_k + b * sn0 + h * sn1 + tt[:, None] * sn2
-        vals, wm, sc, lo = _labels(nrow, tm, ch, h, R, sn3, BITS, BLOCK_T, C_PAD)
+        vals, wm, sc, lo = _labels(kb + p[:, None] * sk2, tm, ch, h, R, sk3, BITS, BLOCK_T, C_PAD)
         _store_labels(db + p[:, None] * sd2, sb + p * ss2, tm, vals, wm, sc, lo, data, scale, zero, sd3, BITS, C_PAD)
     tl.store(st, tl.load(pos + (T - 1) * sp) + 1)
     tl.store(st + st2, tl.load(st + st2) + tl.where(trusted, 0, 1))

@@ -54,16 +54,16 @@ def label_write(keys, channels, positions, data, scale, zero, bits: int, block_t
                                 *data.stride(), *ss, BITS=bits, BLOCK_T=block_t, C_PAD=cpad)
 
 
-def label_sync(k, new_k, channels, positions, data, scale, zero, bits: int, state, block_t: int | None = None) -> None:
+def label_sync(k, channels, positions, data, scale, zero, bits: int, state, block_t: int | None = None) -> None:
     """``dsc::label_sync`` on the GPU: one program per (batch, KV head) checks, rebuilds if needed, writes and
     updates ``state`` (:func:`dsc.kernels.triton_kernels.label_sync_kernel`); the launch depends on shapes only."""
-    checks.check_label_sync(k, new_k, channels, positions, data, scale, zero, bits, state)
-    b, hkv, t, _ = new_k.shape
+    checks.check_label_sync(k, channels, positions, data, scale, zero, bits, state)
+    b, hkv = k.shape[:2]
     r = channels.shape[1]
     ss = (scale.stride() if bits != 16 else (0, 0, 0))
-    tk.label_sync_kernel[(b * hkv,)](k, new_k, channels.contiguous(), positions, data, scale, zero, state, t, r, hkv,
-                                     *k.stride(), *new_k.stride(), positions.stride(0), *data.stride(), *ss,
-                                     *state.stride(), BITS=bits, BLOCK_T=block_t or (16 if _interpreting() else 64),
+    tk.label_sync_kernel[(b * hkv,)](k, channels.contiguous(), positions, data, scale, zero, state, positions.shape[0],
+                                     r, hkv, *k.stride(), positions.stride(0), *data.stride(), *ss, *state.stride(),
+                                     BITS=bits, BLOCK_T=block_t or (16 if _interpreting() else 64),
                                      C_PAD=_pow2(checks.label_width(r, bits) if bits == 4 else r))
 
 

@@ -232,8 +232,10 @@ def planned_decode(rt: Runtime, site_index: int, spec: SiteSpec, call: SiteCall)
     if not plan[1]:
         return None
     rt.labels.append_planned(spec.label, entry, call.new_k, positions, k.shape[2])
-    rt.stats["sparse_calls"] += 1
-    return _ds_decode(*args, planned=True)
+    out = _ds_decode(*args, planned=True, check_row=p - 1)
+    if out is not None:
+        rt.stats["sparse_calls"] += 1
+    return out  # None: the row before p no longer holds what was labelled; the general path rebuilds
 
 
 def _plan(call: SiteCall, entry: Entry, args: tuple) -> bool:
@@ -296,12 +298,13 @@ def attend_offload_predicted(rt: Runtime, spec: SiteSpec, call: SiteCall, step: 
 
 
 def _ds_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink, recent, group,
-               sm_scale, planned: bool = False):
+               sm_scale, planned: bool = False, check_row: int = -1):
     """The sparse kernel (a plain function so tests can observe the selection by patching it): the op, or with
-    ``planned`` (arguments a site's plan validated, :func:`planned_decode`) the native kernel directly."""
+    ``planned`` (arguments a site's plan validated, :func:`planned_decode`) the native kernel directly, which first
+    checks the labels of ``check_row`` (None when they are stale)."""
     if planned:
         return native.ds_decode(q, k, v, channels, data, scale, zero, bits, lengths, budget, frac, sink, recent,
-                                group, sm_scale, checks.topk_width(k.shape[2], budget, frac))
+                                group, sm_scale, checks.topk_width(k.shape[2], budget, frac), check_row)
     return torch.ops.dsc.ds_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac,
                                    sink, recent, group, sm_scale)
 

@@ -83,7 +83,7 @@ class Entry:
     """One label cache: ``data``/``scale``/``zero`` with ``capacity`` positions, ``length`` of them written;
     ``host``: the layer's K/V rows in host memory when the site offloads (:mod:`dsc.passes.offload`)."""
 
-    __slots__ = ("data", "scale", "zero", "state", "capacity", "length", "batch", "key", "host", "next",
+    __slots__ = ("data", "scale", "zero", "state", "capacity", "length", "batch", "key", "host", "next", "probe",
                  "__weakref__")
 
     def __init__(self, label: LabelSpec, like: torch.Tensor, capacity: int):
@@ -97,6 +97,7 @@ class Entry:
         self.data, self.scale, self.zero, self.state = outside_graph_pool(make, like.device)
         self.capacity, self.length, self.batch, self.key, self.host = capacity, 0, b, None, None
         self.next = None  # static caches: the position a continuing step writes next (None: not known)
+        self.probe = None  # static caches on the CPU: a one-row entry the continuity check relabels into
         # state: dsc::label_sync's, on the device: [b, h, 0] rows labelled for this sequence, [b, h, 1] rebuilds
 
     def view(self, s: int, bits: int):
@@ -136,6 +137,14 @@ def _drop_entry(store_ref, key, entry_ref) -> None:
     store = store_ref()
     if store is not None:
         store.forget(key, entry_ref())
+
+
+_FIRST_ROW = torch.zeros(1, dtype=torch.int64)  # the position a one-row probe is written at
+
+
+def _as_bits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` reinterpreted as integers of its width: compared bit for bit, a NaN label equals itself."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 _MISS_WARN = 4  # consecutive first sights of a static cache before the "replaced every step" warning
@@ -225,12 +234,12 @@ class LabelStore:
                 return self._first_sight(label, entry, k, new_k, positions, rebuild)
             self._misses.pop(label, None)
             if rebuild and self._decides_on_device(positions):
-                torch.ops.dsc.label_sync(k, new_k, label.on(k.device), positions, entry.data, entry.scale, entry.zero,
+                torch.ops.dsc.label_sync(k, label.on(k.device), positions, entry.data, entry.scale, entry.zero,
                                          label.bits, entry.state)
                 self.stats["label_writes"] += 1
                 entry.length = max(entry.length, k.shape[2])
                 return entry
-            if not self._continues(label, entry, k, positions):
+            if not self._continues(label, entry, k, positions, rows=rebuild):
                 if not rebuild:
                     raise ValueError("dsparse offload: this static KV cache was written outside the compiled model "
                                      "(e.g. an eager prefill into a reused cache), so its offloaded rows are not in "
@@ -260,8 +269,8 @@ class LabelStore:
 
     def continuing(self, label: LabelSpec, k: torch.Tensor, p: int) -> Entry | None:
         """The entry of static cache ``k`` when a step writing position ``p`` continues its sequence (right after
-        the last position written, batch and capacity unchanged), else None: what :meth:`static` trusts without a
-        check, for the planned decode step (``dsc.passes.site_op.planned_decode``)."""
+        the last position written, batch and capacity unchanged), else None: for the planned decode step
+        (``dsc.passes.site_op.planned_decode``), whose native kernel then checks the row before ``p``."""
         entry = self.entries.get((label, k.data_ptr()))
         if entry is None or entry.next != p or entry.batch != k.shape[0] or entry.capacity < k.shape[2]:
             return None
@@ -308,25 +317,37 @@ class LabelStore:
                 "reorders it (index_select makes a copy) or the 'aot_eager' inner compiler copies it (inductor "
                 "updates it in place). Use a dynamic cache for beam search.", RuntimeWarning, stacklevel=4)
 
-    def _continues(self, label: LabelSpec, entry: Entry, k: torch.Tensor, positions: torch.Tensor) -> bool:
-        """Whether the entry's labels still describe ``k`` before this step's ``positions``. A step from position 0
-        (a new sequence) or right after the last one is trusted; any other (a gap, a rewind) is checked by
-        relabelling the row just before it and comparing with the stored label. Needs the first position on the
-        host: done for CPU position vectors, where reading it is free (on a GPU it would be a host wait)."""
+    def _continues(self, label: LabelSpec, entry: Entry, k: torch.Tensor, positions: torch.Tensor,
+                   rows: bool = True) -> bool:
+        """Whether the entry's labels still describe ``k`` before this step's ``positions``: a step from position 0
+        (a new sequence) is trusted; any other is checked on the row just before it (:meth:`_row_matches`), also
+        right after the last position written, since a new prompt prefilled outside the compiled model can end
+        exactly there. ``rows=False`` (``k`` is an offload placeholder, with no rows to relabel): a step right after
+        the last position written is trusted. Needs the first position on the host: done for CPU position vectors,
+        where reading it is free (on a GPU ``dsc::label_sync`` decides on the device)."""
         if positions.dim() != 1 or positions.device.type != "cpu" or not positions.numel():
             return True
         first = int(positions[0])
-        if first == 0 or first == entry.next:
+        if first == 0 or (not rows and first == entry.next):
             return True
         if first > entry.length:  # rows in between were written elsewhere
             return False
-        row = k[:, :, first - 1:first]
-        probe = Entry(label, row, 1)
-        torch.ops.dsc.label_write(row, label.on(k.device), torch.zeros(1, dtype=torch.long), probe.data,
-                                  probe.scale, probe.zero, label.bits)
+        return self._row_matches(label, entry, k, first - 1)
+
+    def _row_matches(self, label: LabelSpec, entry: Entry, k: torch.Tensor, row: int) -> bool:
+        """Whether the stored labels of position ``row`` are, bit for bit, the labels of ``k``'s row ``row`` now
+        (every batch row and KV head): relabelled into the entry's one-row probe by the same write the labels
+        came from (native where it takes the call). CPU tensors."""
+        keys = k[:, :, row:row + 1]
+        probe = entry.probe
+        if probe is None or probe.batch != keys.shape[0]:
+            probe = entry.probe = Entry(label, keys, 1)
+        channels, first = label.on(k.device), _FIRST_ROW
+        if not native.label_write(keys, channels, first, probe.data, probe.scale, probe.zero, label.bits):
+            torch.ops.dsc.label_write(keys, channels, first, probe.data, probe.scale, probe.zero, label.bits)
         pairs = [(entry.data, probe.data)] + ([(entry.scale, probe.scale), (entry.zero, probe.zero)]
                                               if label.bits != 16 else [])
-        return all(torch.equal(have[:, :, first - 1], want[:, :, 0]) for have, want in pairs)
+        return all(torch.equal(_as_bits(have[:, :, row]), _as_bits(want[:, :, 0])) for have, want in pairs)
 
     # ------------------------------------------------------------------------------------------ dynamic caches
     def dynamic(self, label: LabelSpec, k: torch.Tensor, past_k: torch.Tensor | None, new_k: torch.Tensor,

@@ -962,19 +962,62 @@ int dsc_label_write(const void* keys, int key_kind, int64_t kb, int64_t kh, int6
   return status;
 }
 
+// Whether the stored labels of position `row` are, bit for bit, what dsc_label_write writes for the keys' row
+// `row` now, for every batch row and KV head: 1 yes, 0 no, -1 cannot tell (a quantized label with a non-finite
+// value, whose codes the torch path defines). The check that a decode step continues the sequence its labels
+// describe (a prompt prefilled outside the compiled model into a reused cache leaves them stale).
+static int labels_match_row(const Labels& L, const KV& kv, const int64_t* channels, int64_t B, int64_t Hkv,
+                            int64_t r, int64_t row) {
+  const int ke = elem_size(kv.kind), le = elem_size(L.kind);
+  const bool quantized = L.kind == U8 || L.kind == U4;
+  const int bits = L.kind == U4 ? 4 : 8;
+  std::vector<float> lab(r);
+  std::vector<uint8_t> codes(r);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const uint8_t* src = kv.k + (b * kv.ksb + h * kv.ksh + row * kv.kss) * ke;
+      const uint8_t* have = L.data + (b * L.sb + h * L.sh + row * L.ss) * le;
+      const int64_t* ch = channels + h * r;
+      if (!quantized && L.kind == kv.kind) {
+        for (int64_t c = 0; c < r; ++c)
+          if (std::memcmp(have + c * le, src + ch[c] * ke, le) != 0) return 0;
+        continue;
+      }
+      for (int64_t c = 0; c < r; ++c) lab[c] = key_value(src, kv.kind, ch[c]);
+      if (!quantized) {  // fp32 labels of 16-bit keys
+        if (std::memcmp(have, lab.data(), r * 4) != 0) return 0;
+        continue;
+      }
+      float sc, zp;
+      if (!quantize_row(lab.data(), r, bits, codes.data(), &sc, &zp)) return -1;
+      const int64_t z = b * L.zb + h * L.zh + row;
+      if (std::memcmp(have, codes.data(), bits == 4 ? (r + 1) / 2 : r) != 0 || std::memcmp(L.scale + z, &sc, 4) != 0
+          || std::memcmp(L.zero + z, &zp, 4) != 0)
+        return 0;
+    }
+  return 1;
+}
+
 // One decode step of Double Sparsity attention. q: fp32 [B, Hkv*G, D] (strides qb, qh; dim stride 1). out: fp32
 // [B, Hkv*G, Dv] contiguous. channels: int64 [Hkv, r] contiguous. lengths: int64 [B] or null (n = min(len, S)).
 // kk = the op's slot count; keep per row from budget/frac (checks.keep_count). group: one selection per KV head
 // (group score) else one per query head. With at least two tasks (batch x KV heads) per thread, each thread runs
 // whole tasks; with fewer, every task's scoring and attention are split into pieces that all threads share.
+// check_row >= 0: first check that the labels of that row still describe the keys (labels_match_row); returns 2
+// (stale) or 3 (cannot tell) without decoding when they may not.
 int dsc_ds_decode(const float* q, int64_t qb, int64_t qh, const void* k, const void* v, int kv_kind, int64_t ksb,
                   int64_t ksh, int64_t kss, int64_t vsb, int64_t vsh, int64_t vss, const int64_t* channels,
                   const void* data, int label_kind, int64_t lsb, int64_t lsh, int64_t lss, const float* scale,
                   const float* zero, int64_t zb, int64_t zh, const int64_t* lengths, int64_t B, int64_t Hkv,
                   int64_t G, int64_t S, int64_t D, int64_t Dv, int64_t r, int64_t kk, int64_t budget, double frac,
-                  int64_t sink, int64_t recent, int group, float sm_scale, float* out, int nthreads) {
+                  int64_t sink, int64_t recent, int group, float sm_scale, float* out, int nthreads,
+                  int64_t check_row) {
   const Labels L{static_cast<const uint8_t*>(data), label_kind, lsb, lsh, lss, scale, zero, zb, zh};
   const KV kv{static_cast<const uint8_t*>(k), static_cast<const uint8_t*>(v), kv_kind, ksb, ksh, kss, vsb, vsh, vss};
+  if (check_row >= 0) {
+    const int match = labels_match_row(L, kv, channels, B, Hkv, r, check_row);
+    if (match != 1) return match == 0 ? 2 : 3;
+  }
   const int64_t tasks = B * Hkv;
   const int64_t sels = group ? 1 : G, heads = group ? G : 1;  // selections per task, query heads per selection
   if (nthreads <= 1 || tasks >= 2 * nthreads) {
