@@ -13,7 +13,9 @@ and looked up by the identity of the K tensor the site op receives:
   by beam search, copied, or a sliding window) misses, and the labels are rebuilt from ``past`` itself, so a
   wrong label is never used; the runtime's counters count rebuilds so steady-state tests can assert there are none.
 
-All bookkeeping is host-side metadata (addresses, shapes): no device synchronisation.
+Bookkeeping is host-side metadata (addresses, shapes), plus a check per static step that the row before it still
+holds what was labelled: read on the host for CPU tensors (free there), decided on the device otherwise
+(``dsc::label_sync``): no device synchronisation.
 """
 from __future__ import annotations
 
