@@ -232,13 +232,15 @@ class LabelStore:
             entry = self.lookup(label, k)
             if not rebuild and entry is not None and entry.batch == k.shape[0]:
                 self.ensure_capacity(label, entry, k, k.shape[2])  # a longer prefix view of a placeholder buffer
+            device = rebuild and self._decides_on_device(positions)
             if entry is None or entry.batch != k.shape[0] or entry.capacity < k.shape[2]:
-                return self._first_sight(label, entry, k, new_k, positions, rebuild)
+                entry = self._first_sight(label, entry, k, new_k, positions, rebuild)
+                if device:  # the step's own kernel too (a no-op write here), so that a CUDA graph's warm-up run
+                    self._sync(label, entry, k, positions)  # compiles it and its recording only launches it
+                return entry
             self._misses.pop(label, None)
-            if rebuild and self._decides_on_device(positions):
-                torch.ops.dsc.label_sync(k, label.on(k.device), positions, entry.data, entry.scale, entry.zero,
-                                         label.bits, entry.state)
-                self.stats["label_writes"] += 1
+            if device:
+                self._sync(label, entry, k, positions)
                 entry.length = max(entry.length, k.shape[2])
                 return entry
             if not self._continues(label, entry, k, positions, rows=rebuild):
@@ -255,6 +257,11 @@ class LabelStore:
             entry.length = max(entry.length, k.shape[2])
             entry.next = _next_position(positions)
             return entry
+
+    def _sync(self, label: LabelSpec, entry: Entry, k: torch.Tensor, positions: torch.Tensor) -> None:
+        torch.ops.dsc.label_sync(k, label.on(k.device), positions, entry.data, entry.scale, entry.zero, label.bits,
+                                 entry.state)
+        self.stats["label_writes"] += 1
 
     def _decides_on_device(self, positions: torch.Tensor) -> bool:
         """Whether a static step's label bookkeeping runs on the device (``dsc::label_sync``): always for device
