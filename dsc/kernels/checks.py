@@ -117,13 +117,18 @@ def check_positions(positions: torch.Tensor, b: int, t: int, s: int) -> None:
             _fail("positions", f"must lie in [0, {s}) (the label cache length); got [{lo}, {hi}]")
 
 
-def check_label_write(keys, channels, positions, data, scale, zero, bits) -> None:
-    _rank("keys", keys, 4, "[B, Hkv, T, D]")
+def _check_keys_labels(name: str, keys, layout: str, channels, data, scale, zero, bits) -> tuple:
+    """``(b, hkv, t, d, s)``: ``keys`` float ``[B, Hkv, T, D]``, its channels, and labels of ``s`` positions."""
+    _rank(name, keys, 4, layout)
     if not keys.dtype.is_floating_point:
-        _fail("keys", f"must be a float tensor, got {keys.dtype}")
+        _fail(name, f"must be a float tensor, got {keys.dtype}")
     b, hkv, t, d = keys.shape
     r = check_channels(channels, hkv, d)
-    s = check_labels(data, scale, zero, bits, b, hkv, r)
+    return b, hkv, t, d, check_labels(data, scale, zero, bits, b, hkv, r)
+
+
+def check_label_write(keys, channels, positions, data, scale, zero, bits) -> None:
+    b, _, t, _, s = _check_keys_labels("keys", keys, "[B, Hkv, T, D]", channels, data, scale, zero, bits)
     check_positions(positions, b, t, s)
     _same_device("keys", keys, channels=channels, positions=positions, data=data)
 
@@ -131,12 +136,7 @@ def check_label_write(keys, channels, positions, data, scale, zero, bits) -> Non
 def check_label_sync(k, channels, positions, data, scale, zero, bits, state) -> None:
     """``dsc::label_sync``: the static buffer ``k`` ``[B, Hkv, S, D]`` already holds this step's rows at
     ``positions`` (int64 [T], T >= 1, inside ``k``); its labels ``data`` cover it; ``state`` int64 ``[B, Hkv, 2]``."""
-    _rank("k", k, 4, "[B, Hkv, S, D]")
-    if not k.dtype.is_floating_point:
-        _fail("k", f"must be a float tensor, got {k.dtype}")
-    b, hkv, s, d = k.shape
-    r = check_channels(channels, hkv, d)
-    n = check_labels(data, scale, zero, bits, b, hkv, r)
+    b, hkv, s, _, n = _check_keys_labels("k", k, "[B, Hkv, S, D]", channels, data, scale, zero, bits)
     if s > n:
         _fail("k", f"has {s} positions but its labels only {n}: the labels must cover the static buffer")
     if not isinstance(positions, torch.Tensor) or positions.dim() != 1 or positions.shape[0] == 0:
