@@ -171,7 +171,7 @@ def test_dsparse_decode_under_cuda_graphs_on_gpu_equals_plain_decode(models, cle
     from torch._dynamo.utils import counters
 
     from dsc.bench.decode import compiled_forward
-    from dsc.generation import _rewind, greedy_decode, prefill
+    from dsc.generation import Prefilled, _rewind, greedy_decode, prefill
 
     opts = dict(channels=CHANNELS, r=8, dense_layers=(0,), budget=6, sink=1, recent=2)
     gen = torch.Generator().manual_seed(0)
@@ -187,7 +187,7 @@ def test_dsparse_decode_under_cuda_graphs_on_gpu_equals_plain_decode(models, cle
     with torch.no_grad():  # prompt B into the same cache, outside the compiled model
         _rewind(done.cache, 0)
         logits = models(input_ids=ids_b, cache=done.cache, cache_position=torch.arange(24, device=CUDA)).logits
-    done_b = type(done)(done.cache, logits[:, -1], 24, 0.0)
+    done_b = Prefilled(done.cache, logits[:, -1], 24, 0.0)
     got_b = greedy_decode(models, ids_b, 8, forward=graphed, keep_logits=True, prefilled=done_b)
     assert counters["inductor"]["cudagraph_skips"] == skips
     for want, got in ((want_a, got_a), (want_b, got_b)):

@@ -60,8 +60,7 @@ def test_static_decode_step_replays_like_the_plain_decode(bits, monkeypatch):
     seq_a, seq_b = torch.randint(3, 128, (2, 20), generator=gen), torch.randint(3, 128, (2, 14), generator=gen)
     eager = model.forward
     with torch.no_grad(), compiled_tiny(model, device_sync=True, label_bits=bits, **BINDING) as rt:
-        want_a = _decode(model.forward, _prefill(model.forward, seq_a, _cache(model)), _cache_last(), 20, 8)
-        want_b = _decode(model.forward, _prefill(model.forward, seq_b, fresh := _cache(model)), fresh, 14, 6)
+        want_a, want_b = _plain(model, seq_a, 8), _plain(model, seq_b, 6)
 
         cache = _cache(model)
         first = _prefill(model.forward, seq_a, cache)
@@ -81,17 +80,14 @@ def test_static_decode_step_replays_like_the_plain_decode(bits, monkeypatch):
     assert rt.labels.device_rebuilds() == (LAYERS - 1) * 2 * HKV  # once per sparse layer, batch row and KV head
 
 
-_LAST: list = []
-
-
 def _cache(model):
-    cache = T.StaticCache(config=model.config, max_cache_len=48)
-    _LAST[:] = [cache]
-    return cache
+    return T.StaticCache(config=model.config, max_cache_len=48)
 
 
-def _cache_last():
-    return _LAST[0]
+def _plain(model, ids, n: int):
+    """Tokens and last logits of ``ids`` prefilled into a fresh static cache and ``n`` plain decode steps."""
+    cache = _cache(model)
+    return _decode(model.forward, _prefill(model.forward, ids, cache), cache, ids.shape[1], n)
 
 
 @pytest.mark.parametrize("case", ["dynamic", "offload", "batched positions", "static"])

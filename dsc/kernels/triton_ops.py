@@ -33,6 +33,13 @@ def _strides4(t: torch.Tensor | None, shape) -> tuple[int, int, int, int]:
     return tuple(t.expand(shape).stride())
 
 
+def _label_geometry(scale, r: int, bits: int) -> tuple[tuple[int, int, int], int]:
+    """``(scale/zero strides, C_PAD)`` of a label cache for the kernels: strides 0 at 16 bits (no scale), and the
+    padded width of one label row in the kernels' channel loop (4-bit: a byte holds two channels)."""
+    strides = scale.stride() if bits != 16 else (0, 0, 0)
+    return strides, _pow2(checks.label_width(r, bits) if bits == 4 else r)
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -47,8 +54,7 @@ def label_write(keys, channels, positions, data, scale, zero, bits: int, block_t
     ch = channels.contiguous()
     sp0, sp1 = (0, positions.stride(0)) if positions.dim() == 1 else positions.stride()
     block_t = block_t or (_pow2(t) if _interpreting() else min(64, _pow2(t)))
-    cpad = _pow2(checks.label_width(r, bits) if bits == 4 else r)
-    ss = (scale.stride() if bits != 16 else (0, 0, 0))
+    ss, cpad = _label_geometry(scale, r, bits)
     grid = (b * hkv, triton.cdiv(t, block_t))
     tk.label_write_kernel[grid](keys, ch, positions, data, scale, zero, t, r, hkv, *keys.stride(), sp0, sp1,
                                 *data.stride(), *ss, BITS=bits, BLOCK_T=block_t, C_PAD=cpad)
@@ -60,11 +66,10 @@ def label_sync(k, channels, positions, data, scale, zero, bits: int, state, bloc
     checks.check_label_sync(k, channels, positions, data, scale, zero, bits, state)
     b, hkv = k.shape[:2]
     r = channels.shape[1]
-    ss = (scale.stride() if bits != 16 else (0, 0, 0))
+    ss, cpad = _label_geometry(scale, r, bits)
     tk.label_sync_kernel[(b * hkv,)](k, channels.contiguous(), positions, data, scale, zero, state, positions.shape[0],
                                      r, hkv, *k.stride(), positions.stride(0), *data.stride(), *ss, *state.stride(),
-                                     BITS=bits, BLOCK_T=block_t or (16 if _interpreting() else 64),
-                                     C_PAD=_pow2(checks.label_width(r, bits) if bits == 4 else r))
+                                     BITS=bits, BLOCK_T=block_t or (16 if _interpreting() else 64), C_PAD=cpad)
 
 
 # ----------------------------------------------------------------------------------------------- row write
@@ -106,15 +111,14 @@ def _label_scores(q, channels, data, scale, zero, bits, valid, lengths, group, b
     vmask = valid.expand(b, hq, lq, s).view(torch.uint8) if valid is not None else None
     block_s = block_s or (min(_pow2(s), 1024) if _interpreting() else 128)
     blocks = triton.cdiv(s, block_s)
-    ss = (scale.stride() if bits != 16 else (0, 0, 0))
+    ss, cpad = _label_geometry(scale, r, bits)
 
     def launch(mode: int, top: torch.Tensor) -> None:
         tk.label_scores_kernel[(b * rows * lq, blocks)](
             q, ch, data, scale, zero, vmask if vmask is not None else out, lengths if lengths is not None else out,
             top, out, rows, lq, s, r, g, g if group else 1, *q.stride(), *data.stride(), *ss,
             *_strides4(vmask, (b, hq, lq, s)), *out.stride(), BITS=bits, HAS_VALID=valid is not None,
-            HAS_LEN=lengths is not None, MODE=mode, BLOCK_S=block_s,
-            C_PAD=_pow2(checks.label_width(r, bits) if bits == 4 else r))
+            HAS_LEN=lengths is not None, MODE=mode, BLOCK_S=block_s, C_PAD=cpad)
 
     if not group:
         launch(0, out)

@@ -225,9 +225,10 @@ class LabelStore:
         offload placeholder): a first sight must be the buffer's first write (from position 0), labelled from
         ``new_k``.
 
-        A step that neither starts a sequence (position 0) nor continues the last one is checked against the cache:
-        rows written outside the compiled model (an eager prefill into a reused cache) make the labels stale, and
-        they are rebuilt from ``k`` (or, over a placeholder, refused)."""
+        A step that does not start a sequence (position 0) is checked against the cache, also one that continues
+        the last: rows written outside the compiled model (an eager prefill into a reused cache) make the labels
+        stale, and they are rebuilt from ``k`` (or, over a placeholder, refused). On the device path
+        (:meth:`_decides_on_device`) ``dsc::label_sync`` does all of it."""
         with self._lock:
             entry = self.lookup(label, k)
             if not rebuild and entry is not None and entry.batch == k.shape[0]:
@@ -240,22 +241,21 @@ class LabelStore:
                 return entry
             self._misses.pop(label, None)
             if device:
-                self._sync(label, entry, k, positions)
-                entry.length = max(entry.length, k.shape[2])
-                return entry
-            if not self._continues(label, entry, k, positions, rows=rebuild):
-                if not rebuild:
-                    raise ValueError("dsparse offload: this static KV cache was written outside the compiled model "
-                                     "(e.g. an eager prefill into a reused cache), so its offloaded rows are not in "
-                                     "the host store" + _PLACEHOLDER_HINT)
-                self.stats["label_rebuilds"] += 1
-                del self.entries[entry.key]
-                entry = self._build(label, k, entry.capacity)  # its host store (offload) is copied afresh from k too
-                self._bind(label, k, entry)
+                self._sync(label, entry, k, positions)  # `next` is not tracked there (a host read)
             else:
-                self._write(label, entry, new_k, positions)
+                if not self._continues(label, entry, k, positions, rows=rebuild):
+                    if not rebuild:
+                        raise ValueError("dsparse offload: this static KV cache was written outside the compiled "
+                                         "model (e.g. an eager prefill into a reused cache), so its offloaded rows "
+                                         "are not in the host store" + _PLACEHOLDER_HINT)
+                    self.stats["label_rebuilds"] += 1
+                    del self.entries[entry.key]
+                    entry = self._build(label, k, entry.capacity)  # its host store (offload) is copied from k too
+                    self._bind(label, k, entry)
+                else:
+                    self._write(label, entry, new_k, positions)
+                entry.next = _next_position(positions)
             entry.length = max(entry.length, k.shape[2])
-            entry.next = _next_position(positions)
             return entry
 
     def _sync(self, label: LabelSpec, entry: Entry, k: torch.Tensor, positions: torch.Tensor) -> None:
@@ -314,7 +314,7 @@ class LabelStore:
             self._write(label, entry, new_k, positions)
             entry.length = k.shape[2]
         self._bind(label, k, entry)
-        entry.next = None if self._decides_on_device(positions) else _next_position(positions)
+        entry.next = _next_position(positions)
         return entry
 
     def _note_static_miss(self, label: LabelSpec) -> None:
