@@ -27,7 +27,7 @@ using DsDecode = int (*)(const float*, int64_t, int64_t, const void*, const void
                          int64_t, int64_t, int64_t, const int64_t*, const void*, int, int64_t, int64_t, int64_t,
                          const float*, const float*, int64_t, int64_t, const int64_t*, int64_t, int64_t, int64_t,
                          int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t, int, float,
-                         float*, int);
+                         float*, int, int64_t);
 
 int main(int argc, char** argv) {
   if (argc < 9) {
@@ -74,11 +74,11 @@ int main(int argc, char** argv) {
       if (bits == 16)
         builds[b](q.data(), Hkv * G * D, D, K.data(), V.data(), 0, Hkv * S * D, S * D, D, Hkv * S * D, S * D, D,
                   channels.data(), labels.data(), 0, Hkv * S * r, S * r, r, nullptr, nullptr, 0, 0, nullptr, B, Hkv,
-                  G, S, D, D, r, keep, keep, 0.0, 0, 0, 1, 1.f / 11.3f, out.data(), 1);
+                  G, S, D, D, r, keep, keep, 0.0, 0, 0, 1, 1.f / 11.3f, out.data(), 1, -1);
       else
         builds[b](q.data(), Hkv * G * D, D, K.data(), V.data(), 0, Hkv * S * D, S * D, D, Hkv * S * D, S * D, D,
                   channels.data(), codes.data(), 3, Hkv * S * r, S * r, r, scale.data(), zero.data(), Hkv * S, S,
-                  nullptr, B, Hkv, G, S, D, D, r, keep, keep, 0.0, 0, 0, 1, 1.f / 11.3f, out.data(), 1);
+                  nullptr, B, Hkv, G, S, D, D, r, keep, keep, 0.0, 0, 0, 1, 1.f / 11.3f, out.data(), 1, -1);
       ms[b].push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
     }
   for (size_t b = 0; b < builds.size(); ++b) {

@@ -143,6 +143,22 @@ def test_native_decode_long_rows_match_definition(bits, group, frac, budget, sin
 
 
 @pytest.mark.parametrize("group", [True, False])
+def test_native_decode_long_rows_rank_nan_scores_first(group):
+    """A NaN label score ranks first (NaN propagates as in dense attention) on a long row too, whose candidates are
+    keyed a block of tokens at a time and the row's tail one at a time: NaN labels inside a block, in the tail
+    before the recent positions, and in a batch row and head of their own."""
+    values = torch.randperm(9000, generator=torch.Generator().manual_seed(6))
+    c = exact_score_case(18, 16, values)
+    for b, h, t in [(0, 1, 17), (0, 1, 4000), (0, 1, 8981), (1, 0, 5)]:
+        c.data[b, h, t, 3] = float("nan")
+    args = (1, 1 / 16, 4, 16, group, 1e-4)
+    with native_calls() as calls:
+        out = C.ds_decode(c.q, c.k, c.v, *c.labels, None, None, None, *args)
+    assert calls
+    assert_exact_selection_output(out, c, *args)
+
+
+@pytest.mark.parametrize("group", [True, False])
 def test_native_decode_periodic_scores_match_definition(group):
     """The best 1024 positions every 8th one after the sink: a strided sample of the row sees only them, and its
     estimate of a 2048-position budget's threshold is far too high."""
