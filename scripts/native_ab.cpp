@@ -23,6 +23,21 @@
 #include <cstring>
 #include <vector>
 
+// Tensors' alignment: PyTorch's CPU allocator returns 64-byte aligned memory, so every K/V row of 64-byte multiples
+// starts a cache line; malloc's 16-byte alignment would make each row straddle one line more than it fills.
+template <class T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <class U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64)); }
+  void deallocate(T* p, size_t) { std::free(p); }
+  bool operator==(const Aligned64&) const { return true; }
+};
+template <class T>
+using Buffer = std::vector<T, Aligned64<T>>;
+
 using DsDecode = int (*)(const float*, int64_t, int64_t, const void*, const void*, int, int64_t, int64_t, int64_t,
                          int64_t, int64_t, int64_t, const int64_t*, const void*, int, int64_t, int64_t, int64_t,
                          const float*, const float*, int64_t, int64_t, const int64_t*, int64_t, int64_t, int64_t,
@@ -52,14 +67,14 @@ int main(int argc, char** argv) {
     state ^= state << 13, state ^= state >> 7, state ^= state << 17;
     return static_cast<float>(state >> 40) / 16777216.f * 6.f - 3.f;
   };
-  std::vector<float> K(rows * D), V(rows * D), q(B * Hkv * G * D), out(B * Hkv * G * D);
+  Buffer<float> K(rows * D), V(rows * D), q(B * Hkv * G * D), out(B * Hkv * G * D);
   for (auto* x : {&K, &V, &q})
     for (float& f : *x) f = uniform();
   std::vector<int64_t> channels(Hkv * r);
   for (int64_t h = 0; h < Hkv; ++h)
     for (int64_t c = 0; c < r; ++c) channels[h * r + c] = (c * 7 + h) % D;
-  std::vector<float> labels(rows * r), scale(rows, 6.f / 255), zero(rows, -3.f);
-  std::vector<uint8_t> codes(rows * r);
+  Buffer<float> labels(rows * r), scale(rows, 6.f / 255), zero(rows, -3.f);
+  Buffer<uint8_t> codes(rows * r);
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t c = 0; c < r; ++c) {
       labels[i * r + c] = K[i * D + channels[(i / S % Hkv) * r + c]];

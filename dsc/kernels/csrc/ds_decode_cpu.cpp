@@ -746,7 +746,7 @@ inline float softmax_shift(float top) { return top == -INFINITY ? 0.f : top; }
 // The attention phase on AVX-512, a block of kBlock = 16 rows at a time: per head, the 16 logits in one vector
 // (16 dot products, one accumulator each, summed across lanes together), the softmax step on that vector (no scalar
 // exp), and the weighted V rows added up to four heads per pass. Rows in L2, this took 98 cycles a row where the
-// per-row loops below took 176 (3 heads, D 64; 4 heads, D 128: 176 vs 234); cold, the op 8-22% less.
+// per-row loops below took 176 (3 heads, D 64); cold, a whole call 13-21% less (DESIGN.md, "CPU decode step").
 static_assert(kBlock == 16, "one logit per lane");
 
 // Lane j: the sum of x[j]'s 16 lanes (x is clobbered). Four rounds of the transpose above, adding its two halves.
