@@ -809,7 +809,7 @@ inline void block_weights16(float* w, int64_t nb, int64_t g_rows, int64_t dv, co
   }
 }
 
-// out_g += sum_j w[g * kBlock + j] * rows[j], j < nb, for GN heads from g0 (dv a multiple of 16).
+// out_g += sum_j w[g * kBlock + j] * rows[j], j < nb, for the GN heads of w and out (dv a multiple of 16).
 template <int GN>
 inline void add_weighted16(const float* const* rows, int64_t nb, const float* w, int64_t dv, float* out) {
   for (int64_t i = 0; i < dv; i += 16) {
