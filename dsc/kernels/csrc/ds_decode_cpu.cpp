@@ -262,17 +262,18 @@ inline void code_words16(const uint8_t* base, int64_t row_bytes, int64_t t0, __m
   }
 }
 
-// Scores of the 16 tokens t0.. for 4 heads (rows of `qc`, R each, in label_row's order), into scores[g * n + t0 ..]
-// for g < g_store: 8-bit codes (R = 16 or 32) or 4-bit ones (R = 32).
-template <int R, int K>
+// Scores of the 16 tokens t0.. for GH (1-4) heads (rows of `qc`, R each, in label_row's order), into
+// scores[g * n + t0 ..]: 8-bit codes (R = 16 or 32) or 4-bit ones (R = 32).
+template <int R, int K, int GH>
 inline void score16_codes(const uint8_t* base, int64_t row_bytes, int64_t t0, const float* qc, const float* qsum,
-                          int64_t g_store, const float* sc, const float* zp, float* scores, int64_t n) {
+                          const float* sc, const float* zp, float* scores, int64_t n) {
   constexpr int NW = K == U8 ? R / 4 : R / 8;
   constexpr int kCodeBits = K == U8 ? 8 : 4, kPerWord = 32 / kCodeBits;
   __m512i words[NW];
   code_words16<NW>(base, row_bytes, t0, words);
   const __m512i mask = _mm512_set1_epi32((1 << kCodeBits) - 1);
-  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  __m512 acc[GH];
+  for (auto& a : acc) a = _mm512_setzero_ps();
   for (int w = 0; w < NW; ++w)
     for (int i = 0; i < kPerWord; ++i) {
       // code i of word w: byte i (8-bit codes), or the low (i even) / high (i odd) nibble of byte i / 2, whose
@@ -280,9 +281,9 @@ inline void score16_codes(const uint8_t* base, int64_t row_bytes, int64_t t0, co
       const int shift = K == U8 ? 8 * i : 8 * (i / 2) + 4 * (i % 2);
       const int slot = K == U8 ? 4 * w + i : (i % 2 ? R / 2 : 0) + 4 * w + i / 2;
       const __m512 code = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(words[w], shift), mask));
-      for (int g = 0; g < 4; ++g) acc[g] = _mm512_fmadd_ps(code, _mm512_set1_ps(qc[g * R + slot]), acc[g]);
+      for (int g = 0; g < GH; ++g) acc[g] = _mm512_fmadd_ps(code, _mm512_set1_ps(qc[g * R + slot]), acc[g]);
     }
-  for (int64_t g = 0; g < g_store; ++g) {
+  for (int g = 0; g < GH; ++g) {
     const __m512 s = _mm512_fmadd_ps(_mm512_loadu_ps(zp + t0), _mm512_set1_ps(qsum[g]),
                                      _mm512_mul_ps(acc[g], _mm512_loadu_ps(sc + t0)));
     _mm512_storeu_ps(scores + g * n + t0, s);
@@ -333,9 +334,16 @@ void label_scores_r(const Labels& L, int64_t b, int64_t h, const float* qc, cons
     for (; t + 16 <= t_end; t += 16) {
       prefetch_labels(base, row_bytes, t, sc, zp);
       prefetch_labels(base, row_bytes, t + 8, sc, zp);
-      for (int64_t g = 0; g < g_rows; g += 4)
-        score16_codes<R, K>(base, row_bytes, t, qc + g * R, qsum + g, std::min<int64_t>(4, g_rows - g), sc, zp,
-                            scores + g * n, n);
+      for (int64_t g = 0; g < g_rows; g += 4) {  // a group of 3 heads computes 3, not 4 padded ones
+        const float *qg = qc + g * R, *sg = qsum + g;
+        float* out = scores + g * n;
+        switch (std::min<int64_t>(4, g_rows - g)) {
+          case 4: score16_codes<R, K, 4>(base, row_bytes, t, qg, sg, sc, zp, out, n); break;
+          case 3: score16_codes<R, K, 3>(base, row_bytes, t, qg, sg, sc, zp, out, n); break;
+          case 2: score16_codes<R, K, 2>(base, row_bytes, t, qg, sg, sc, zp, out, n); break;
+          default: score16_codes<R, K, 1>(base, row_bytes, t, qg, sg, sc, zp, out, n);
+        }
+      }
     }
   }
 #endif
