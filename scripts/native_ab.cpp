@@ -11,7 +11,7 @@
 //   /tmp/native_ab 8 15 4 8 4 128 65536 /tmp/old.so /tmp/new.so   # bits calls B Hkv G D S libs...
 //
 // Group selection, r = D/4 label channels, 1/16 of the row (no sink/recent), one thread, fp32 K/V; 16-bit labels
-// are fp32 copies of the keys' channels, 8-bit ones codes with a per-token scale and zero. Prints each build's
+// are fp32 copies of the keys' channels, 8- and 4-bit ones codes with a per-token scale and zero. Prints each build's
 // median ms per call.
 #include <dlfcn.h>
 
@@ -46,7 +46,7 @@ using DsDecode = int (*)(const float*, int64_t, int64_t, const void*, const void
 
 int main(int argc, char** argv) {
   if (argc < 9) {
-    std::fprintf(stderr, "usage: %s bits(16|8) calls B Hkv G D S lib.so [lib.so ...]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s bits(16|8|4) calls B Hkv G D S lib.so [lib.so ...]\n", argv[0]);
     return 2;
   }
   const int bits = std::atoi(argv[1]), calls = std::atoi(argv[2]);
@@ -73,12 +73,16 @@ int main(int argc, char** argv) {
   std::vector<int64_t> channels(Hkv * r);
   for (int64_t h = 0; h < Hkv; ++h)
     for (int64_t c = 0; c < r; ++c) channels[h * r + c] = (c * 7 + h) % D;
-  Buffer<float> labels(rows * r), scale(rows, 6.f / 255), zero(rows, -3.f);
-  Buffer<uint8_t> codes(rows * r);
+  const int levels = bits == 4 ? 15 : 255;
+  const int64_t width = bits == 4 ? (r + 1) / 2 : r;  // code bytes per label (4-bit: two channels a byte)
+  Buffer<float> labels(rows * r), scale(rows, 6.f / levels), zero(rows, -3.f);
+  Buffer<uint8_t> codes(rows * width);
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t c = 0; c < r; ++c) {
       labels[i * r + c] = K[i * D + channels[(i / S % Hkv) * r + c]];
-      codes[i * r + c] = static_cast<uint8_t>((labels[i * r + c] + 3.f) * 255 / 6);
+      const auto code = static_cast<uint8_t>((labels[i * r + c] + 3.f) * levels / 6);
+      if (bits == 4) codes[i * width + c / 2] |= static_cast<uint8_t>(c % 2 ? code << 4 : code);
+      else codes[i * r + c] = code;
     }
   std::vector<char> flush(1 << 30);  // more than any last-level cache here
   std::vector<std::vector<double>> ms(builds.size());
@@ -92,7 +96,8 @@ int main(int argc, char** argv) {
                   G, S, D, D, r, keep, keep, 0.0, 0, 0, 1, 1.f / 11.3f, out.data(), 1, -1);
       else
         builds[b](q.data(), Hkv * G * D, D, K.data(), V.data(), 0, Hkv * S * D, S * D, D, Hkv * S * D, S * D, D,
-                  channels.data(), codes.data(), 3, Hkv * S * r, S * r, r, scale.data(), zero.data(), Hkv * S, S,
+                  channels.data(), codes.data(), bits == 4 ? 4 : 3, Hkv * S * width, S * width, width, scale.data(),
+                  zero.data(), Hkv * S, S,
                   nullptr, B, Hkv, G, S, D, D, r, keep, keep, 0.0, 0, 0, 1, 1.f / 11.3f, out.data(), 1, -1);
       ms[b].push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
     }

@@ -237,11 +237,15 @@ constexpr TransposeIndex kTranspose;
 // x[w] = word w of tokens t0 .. t0 + 15 (lane = token), for rows of NW words `row_bytes` apart.
 template <int NW>
 inline void code_words16(const uint8_t* base, int64_t row_bytes, int64_t t0, __m512i* x) {
-  static_assert(NW == 4 || NW == 8, "whole 128- or 256-bit rows");
+  static_assert(NW == 2 || NW == 4 || NW == 8, "whole 64-, 128- or 256-bit rows");
   // Register p, slot e holds token e * NW + p: after the rounds, lane L of every register is token L.
   for (int p = 0; p < NW; ++p) {
     const uint8_t* row = base + (t0 + p) * row_bytes;
-    if constexpr (NW == 8) {
+    if constexpr (NW == 2) {
+      int64_t slot[8];
+      for (int e = 0; e < 8; ++e) std::memcpy(&slot[e], row + 2 * e * row_bytes, 8);
+      x[p] = _mm512_set_epi64(slot[7], slot[6], slot[5], slot[4], slot[3], slot[2], slot[1], slot[0]);
+    } else if constexpr (NW == 8) {
       x[p] = _mm512_inserti64x4(_mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row))),
                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 8 * row_bytes)), 1);
     } else {
@@ -263,7 +267,7 @@ inline void code_words16(const uint8_t* base, int64_t row_bytes, int64_t t0, __m
 }
 
 // Scores of the 16 tokens t0.. for GH (1-4) heads (rows of `qc`, R each, in label_row's order), into
-// scores[g * n + t0 ..]: 8-bit codes (R = 16 or 32) or 4-bit ones (R = 32).
+// scores[g * n + t0 ..]: 8- or 4-bit codes, R = 16 or 32.
 template <int R, int K, int GH>
 inline void score16_codes(const uint8_t* base, int64_t row_bytes, int64_t t0, const float* qc, const float* qsum,
                           const float* sc, const float* zp, float* scores, int64_t n) {
@@ -330,7 +334,7 @@ void label_scores_r(const Labels& L, int64_t b, int64_t h, const float* qc, cons
   const float* zp = quantized ? L.zero + b * L.zb + h * L.zh : nullptr;
   int64_t t = t_begin;
 #ifdef __AVX512F__
-  if constexpr ((K == U8 && (R == 16 || R == 32)) || (K == U4 && R == 32)) {
+  if constexpr ((K == U8 || K == U4) && (R == 16 || R == 32)) {
     for (; t + 16 <= t_end; t += 16) {
       prefetch_labels(base, row_bytes, t, sc, zp);
       prefetch_labels(base, row_bytes, t + 8, sc, zp);
