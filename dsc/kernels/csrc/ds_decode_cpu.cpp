@@ -404,6 +404,19 @@ inline float max_or_nan(const float* x, int64_t n) {
   int64_t t = 0;
   float top = -INFINITY;
   bool nan = false;
+#ifdef __AVX512F__
+  __m512 m4[4];  // four running maxima: with one, each step would wait on the last max (latency 4)
+  for (auto& m : m4) m = _mm512_set1_ps(-INFINITY);
+  __mmask16 unordered16 = 0;
+  for (; t + 64 <= n; t += 64)
+    for (int i = 0; i < 4; ++i) {
+      const __m512 v = _mm512_loadu_ps(x + t + 16 * i);
+      m4[i] = _mm512_max_ps(m4[i], v);
+      unordered16 |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    }
+  top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m4[0], m4[1]), _mm512_max_ps(m4[2], m4[3])));
+  nan = unordered16 != 0;
+#endif
 #ifdef DSC_AVX2
   __m256 m = _mm256_set1_ps(-INFINITY), unordered = _mm256_setzero_ps();
   for (; t + 8 <= n; t += 8) {
@@ -414,7 +427,7 @@ inline float max_or_nan(const float* x, int64_t n) {
   float lanes[8];
   _mm256_storeu_ps(lanes, m);
   for (float l : lanes) top = std::max(top, l);
-  nan = _mm256_movemask_ps(unordered) != 0;
+  nan |= _mm256_movemask_ps(unordered) != 0;
 #endif
   for (; t < n; ++t) {
     nan |= std::isnan(x[t]);
