@@ -216,7 +216,7 @@ inline void score8_heads4(const uint8_t* base, int64_t row_bytes, int64_t t0, co
 // across lanes. A token's codes are NW 32-bit words (4 codes, or 8 nibbles); the block's 16 x NW words are
 // transposed in registers (log2 NW rounds of two-source permutes, each swapping one bit of the register index with
 // one of the lane index) into NW vectors, vector w holding word w of the 16 tokens; each code is then a shift and
-// mask of its word, converted once and multiplied into 4 heads. The FMAs per token are the dot products' own; the
+// mask of its word, converted once and multiplied into up to 4 heads. The FMAs per token are the dot products' own; the
 // horizontal sums and their shuffles, which bound score8_heads4 on codes, are gone.
 
 // Round k of the transpose: the permute indices for the new register with bit k clear (pick[0]) and set (pick[1]).
