@@ -1003,6 +1003,25 @@ bool quantize_row(const float* lab, int64_t r, int bits, uint8_t* codes, float* 
   return true;
 }
 
+// The label dsc_label_write stores for one key row `src` (channels `ch`): into `dst` (a label row of kind
+// `data_kind`), and for quantized labels its scale and zero. 16-bit labels are the values as they are (the keys'
+// kind) or exactly in fp32; returns false for a quantized label with a non-finite value (as quantize_row). `lab`:
+// r floats of scratch.
+bool key_label(const uint8_t* src, int key_kind, const int64_t* ch, int64_t r, int bits, int data_kind,
+               uint8_t* dst, float* scale, float* zero, float* lab) {
+  const int ke = elem_size(key_kind);
+  if (bits == 16 && data_kind == key_kind) {
+    for (int64_t c = 0; c < r; ++c) std::memcpy(dst + c * ke, src + ch[c] * ke, ke);  // the value, as is
+    return true;
+  }
+  for (int64_t c = 0; c < r; ++c) lab[c] = key_value(src, key_kind, ch[c]);
+  if (bits == 16) {  // F32 labels of 16-bit keys: exact
+    std::memcpy(dst, lab, r * sizeof(float));
+    return true;
+  }
+  return quantize_row(lab, r, bits, dst, scale, zero);
+}
+
 }  // namespace
 
 // One (batch, KV head) task of a call: its row's valid length n, how many positions it keeps, and their split.
@@ -1111,18 +1130,11 @@ int dsc_label_write(const void* keys, int key_kind, int64_t kb, int64_t kh, int6
     for (int64_t h = 0; h < Hkv; ++h)
       for (int64_t t = 0; t < T; ++t) {
         const uint8_t* src = static_cast<const uint8_t*>(keys) + (b * kb + h * kh + t * kt) * ke;
-        const int64_t p = positions[t];
+        const int64_t p = positions[t], z = b * zb + h * zh + p;
         uint8_t* dst = static_cast<uint8_t*>(data) + (b * db + h * dh + p * ds) * de;
-        const int64_t* ch = channels + h * r;
-        if (bits == 16 && data_kind == key_kind) {
-          for (int64_t c = 0; c < r; ++c) std::memcpy(dst + c * ke, src + ch[c] * ke, ke);  // the value, as is
-        } else if (bits == 16) {  // F32 labels of 16-bit keys: exact
-          for (int64_t c = 0; c < r; ++c) reinterpret_cast<float*>(dst)[c] = key_value(src, key_kind, ch[c]);
-        } else {
-          for (int64_t c = 0; c < r; ++c) lab[c] = key_value(src, key_kind, ch[c]);
-          const int64_t z = b * zb + h * zh + p;
-          if (!quantize_row(lab.data(), r, bits, dst, scale + z, zero + z)) status = 1;
-        }
+        if (!key_label(src, key_kind, channels + h * r, r, bits, data_kind, dst, bits == 16 ? nullptr : scale + z,
+                       bits == 16 ? nullptr : zero + z, lab.data()))
+          status = 1;
       }
   return status;
 }
@@ -1135,30 +1147,19 @@ static int labels_match_row(const Labels& L, const KV& kv, const int64_t* channe
                             int64_t r, int64_t row) {
   const int ke = elem_size(kv.kind), le = elem_size(L.kind);
   const bool quantized = L.kind == U8 || L.kind == U4;
-  const int bits = L.kind == U4 ? 4 : 8;
+  const int bits = L.kind == U4 ? 4 : quantized ? 8 : 16;
+  const int64_t bytes = L.kind == U4 ? (r + 1) / 2 : r * le;  // one label row
   std::vector<float> lab(r);
-  std::vector<uint8_t> codes(r);
+  std::vector<uint8_t> want(bytes);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < Hkv; ++h) {
       const uint8_t* src = kv.k + (b * kv.ksb + h * kv.ksh + row * kv.kss) * ke;
       const uint8_t* have = L.data + (b * L.sb + h * L.sh + row * L.ss) * le;
-      const int64_t* ch = channels + h * r;
-      if (!quantized && L.kind == kv.kind) {
-        for (int64_t c = 0; c < r; ++c)
-          if (std::memcmp(have + c * le, src + ch[c] * ke, le) != 0) return 0;
-        continue;
-      }
-      for (int64_t c = 0; c < r; ++c) lab[c] = key_value(src, kv.kind, ch[c]);
-      if (!quantized) {  // fp32 labels of 16-bit keys
-        if (std::memcmp(have, lab.data(), r * 4) != 0) return 0;
-        continue;
-      }
       float sc, zp;
-      if (!quantize_row(lab.data(), r, bits, codes.data(), &sc, &zp)) return -1;
+      if (!key_label(src, kv.kind, channels + h * r, r, bits, L.kind, want.data(), &sc, &zp, lab.data())) return -1;
+      if (std::memcmp(have, want.data(), bytes) != 0) return 0;
       const int64_t z = b * L.zb + h * L.zh + row;
-      if (std::memcmp(have, codes.data(), bits == 4 ? (r + 1) / 2 : r) != 0 || std::memcmp(L.scale + z, &sc, 4) != 0
-          || std::memcmp(L.zero + z, &zp, 4) != 0)
-        return 0;
+      if (quantized && (std::memcmp(L.scale + z, &sc, 4) != 0 || std::memcmp(L.zero + z, &zp, 4) != 0)) return 0;
     }
   return 1;
 }
