@@ -169,7 +169,7 @@ def _record_selections(monkeypatch):
         return idx
 
     def decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink, recent, group,
-               sm_scale, planned=False, check_row=-1):
+               sm_scale, planned=None, check_row=-1):
         out = real_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink,
                           recent, group, sm_scale, planned, check_row)
         if out is not None:  # None: a planned step found stale labels; the general path decodes it

@@ -513,7 +513,8 @@ def test_bench_attention_command_runs(tmp_path):
                  "--flush-mb", "0", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["labels"] for r in rows] == ["int4", "native"]
-    assert all(r["k"] == 75 and r["r"] == 8 and r["dense_ms"] > 0 and r["ds_ms"] > 0 for r in rows)
+    assert all(r["k"] == 75 and r["r"] == 8 and r["dense_ms"] > 0 and r["ds_ms"] > 0 and r["op_ms"] > 0
+               for r in rows)
     names = {"sdpa-gqa", "packed-gqa", "matmul-softmax", "repeat-kv"}
     assert all(set(r["dense"]) == names and r["dense_ms"] == min(r["dense"].values()) == r["dense"][r["best_dense"]]
                and r["gqa_ms"] == r["dense"]["sdpa-gqa"] for r in rows)

@@ -133,7 +133,7 @@ def test_left_padded_batch_never_selects_padding_and_matches_single_rows(cache, 
     real = site_op._ds_decode
 
     def spy(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink, recent, group,
-            sm_scale, planned=False, check_row=-1):
+            sm_scale, planned=None, check_row=-1):
         scores = torch.ops.dsc.label_scores(q, channels, data, scale, zero, bits, valid, lengths, group)
         idx = torch.ops.dsc.select_topk(scores, budget, frac, sink, recent)
         if valid is not None:

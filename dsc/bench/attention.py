@@ -13,7 +13,9 @@ side by side (``dense_candidates``; the winner is named in the table, every time
 
 A candidate that raises is skipped; every other one must match ``sdpa-gqa`` within the dtype's tolerance before
 anything is timed. Double Sparsity is ``torch.ops.dsc.ds_decode`` (label scores -> top-k -> sparse attention; CPU
-path on CPU, Triton on CUDA). Each row prints the speedup over the best dense time beside the byte-count limit of
+path on CPU, Triton on CUDA), timed twice: per op call ("op ms": dispatch and argument checks every call), and as
+:class:`dsc.kernels.plan.DecodePlan` runs ("plan ms": checked once when planned, the call a model's decode step
+makes; the speedup columns use it). Each row prints the speedup over the best dense time beside the byte-count limit of
 ALGORITHM.md sec. 1 (:mod:`dsc.bytes`): per (token, KV head) dense reads ``2*D*e`` bytes and Double Sparsity
 ``ceil(r*b/8) + (k/S)*2*D*e`` (+ 8 bytes of fp32 scale/zero when the labels are quantized).
 """
@@ -151,6 +153,7 @@ def run(args) -> int:
                                   write_json)
     from dsc.bytes import cache_bytes
     from dsc.kernels import alloc_labels
+    from dsc.kernels.plan import DecodePlan
 
     lengths = parse_list(args.lengths, int, "length")
     batches = parse_list(args.batch, int, "batch size")
@@ -202,17 +205,23 @@ def run(args) -> int:
             torch.ops.dsc.label_write(k, channels, torch.arange(s, device=device), *labels, bits)
             for frac in budgets:
                 budget = max(1, math.ceil(frac * s))
+                plan = DecodePlan(q, k, v, channels, *labels, bits, budget=budget, group=group, sm_scale=sm)
                 with torch.no_grad():
-                    ds_ms = timer(lambda: torch.ops.dsc.ds_decode(q, k, v, channels, *labels, bits, None, None, None,
-                                                                  budget, 0.0, 0, 0, group, sm),
-                                  args.repeats, args.warmup)
+                    def op():
+                        return torch.ops.dsc.ds_decode(q, k, v, channels, *labels, bits, None, None, None, budget,
+                                                       0.0, 0, 0, group, sm)
+
+                    if not torch.equal(plan.run(q), op()):
+                        raise RuntimeError(f"DecodePlan.run differs from the op ({hq}x{hkv}x{d}, B{b}, S{s})")
+                    op_ms = timer(op, args.repeats, args.warmup)
+                    ds_ms = timer(lambda: plan.run(q), args.repeats, args.warmup)
                 _, _, limit = byte_limit(d, e, r, bits, budget / s)
                 speedup = dense_ms / ds_ms
                 rows.append({"shape": f"{hq}x{hkv}x{d}", "batch": b, "length": s, "labels": FORMAT_NAME[bits],
                              "r": r, "budget": f"1/{round(1 / frac)}" if frac < 1 else "1", "k": budget,
                              "dense_ms": dense_ms, "best_dense": best, "gqa_ms": dense["sdpa-gqa"],
-                             "dense": dense, "ds_ms": ds_ms, "speedup": speedup, "limit": limit,
-                             "of_limit": speedup / limit})
+                             "dense": dense, "op_ms": op_ms, "ds_ms": ds_ms, "op_speedup": dense_ms / op_ms,
+                             "speedup": speedup, "limit": limit, "of_limit": speedup / limit})
                 bar.update(1)
             del labels
         del q, k, v
@@ -224,10 +233,12 @@ def run(args) -> int:
           f"warm-up, {flush:g} MB cache flush before each call; "
           f"{'group' if group else 'per-head'} selection; r = {args.label_channels} label channels; "
           + (f"huge pages {info['huge_pages']}; " if device.type == "cpu" else "") +
-          f"dense ms = fastest of the dense candidates (best dense), gqa ms = SDPA enable_gqa=True")
+          f"dense ms = fastest of the dense candidates (best dense), gqa ms = SDPA enable_gqa=True; op ms = "
+          f"torch.ops.dsc.ds_decode per call (dispatch, checks), plan ms = DecodePlan.run (checked once: what a "
+          f"model's decode step runs), speedup and of limit from plan ms")
     cols = [("shape", "HqxHkvxD"), ("batch", "B"), ("length", "S"), ("labels", "labels"), ("r", "r"),
             ("budget", "budget"), ("k", "k"), ("gqa_ms", "gqa ms"), ("dense_ms", "dense ms"),
-            ("best_dense", "best dense"), ("ds_ms", "DS ms"),
+            ("best_dense", "best dense"), ("op_ms", "op ms"), ("op_speedup", "op speedup"), ("ds_ms", "plan ms"),
             ("speedup", "speedup"), ("limit", "byte limit"), ("of_limit", "of limit")]
     shown = [{**row, "of_limit": f"{100 * row['of_limit']:.0f}%"} for row in rows]
     print(format_table(shown, cols))

@@ -115,29 +115,53 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None or t.numel() == 0 else t.data_ptr()
 
 
+class Decode:
+    """The native kernel's arguments for one set of K/V and label buffers, packed once (a step's plan, FlashInfer's
+    plan/run split): :meth:`run` sets the query, the length, the output and the thread count and calls. Cold, the
+    per-call Python is most of a short call's cost (DESIGN.md, "CPU decode step"), so a run does nothing else.
+    The caller keeps ``k``, ``v`` and the labels alive and in place while it runs them (their contents may change):
+    their addresses are packed, the tensors not held (a plan kept past its cache must not keep the cache)."""
+
+    def __init__(self, q, k, v, channels, data, scale, zero, bits: int, lengths, budget: int, frac: float, sink: int,
+                 recent: int, group: bool, sm_scale: float):
+        b, hq, _, d = q.shape
+        hkv, dv = k.shape[1], v.shape[-1]
+        quantized = bits != 16
+        channels = channels.contiguous()
+        ln = None if lengths is None else lengths.to(torch.int64).contiguous()
+        self.made = (channels, ln)  # made here: held
+        self.args = [
+            0, 0, 0, k.data_ptr(), v.data_ptr(), DTYPE_KIND[k.dtype], k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), channels.data_ptr(), data.data_ptr(),
+            CODE_KIND[bits] if quantized else DTYPE_KIND[data.dtype], data.stride(0), data.stride(1), data.stride(2),
+            _ptr(scale), _ptr(zero), scale.stride(0) if quantized else 0, scale.stride(1) if quantized else 0,
+            _ptr(ln), b, hkv, hq // hkv, 0, d, dv, channels.shape[1], 0, budget, float(frac), sink, recent,
+            int(group), float(sm_scale), 0, 1, -1]  # zeros: set per run
+        self.out_shape, self.dtype = (b, hq, 1, dv), q.dtype
+        self.call = library().dsc_ds_decode
+
+    def run(self, q, s: int, kk: int, check_row: int = -1) -> torch.Tensor | None:
+        """Decode ``q`` (the planned shape and dtype) over the first ``s`` positions with ``kk`` slots per row (the
+        op's width for ``s``). ``check_row >= 0``: first check that the stored labels of that row are still those
+        of ``k``'s row (bit for bit, every batch row and KV head); None, without decoding, when they are not (or a
+        non-finite quantized label makes it undecidable)."""
+        if q.dtype != torch.float32 or q.stride(-1) != 1:
+            q = q.float().contiguous()
+        out = torch.empty(self.out_shape)
+        a = self.args.copy()  # runs may overlap (threads)
+        a[0], a[1], a[2] = q.data_ptr(), q.stride(0), q.stride(1)  # slots as in dsc_ds_decode's signature
+        a[26], a[30], a[37], a[38], a[39] = s, kk, out.data_ptr(), torch.get_num_threads(), check_row  # S kk out
+        if self.call(*a) != 0:
+            return None
+        return out if self.dtype == torch.float32 else out.to(self.dtype)
+
+
 def ds_decode(q, k, v, channels, data, scale, zero, bits: int, lengths, budget: int, frac: float, sink: int,
               recent: int, group: bool, sm_scale: float, kk: int, check_row: int = -1) -> torch.Tensor | None:
-    """``dsc::ds_decode`` for a call :func:`covers` accepts (``kk``: the op's slots per row). ``check_row >= 0``:
-    first check that the stored labels of that row are still those of ``k``'s row (bit for bit, every batch row and
-    KV head); None, without decoding, when they are not (or a non-finite quantized label makes it undecidable)."""
-    b, hq, _, d = q.shape
-    hkv, s, dv = k.shape[1], k.shape[2], v.shape[-1]
-    qf = q if q.dtype == torch.float32 and q.stride(-1) == 1 else q.float().contiguous()
-    channels = channels.contiguous()
-    quantized = bits != 16
-    ln = None if lengths is None else lengths.to(torch.int64).contiguous()
-    out = torch.empty(b, hq, 1, dv, dtype=torch.float32)
-    code = library().dsc_ds_decode(
-        qf.data_ptr(), qf.stride(0), qf.stride(1), k.data_ptr(), v.data_ptr(), DTYPE_KIND[k.dtype],
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), channels.data_ptr(),
-        data.data_ptr(), CODE_KIND[bits] if quantized else DTYPE_KIND[data.dtype], data.stride(0), data.stride(1),
-        data.stride(2), _ptr(scale), _ptr(zero),
-        scale.stride(0) if quantized else 0, scale.stride(1) if quantized else 0, _ptr(ln), b, hkv, hq // hkv, s, d,
-        dv, channels.shape[1], kk, budget, float(frac), sink, recent, int(group), float(sm_scale), out.data_ptr(),
-        torch.get_num_threads(), check_row)
-    if code != 0:
-        return None
-    return out if q.dtype == torch.float32 else out.to(q.dtype)
+    """``dsc::ds_decode`` for a call :func:`covers` accepts (``kk``: the op's slots per row), packed and run once
+    (:meth:`Decode.run`, which says what ``check_row`` does)."""
+    return Decode(q, k, v, channels, data, scale, zero, bits, lengths, budget, frac, sink, recent, group,
+                  sm_scale).run(q, k.shape[2], kk, check_row)
 
 
 def writes(keys, positions, data, scale, zero, bits: int) -> bool:

@@ -224,29 +224,35 @@ def planned_decode(rt: Runtime, site_index: int, spec: SiteSpec, call: SiteCall)
     if n != p + 1 or valid is not None or bias is not None:
         return None
     args = _decode_args(spec, call, entry, k, call.v, n, None, None, spec.group)
-    signature = (q.shape, q.stride(), q.dtype, k.shape, k.stride(), k.dtype, call.v.shape, call.v.stride(),
-                 call.new_k.shape, call.new_k.stride(), entry.data.data_ptr(), call.scale)
+    # what the plan packed: the kernel reads these buffers at these addresses (alive: this call's, and the entry's)
+    signature = (q.shape, q.stride(), q.dtype, k.data_ptr(), k.shape, k.stride(), k.dtype, call.v.data_ptr(),
+                 call.v.shape, call.v.stride(), call.new_k.shape, call.new_k.stride(), entry.data.data_ptr(),
+                 call.scale)
     plan = rt.plans.get(site_index)
     if plan is None or plan[0] != signature:
-        plan = rt.plans[site_index] = (signature, _plan(call, entry, args))
-    if not plan[1]:
+        plan = rt.plans[site_index] = (signature, _plan(spec, call, entry, args))
+    if plan[1] is None:
         return None
     rt.labels.append_planned(spec.label, entry, call.new_k, positions, k.shape[2])
-    out = _ds_decode(*args, planned=True, check_row=p - 1)
+    out = _ds_decode(*args, planned=plan[1], check_row=p - 1)
     if out is not None:
         rt.stats["sparse_calls"] += 1
     return out  # None: the row before p no longer holds what was labelled; the general path rebuilds
 
 
-def _plan(call: SiteCall, entry: Entry, args: tuple) -> bool:
+def _plan(spec: SiteSpec, call: SiteCall, entry: Entry, args: tuple) -> Optional[native.Decode]:
     """Validate a planned decode step's label write and ``args`` (:func:`_decode_args`) as the ops would (raising
-    what they raise); whether the native kernels take such steps."""
-    q, k, v, channels, data, sc, zero, bits, valid, bias, lengths, budget, frac, sink, recent, _, scale = args
+    what they raise); the native kernel's call over the whole buffers (a step passes its length), or None when the
+    native kernels do not take such steps."""
+    q, k, v, channels, data, sc, zero, bits, valid, bias, lengths, budget, frac, sink, recent, group, scale = args
     checks.check_label_write(call.new_k, channels, call.positions, entry.data, entry.scale, entry.zero, bits)
     checks.check_ds_decode(q, k, v, channels, data, sc, zero, bits, valid, bias, lengths, budget, frac, sink, recent,
                            scale)
-    return (native.writes(call.new_k, call.positions, entry.data, entry.scale, entry.zero, bits)
-            and native.covers(q, k, v, data, sc, zero, bits, valid, bias))
+    if not (native.writes(call.new_k, call.positions, entry.data, entry.scale, entry.zero, bits)
+            and native.covers(q, k, v, data, sc, zero, bits, valid, bias)):
+        return None
+    return native.Decode(q, call.k, call.v, channels, *entry.view(call.k.shape[2], bits), bits, None, budget, frac,
+                         sink, recent, group, scale)
 
 
 def _valid_prefix(valid: Optional[Tensor], bias: Optional[Tensor], s: int):
@@ -298,13 +304,12 @@ def attend_offload_predicted(rt: Runtime, spec: SiteSpec, call: SiteCall, step: 
 
 
 def _ds_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac, sink, recent, group,
-               sm_scale, planned: bool = False, check_row: int = -1):
-    """The sparse kernel (a plain function so tests can observe the selection by patching it): the op, or with
-    ``planned`` (arguments a site's plan validated, :func:`planned_decode`) the native kernel directly, which first
-    checks the labels of ``check_row`` (None when they are stale)."""
-    if planned:
-        return native.ds_decode(q, k, v, channels, data, scale, zero, bits, lengths, budget, frac, sink, recent,
-                                group, sm_scale, checks.topk_width(k.shape[2], budget, frac), check_row)
+               sm_scale, planned: Optional[native.Decode] = None, check_row: int = -1):
+    """The sparse kernel (a plain function so tests can observe the selection by patching it): the op, or
+    ``planned`` (the native call a site's plan packed for these arguments' buffers, :func:`planned_decode`) over
+    the first ``k.shape[2]`` positions, which first checks the labels of ``check_row`` (None when they are stale)."""
+    if planned is not None:
+        return planned.run(q, k.shape[2], checks.topk_width(k.shape[2], budget, frac), check_row)
     return torch.ops.dsc.ds_decode(q, k, v, channels, data, scale, zero, bits, valid, bias, lengths, budget, frac,
                                    sink, recent, group, sm_scale)
 
