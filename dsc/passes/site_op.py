@@ -224,13 +224,14 @@ def planned_decode(rt: Runtime, site_index: int, spec: SiteSpec, call: SiteCall)
     if n != p + 1 or valid is not None or bias is not None:
         return None
     args = _decode_args(spec, call, entry, k, call.v, n, None, None, spec.group)
-    # what the plan packed: the kernel reads these buffers at these addresses (alive: this call's, and the entry's)
+    # what the plan checked and packed: the buffers' addresses (alive: this call's, the entry's, the channels the
+    # plan holds), layouts and the selection's values
     signature = (q.shape, q.stride(), q.dtype, k.data_ptr(), k.shape, k.stride(), k.dtype, call.v.data_ptr(),
                  call.v.shape, call.v.stride(), call.new_k.shape, call.new_k.stride(), entry.data.data_ptr(),
-                 call.scale)
+                 entry.scale.data_ptr(), entry.zero.data_ptr(), args[3].data_ptr(), args[7], args[10:])
     plan = rt.plans.get(site_index)
     if plan is None or plan[0] != signature:
-        plan = rt.plans[site_index] = (signature, _plan(spec, call, entry, args))
+        plan = rt.plans[site_index] = (signature, _plan(call, entry, args))
     if plan[1] is None:
         return None
     rt.labels.append_planned(spec.label, entry, call.new_k, positions, k.shape[2])
@@ -240,7 +241,7 @@ def planned_decode(rt: Runtime, site_index: int, spec: SiteSpec, call: SiteCall)
     return out  # None: the row before p no longer holds what was labelled; the general path rebuilds
 
 
-def _plan(spec: SiteSpec, call: SiteCall, entry: Entry, args: tuple) -> Optional[native.Decode]:
+def _plan(call: SiteCall, entry: Entry, args: tuple) -> Optional[native.Decode]:
     """Validate a planned decode step's label write and ``args`` (:func:`_decode_args`) as the ops would (raising
     what they raise); the native kernel's call over the whole buffers (a step passes its length), or None when the
     native kernels do not take such steps."""
