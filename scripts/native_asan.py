@@ -4,8 +4,9 @@
 It builds the kernel with ``-fsanitize=address -D_GLIBCXX_SANITIZE_VECTOR`` (scratch vectors checked to their size,
 not their capacity) and calls it over every label format, K/V dtype, selection mode, budget kind (absolute,
 fractional with sink/recent, covering the row), ``lengths``, row lengths on and off the 8-token blocks and 3, 4 or 6
-query heads per KV head, with the continuity check of the last row; and the label write over every label format,
-key dtype, odd and even ``r``, one and several tokens, contiguous and transposed keys::
+query heads per KV head, with the continuity check of the last row, and as a ``DecodePlan`` run over the first half
+of its buffers; and the label write over every label format, key dtype, odd and even ``r``, one and several tokens,
+contiguous and transposed keys::
 
     LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 .venv/bin/python scripts/native_asan.py
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dsc.kernels import alloc_labels, checks, native
+from dsc.kernels import DecodePlan, alloc_labels, checks, native
 from dsc.kernels.testing import make_case
 
 FLAGS = ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer", "-D_GLIBCXX_SANITIZE_VECTOR",
@@ -44,6 +45,10 @@ def main() -> None:
         out = native.ds_decode(c.q, c.k, c.v, c.channels, c.data, c.scale, c.zero, bits, c.lengths, budget, frac,
                                sink, recent, group, d ** -0.5, checks.topk_width(s, budget, frac), s - 1)
         assert out is not None, "the last row's labels, written by the reference, failed the kernel's check"
+        if not lengths:  # a plan over the buffers, run over their first half (DecodePlan.run's length)
+            DecodePlan(c.q, c.k, c.v, c.channels, c.data, c.scale, c.zero, bits, budget, frac, sink, recent,
+                       group).run(c.q, length=s // 2)
+            calls += 1
         calls += 1
     for threads, bits, lengths, group, (budget, frac, sink, recent) in itertools.product(
             (1, 3), (16, 8, 4), (False, True), (True, False), LONG_BUDGETS):
