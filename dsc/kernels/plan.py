@@ -3,12 +3,13 @@
 FlashInfer's plan/run split: the arguments are validated when planning (``checks.check_ds_decode``, what the op
 checks on every call); a run checks only that the query is the planned one and how many positions to attend, then
 calls the kernel. On the CPU a run is the native kernel's call and little more: cold (other layers ran in between)
-the op's dispatch and checks cost 0.3-0.4 ms per call on the 2-core VM, as much as the whole kernel at 16K tokens,
-batch 1 (DESIGN.md, "CPU decode step"). Elsewhere (CUDA, or a call the native kernel does not take) a run is the op
-over the planned buffers' first ``length`` positions.
+an op call costs about 0.5 ms beyond the kernel on the 2-core VM (dispatch, checks, packing the kernel's arguments,
+allocating the output), as much as the kernel itself at 9x3x64, batch 1, 16K; a run 0.12-0.22 ms (DESIGN.md, the
+``DecodePlan`` entry). Elsewhere (CUDA, or a call the native kernel does not take) a run is the op over the planned
+buffers' first ``length`` positions.
 
-The buffers' storage must stay where it is between runs (their contents may change: a static cache filling up,
-labels written with ``dsc::label_write``); plan again after reallocating one.
+The plan holds its buffers (they live as long as it does); their contents may change between runs (a static cache
+filling up, labels written with ``dsc::label_write``), their storage must not: plan again after reallocating one.
 """
 from __future__ import annotations
 
