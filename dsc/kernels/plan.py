@@ -24,7 +24,8 @@ from . import checks, native
 class DecodePlan:
     """Double Sparsity decode attention of queries shaped like ``q`` over ``k``/``v`` ``[B, Hkv, S, D]`` and their
     label cache ``data``/``scale``/``zero``, with the op's selection arguments (``torch.ops.dsc.ds_decode``, no mask,
-    bias or per-sequence lengths: positions ``[0, length)`` valid in every row).
+    bias or per-sequence lengths: positions ``[0, length)`` valid in every row). Inference only, as the op: no
+    gradient flows through a run.
 
     >>> plan = DecodePlan(q, k, v, channels, *labels, bits=8, budget=64, frac=1 / 16)
     >>> out = plan.run(q)              # == torch.ops.dsc.ds_decode(q, k, v, channels, *labels, 8, budget=64, ...)
