@@ -115,3 +115,16 @@ def test_plan_query_may_be_a_strided_view():
     q.copy_(c.q)
     assert q.stride(1) == 128
     assert torch.equal(plan.run(q), plan.run(c.q))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_plan_on_cuda_runs_the_op():
+    """On a GPU a plan has no native call: a run is the op (Triton) over the buffers' first ``length`` positions."""
+    c = make_case(12, 2, 2, 4, 1, 300, 64, 16, 8, torch.bfloat16)
+    g = replace(c, q=c.q.cuda(), k=c.k.cuda(), v=c.v.cuda(), channels=c.channels.cuda(), data=c.data.cuda(),
+                scale=c.scale.cuda(), zero=c.zero.cuda())
+    plan = plan_of(g, dict(budget=12, frac=1 / 16, sink=2, recent=4))
+    assert plan.native is None
+    out = plan.run(g.q, length=250)
+    assert out.is_cuda
+    assert_ds_decode_matches_oracle(out.cpu(), prefix(c, 250), 12, 1 / 16, 2, 4, True, None, TOL[torch.bfloat16])
