@@ -19,9 +19,9 @@ from kernel_helpers import ONCE, TOL, count_checks
 
 def prefix(c, n):
     """Case ``c`` cut to its first ``n`` positions: what a run over ``length=n`` must compute."""
-    q8 = c.bits != 16
+    quantized = c.bits != 16  # scale/zero per position; 16-bit labels have none
     return replace(c, k=c.k[:, :, :n], v=c.v[:, :, :n], data=c.data[:, :, :n],
-                   scale=c.scale[:, :, :n] if q8 else c.scale, zero=c.zero[:, :, :n] if q8 else c.zero)
+                   scale=c.scale[:, :, :n] if quantized else c.scale, zero=c.zero[:, :, :n] if quantized else c.zero)
 
 
 def plan_of(c, sel):

@@ -149,8 +149,9 @@ class Decode:
             q = q.float().contiguous()
         out = torch.empty(self.out_shape)
         a = self.args.copy()  # runs may overlap (threads)
-        a[0], a[1], a[2] = q.data_ptr(), q.stride(0), q.stride(1)  # slots as in dsc_ds_decode's signature
-        a[26], a[30], a[37], a[38], a[39] = s, kk, out.data_ptr(), torch.get_num_threads(), check_row  # S kk out
+        # the slots of dsc_ds_decode's signature: q and its strides; S, kk, out, nthreads, check_row
+        a[0], a[1], a[2] = q.data_ptr(), q.stride(0), q.stride(1)
+        a[26], a[30], a[37], a[38], a[39] = s, kk, out.data_ptr(), torch.get_num_threads(), check_row
         if self.call(*a) != 0:
             return None
         return out if self.dtype == torch.float32 else out.to(self.dtype)
