@@ -34,6 +34,7 @@ from torch.overrides import TorchFunctionMode
 import dsc.kernels  # noqa: F401  (registers torch.ops.dsc.*)
 from dsc.attention_mask import causal_valid, valid_from_mask
 from dsc.bytes import kv_bytes, label_bytes
+from dsc.kernels import label_prefix
 from dsc.config import (SELECTION_FIELDS, BudgetView, DSConfig, Selection, check_value, parse_budget,  # noqa: F401
                         resolve_r)
 from dsc.sites import is_sdpa, layer_index, module_stack, sdpa_arguments
@@ -186,10 +187,7 @@ class LayerScorer:
         b, hkv = k.shape[0], k.shape[1]
         hq, c = q.shape[1], q.shape[2]
         if p.name == "dsparse":
-            data, scale, zero = self.labels
-            if p.label_bits != 16:
-                scale, zero = scale[:, :, :s], zero[:, :, :s]
-            return torch.ops.dsc.label_scores(q, self.ch, data[:, :, :s], scale, zero, p.label_bits,
+            return torch.ops.dsc.label_scores(q, self.ch, *label_prefix(*self.labels, p.label_bits, s), p.label_bits,
                                               valid.expand(b, 1, c, s), None, self.group)
         if p.name == "streaming":  # newest first: after the forced sinks, top-k takes the most recent tokens
             hsel = hkv if self.group else hq

@@ -12,7 +12,7 @@ from __future__ import annotations
 from .ops import (dense_attention, ds_decode, label_scores, label_write, paged_sparse_attention, select_topk,
                   sparse_attention, sparse_attention_host, write_rows)
 from .plan import DecodePlan
-from .reference import alloc_labels
+from .reference import alloc_labels, label_prefix
 
-__all__ = ["DecodePlan", "alloc_labels", "dense_attention", "ds_decode", "label_scores", "label_write",
-           "paged_sparse_attention", "select_topk", "sparse_attention", "sparse_attention_host", "write_rows"]
+__all__ = ["DecodePlan", "alloc_labels", "dense_attention", "ds_decode", "label_prefix", "label_scores",
+           "label_write", "paged_sparse_attention", "select_topk", "sparse_attention", "sparse_attention_host", "write_rows"]

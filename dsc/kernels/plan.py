@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import checks, native
+from .reference import label_prefix
 
 
 class DecodePlan:
@@ -63,6 +64,5 @@ class DecodePlan:
         if check_row >= 0:
             raise ValueError("check_row: only the native CPU kernel checks a row's labels (plan.native is None)")
         k, v, channels, data, scale, zero, bits = self.buffers
-        scale, zero = (scale, zero) if bits == 16 else (scale[:, :, :n], zero[:, :, :n])
-        return torch.ops.dsc.ds_decode(q, k[:, :, :n], v[:, :, :n], channels, data[:, :, :n], scale, zero, bits,
-                                       None, None, None, *self.selection)
+        return torch.ops.dsc.ds_decode(q, k[:, :, :n], v[:, :, :n], channels, *label_prefix(data, scale, zero, bits, n),
+                                       bits, None, None, None, *self.selection)

@@ -286,3 +286,11 @@ def alloc_labels(b: int, hkv: int, s: int, r: int, bits: int, dtype=torch.float3
     data = torch.zeros(b, hkv, s, checks.label_width(r, bits), dtype=torch.uint8, device=device)
     return (data, torch.zeros(b, hkv, s, dtype=torch.float32, device=device),
             torch.zeros(b, hkv, s, dtype=torch.float32, device=device))
+
+
+def label_prefix(data, scale, zero, bits: int, s: int):
+    """The first ``s`` positions of a label cache ``(data, scale, zero)``, as views (16-bit labels have no
+    scale/zero: those stay as they are)."""
+    if bits == 16:
+        return data[:, :, :s], scale, zero
+    return data[:, :, :s], scale[:, :, :s], zero[:, :, :s]

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsc.kernels import alloc_labels, native
+from dsc.kernels import alloc_labels, label_prefix, native
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,9 +104,7 @@ class Entry:
 
     def view(self, s: int, bits: int):
         """The first ``s`` positions, as the kernels want them (``scale``/``zero`` stay ``[0]`` at 16 bits)."""
-        if bits == 16:
-            return self.data[:, :, :s], self.scale, self.zero
-        return self.data[:, :, :s], self.scale[:, :, :s], self.zero[:, :, :s]
+        return label_prefix(self.data, self.scale, self.zero, bits, s)
 
     def grow(self, label: LabelSpec, like: torch.Tensor, capacity: int) -> None:
         old = (self.data, self.scale, self.zero)
