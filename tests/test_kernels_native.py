@@ -190,6 +190,23 @@ def test_native_decode_reads_hf_layout_views():
     assert torch.allclose(out, want, atol=1e-6)
 
 
+@pytest.mark.parametrize("bits,r,d", [(8, 16, 64), (4, 16, 64), (4, 32, 128), (8, 32, 128)])
+def test_native_decode_reads_label_rows_that_are_not_packed(bits, r, d):
+    """Code rows further apart than their width (a view of wider rows) take the strided gather of 16-token code
+    blocks, not the packed one that the cache's own layout takes: against the definition."""
+    c = make_case(bits + r, 2, 2, 3, 1, 300, d, r, bits)
+    width = c.data.shape[-1]
+    wide = torch.full((*c.data.shape[:-1], width + 16), 255, dtype=torch.uint8)
+    wide[..., :width] = c.data
+    c.data = wide[..., :width]
+    assert c.data.stride(-2) != width
+    args = (40, 0.0, 2, 3, True, None)
+    with native_calls() as calls:
+        out = C.ds_decode(c.q, c.k, c.v, *c.labels, None, None, None, *args)
+    assert calls
+    assert assert_ds_decode_matches_oracle(out, c, *args, TOL[torch.float32]) > 0
+
+
 def test_native_nan_query_propagates_and_empty_rows_are_zero():
     c = make_case(12, 2, 1, 3, 1, 50, 32, 8, 16, lengths=False)
     q = c.q.clone()
