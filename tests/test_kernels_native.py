@@ -121,11 +121,12 @@ def test_native_decode_exact_scores_every_format(bits, r, d, g, group):
     assert_exact_selection_output(out, c, *args)
 
 
-# Rows of 8K positions and more: the kernel selects from a strided sample's candidates there (and from every key
+# Rows of 4K positions and more: the kernel selects from a strided sample's candidates there (and from every key
 # when the sample misleads), below that from every key. sm_scale is small, so every selected row weighs about the
 # same in the output and one wrong row moves it by far more than the tolerance.
 @pytest.mark.parametrize("bits,group,frac,budget,sink,recent,lengths", [
     (16, True, 1 / 16, 1, 4, 16, None),  # the default configuration
+    (8, True, 1 / 16, 1, 4, 16, [5000, 4200]),  # rows of 4-8K, sampled
     (8, True, 0.0, 700, 0, 0, [9000, 8500]),
     (4, False, 1 / 16, 1, 1, 3, None),
     (16, False, 0.0, 3000, 2, 0, [8300, 9000]),
