@@ -159,6 +159,24 @@ def test_native_decode_long_rows_rank_nan_scores_first(group):
     assert_exact_selection_output(out, c, *args)
 
 
+@pytest.mark.parametrize("n,budget,group", [(700, 90, True), (700, 90, False), (5000, 313, True)])
+def test_native_decode_takes_exactly_the_budget_from_tied_scores(n, budget, group):
+    """Runs of 40 positions share a score, and the budget ends inside a run (30 of 40 at 700 positions, 33 of 40 at
+    5000, a sampled row): the select must take exactly that many of the tied positions, whichever. Each run's K/V
+    rows are one row repeated, so any choice among them gives the definition's output, and one position too many
+    or too few moves it."""
+    values = torch.arange(n) // 40
+    c = exact_score_case(19, 16, values, g=3)
+    first = (torch.arange(n) // 40) * 40
+    c.k[:] = c.k[:, :, first]
+    c.v[:] = c.v[:, :, first]
+    args = (budget, 0.0, 0, 0, group, 1e-4)
+    with native_calls() as calls:
+        out = C.ds_decode(c.q, c.k, c.v, *c.labels, None, None, None, *args)
+    assert calls
+    assert_exact_selection_output(out, c, *args)
+
+
 @pytest.mark.parametrize("group", [True, False])
 def test_native_decode_periodic_scores_match_definition(group):
     """The best 1024 positions every 8th one after the sink: a strided sample of the row sees only them, and its
