@@ -697,8 +697,8 @@ int64_t pick_best(const uint32_t* keys, const uint32_t* offsets, int64_t count, 
   int64_t i = 0;
 #if defined(__AVX512F__) && defined(__BMI2__)
   // 16 keys a block: the keys above kth, and of those equal to it the first `ties`; their positions packed and
-  // widened to int64, stored under a mask (picked has no room past its selection). With the radix's bucket filter
-  // below also 16 keys a block, the select phase took 18-29% fewer cycles (9x3x64, batch 4, 2K and 64K).
+  // widened to int64, stored under a mask (picked has no room past its selection). With radix_threshold's bucket
+  // filter also 16 keys a block, the select phase took 18-29% fewer cycles (9x3x64, batch 4, 2K and 64K).
   const __m512i k16 = _mm512_set1_epi32(static_cast<int32_t>(kth));
   __m512i index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i base = _mm512_set1_epi64(lo);
