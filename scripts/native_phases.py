@@ -30,10 +30,7 @@ PHASES = ("score", "select", "attend")
 def build(source: str, out_dir: str) -> ctypes.CDLL:
     so = os.path.join(out_dir, f"{len(os.listdir(out_dir))}.so")
     subprocess.check_call(["c++", *native.FLAGS, "-DDSC_PHASES", source, "-o", so])
-    lib = ctypes.CDLL(so)
-    lib.dsc_ds_decode.argtypes = native._ARGTYPES
-    lib.dsc_ds_decode.restype = ctypes.c_int
-    return lib
+    return native.load(so)
 
 
 def main(shape: str, batch: int, length: int, bits: int, calls: int, sources: list[str]) -> None:
@@ -51,9 +48,7 @@ def main(shape: str, batch: int, length: int, bits: int, calls: int, sources: li
     plan = DecodePlan(q, k, v, channels, *labels, bits, budget=budget, sm_scale=d ** -0.5)
     want = plan.run(q)
     out = torch.empty_like(want)
-    args = plan.native.args.copy()  # native.Decode.run's slots: q and its strides; S, kk, out, threads, check_row
-    args[0], args[1], args[2] = q.data_ptr(), q.stride(0), q.stride(1)
-    args[26], args[30], args[37], args[38], args[39] = length, topk_width(length, budget, 0.0), out.data_ptr(), 1, -1
+    args = plan.native.arguments(q, length, topk_width(length, budget, 0.0), out, 1, -1)
     junk = torch.empty(2**28)  # 1 GB
     cycles = (ctypes.c_uint64 * 4)()
     with tempfile.TemporaryDirectory() as tmp:

@@ -90,11 +90,17 @@ def library():
     try:
         if cxx is None:
             raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
-        lib = ctypes.CDLL(str(_build(cxx)))
+        return load(_build(cxx))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         warnings.warn(f"dsc: the native CPU decode kernel is unavailable, so CPU decoding takes the slower torch "
                       f"path: {err}", RuntimeWarning, stacklevel=2)
         return None
+
+
+def load(path) -> ctypes.CDLL:
+    """A build of the kernel's source at ``path``, its entry points typed (:func:`library`'s, or a measuring
+    script's own build)."""
+    lib = ctypes.CDLL(str(path))
     lib.dsc_ds_decode.argtypes = _ARGTYPES
     lib.dsc_ds_decode.restype = ctypes.c_int
     lib.dsc_label_write.argtypes = _WRITE_ARGTYPES
@@ -148,13 +154,18 @@ class Decode:
         if q.dtype != torch.float32 or q.stride(-1) != 1:
             q = q.float().contiguous()
         out = torch.empty(self.out_shape)
+        if self.call(*self.arguments(q, s, kk, out, torch.get_num_threads(), check_row)) != 0:
+            return None
+        return out if self.dtype == torch.float32 else out.to(self.dtype)
+
+    def arguments(self, q, s: int, kk: int, out, threads: int, check_row: int) -> list:
+        """``dsc_ds_decode``'s arguments for a run: the packed ones with the run's slots set (``q``: fp32, unit
+        stride along D; ``out``: fp32 ``[B, Hq, 1, Dv]``, contiguous)."""
         a = self.args.copy()  # runs may overlap (threads)
         # the slots of dsc_ds_decode's signature: q and its strides; S, kk, out, nthreads, check_row
         a[0], a[1], a[2] = q.data_ptr(), q.stride(0), q.stride(1)
-        a[26], a[30], a[37], a[38], a[39] = s, kk, out.data_ptr(), torch.get_num_threads(), check_row
-        if self.call(*a) != 0:
-            return None
-        return out if self.dtype == torch.float32 else out.to(self.dtype)
+        a[26], a[30], a[37], a[38], a[39] = s, kk, out.data_ptr(), threads, check_row
+        return a
 
 
 def ds_decode(q, k, v, channels, data, scale, zero, bits: int, lengths, budget: int, frac: float, sink: int,
