@@ -10,31 +10,23 @@ allocated, arguments set, called), the bare ctypes call with its arguments built
 positions (the call's fixed cost: ctypes and the kernel's setup), and alone: the output's ``torch.empty``,
 ``Decode.arguments``, ``checks.topk_width``, a Python call that does nothing.
 """
-import math
+import os
 import statistics
 import sys
 import time
 
-import torch
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the dsc command: K/V on huge pages
 
-from dsc.bench.common import cpu_flush_mb
-from dsc.kernels import alloc_labels, checks
-from dsc.kernels.plan import DecodePlan
+import torch  # noqa: E402
+
+from dsc.bench.common import cpu_flush_mb  # noqa: E402
+from dsc.kernels import checks  # noqa: E402
+from native_phases import planned_case  # noqa: E402  (this folder's: sys.path[0] when run as a script)
 
 
 def main(shape: str, batch: int, length: int, bits: int, repeats: int = 30) -> None:
     torch.set_num_threads(1)
-    hq, hkv, d = map(int, shape.split("x"))
-    r = d // 4
-    gen = torch.Generator().manual_seed(0)
-    q = torch.randn(batch, hq, 1, d, generator=gen)
-    k = torch.randn(batch, hkv, length, d, generator=gen)
-    v = torch.randn(batch, hkv, length, d, generator=gen)
-    channels = torch.stack([torch.randperm(d, generator=gen)[:r] for _ in range(hkv)])
-    labels = alloc_labels(batch, hkv, length, r, bits, torch.float32, q.device)
-    torch.ops.dsc.label_write(k, channels, torch.arange(length), *labels, bits)
-    budget = math.ceil(length / 16)
-    plan = DecodePlan(q, k, v, channels, *labels, bits, budget=budget, sm_scale=d ** -0.5)
+    q, plan, budget = planned_case(shape, batch, length, bits)
     if plan.native is None:
         sys.exit("the native kernel does not take this call here (no C++ compiler, or not a CPU)")
     call = plan.native

@@ -33,8 +33,10 @@ def build(source: str, out_dir: str) -> ctypes.CDLL:
     return native.load(so)
 
 
-def main(shape: str, batch: int, length: int, bits: int, calls: int, sources: list[str]) -> None:
-    torch.set_num_threads(1)
+def planned_case(shape: str, batch: int, length: int, bits: int) -> tuple[torch.Tensor, DecodePlan, int]:
+    """``(q, plan, budget)``: the measuring scripts' call (``scripts/cold_call.py`` too): random fp32 K/V of
+    ``shape`` (HqxHkvxD), labelled with r = D/4 random channels in ``bits``-bit labels, planned with group
+    selection over 1/16 of the row, no sink/recent."""
     hq, hkv, d = map(int, shape.split("x"))
     r = d // 4
     gen = torch.Generator().manual_seed(0)
@@ -45,7 +47,13 @@ def main(shape: str, batch: int, length: int, bits: int, calls: int, sources: li
     labels = alloc_labels(batch, hkv, length, r, bits, torch.float32, q.device)
     torch.ops.dsc.label_write(k, channels, torch.arange(length), *labels, bits)
     budget = math.ceil(length / 16)
-    plan = DecodePlan(q, k, v, channels, *labels, bits, budget=budget, sm_scale=d ** -0.5)
+    return q, DecodePlan(q, k, v, channels, *labels, bits, budget=budget, sm_scale=d ** -0.5), budget
+
+
+def main(shape: str, batch: int, length: int, bits: int, calls: int, sources: list[str]) -> None:
+    torch.set_num_threads(1)
+    q, plan, budget = planned_case(shape, batch, length, bits)
+    hkv = int(shape.split("x")[1])
     want = plan.run(q)
     out = torch.empty_like(want)
     args = plan.native.arguments(q, length, topk_width(length, budget, 0.0), out, 1, -1)
