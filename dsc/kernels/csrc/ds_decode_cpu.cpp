@@ -932,38 +932,36 @@ inline void block_weights16(float* w, int64_t nb, int64_t g_rows, int64_t dv, co
   }
 }
 
-// out_g += sum_j w[g * kBlock + j] * rows[j], j < nb, for the GN heads of w and out (dv a multiple of 16). A pass
-// holds 64 floats of every head's output in registers and reads each row's 64 once: GN x 4 independent sums, one
-// weight broadcast per head and row (one 16-float slice at a time, the GN sums each waited on its own FMAs and the
-// weights were broadcast 4 times over: the attention phase took 4-7% more cycles, scripts/native_phases.py).
+// out_g[i0, i0 + 16 S) += sum_j w[g * kBlock + j] * rows[j][i0, i0 + 16 S), j < nb, for the GN heads of w and out:
+// the GN x S slices held in registers through the rows, each row's 16 S floats read once and each weight
+// broadcast once per head and row.
+template <int GN, int S>
+inline void add_weighted_slices(const float* const* rows, int64_t nb, const float* w, int64_t dv, float* out,
+                                int64_t i0) {
+  __m512 a[GN][S];
+  for (int g = 0; g < GN; ++g)
+    for (int c = 0; c < S; ++c) a[g][c] = _mm512_loadu_ps(out + g * dv + i0 + 16 * c);
+  for (int64_t j = 0; j < nb; ++j) {
+    __m512 x[S];
+    for (int c = 0; c < S; ++c) x[c] = _mm512_loadu_ps(rows[j] + i0 + 16 * c);
+    for (int g = 0; g < GN; ++g) {
+      const __m512 wj = _mm512_set1_ps(w[g * kBlock + j]);
+      for (int c = 0; c < S; ++c) a[g][c] = _mm512_fmadd_ps(wj, x[c], a[g][c]);
+    }
+  }
+  for (int g = 0; g < GN; ++g)
+    for (int c = 0; c < S; ++c) _mm512_storeu_ps(out + g * dv + i0 + 16 * c, a[g][c]);
+}
+
+// out_g += sum_j w[g * kBlock + j] * rows[j], j < nb, for the GN heads of w and out (dv a multiple of 16), 64 floats
+// of every head's output a pass (GN x 4 <= 16 independent sums), the last dv % 64 16 at a time. One 16-float slice
+// a pass for all of dv left the GN sums each waiting on its own FMAs and broadcast every weight 4 times over: the
+// attention phase took 4-7% more cycles (scripts/native_phases.py).
 template <int GN>
 inline void add_weighted16(const float* const* rows, int64_t nb, const float* w, int64_t dv, float* out) {
-  constexpr int kSlices = 4;  // 16-float slices of dv per pass: GN x 4 <= 16 accumulators
   int64_t i0 = 0;
-  for (; i0 + 16 * kSlices <= dv; i0 += 16 * kSlices) {
-    __m512 a[GN][kSlices];
-    for (int g = 0; g < GN; ++g)
-      for (int c = 0; c < kSlices; ++c) a[g][c] = _mm512_loadu_ps(out + g * dv + i0 + 16 * c);
-    for (int64_t j = 0; j < nb; ++j) {
-      __m512 x[kSlices];
-      for (int c = 0; c < kSlices; ++c) x[c] = _mm512_loadu_ps(rows[j] + i0 + 16 * c);
-      for (int g = 0; g < GN; ++g) {
-        const __m512 wj = _mm512_set1_ps(w[g * kBlock + j]);
-        for (int c = 0; c < kSlices; ++c) a[g][c] = _mm512_fmadd_ps(wj, x[c], a[g][c]);
-      }
-    }
-    for (int g = 0; g < GN; ++g)
-      for (int c = 0; c < kSlices; ++c) _mm512_storeu_ps(out + g * dv + i0 + 16 * c, a[g][c]);
-  }
-  for (int64_t i = i0; i < dv; i += 16) {  // the last dv % 64, a slice at a time
-    __m512 a[GN];
-    for (int g = 0; g < GN; ++g) a[g] = _mm512_loadu_ps(out + g * dv + i);
-    for (int64_t j = 0; j < nb; ++j) {
-      const __m512 x = _mm512_loadu_ps(rows[j] + i);
-      for (int g = 0; g < GN; ++g) a[g] = _mm512_fmadd_ps(_mm512_set1_ps(w[g * kBlock + j]), x, a[g]);
-    }
-    for (int g = 0; g < GN; ++g) _mm512_storeu_ps(out + g * dv + i, a[g]);
-  }
+  for (; i0 + 64 <= dv; i0 += 64) add_weighted_slices<GN, 4>(rows, nb, w, dv, out, i0);
+  for (; i0 < dv; i0 += 16) add_weighted_slices<GN, 1>(rows, nb, w, dv, out, i0);
 }
 
 inline void add_weighted_rows16(const float* const* rows, int64_t nb, const float* w, int64_t g_rows, int64_t dv,
